@@ -1,0 +1,424 @@
+"""The `mailgate` command line.
+
+Errors an operator can fix are printed as one line each (file, key, what to
+do) with exit status 1; `ingest` exits 75 (EX_TEMPFAIL) whenever a message
+could not be stored, so that an MTA keeps it and retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgate.app import App
+from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.store.db import SchemaError
+
+EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
+
+log = logging.getLogger("mailgate")
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line, exit 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EX_USAGE
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args) or EX_OK)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
+    except (CommandError, SchemaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
+    except BrokenPipeError:
+        return EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="settings file (default: $MAILGATE_CONFIG or ./settings.yaml)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="mailgate",
+        description="Email-driven support-ticket intake.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
+                parent: Any = sub) -> argparse.ArgumentParser:  # fmt: skip
+        p = parent.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(handler=handler)
+        return p
+
+    from mailgate.daemon import cmd_run  # the daemon pulls in asyncio parts only when run
+
+    run = command("run", cmd_run, "run the daemon: SMTP intake, outbox sender, scheduler")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    command("check", cmd_check, "validate settings, directory, templates and database")
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(metavar="ACTION")
+    command("upgrade", cmd_db_upgrade, "apply schema migrations", db)
+
+    ingest = command("ingest", cmd_ingest, "process mail from files, stdin, mbox or Maildir")
+    ingest.add_argument("files", nargs="*", metavar="FILE", help="messages; '-' or none: stdin")
+    kind = ingest.add_mutually_exclusive_group()
+    kind.add_argument("--mbox", action="store_true", help="FILEs are mbox files")
+    kind.add_argument("--maildir", action="store_true", help="FILEs are Maildir folders")
+    ingest.add_argument("--sender", help="envelope sender (MTA pipe: ${sender})")
+    ingest.add_argument("--recipient", action="append", default=[], help="envelope recipient")
+    ingest.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
+    ingest.add_argument("--json", action="store_true", help="one JSON object per message")
+
+    explain = command("explain", cmd_explain, "dry run: what would happen to this mail")
+    explain.add_argument("file", metavar="FILE.eml")
+    explain.add_argument("--json", action="store_true")
+
+    tickets = sub.add_parser("tickets", help="read tickets").add_subparsers(metavar="ACTION")
+    tl = command("list", cmd_tickets_list, "list tickets", tickets)
+    tl.add_argument("--status")
+    tl.add_argument("--org")
+    tl.add_argument("--limit", type=int, default=100)
+    tl.add_argument("--json", action="store_true")
+    ts = command("show", cmd_tickets_show, "one ticket and its articles", tickets)
+    ts.add_argument("number")
+    ts.add_argument("--json", action="store_true")
+
+    directory = sub.add_parser("directory", help="organisations, contacts, staff")
+    dsub = directory.add_subparsers(metavar="ACTION")
+    ds = command("sync", cmd_directory_sync, "upsert the directory from YAML or CSV", dsub)
+    ds.add_argument("file", nargs="?", help="default: the settings' directory file")
+
+    outbox = sub.add_parser("outbox", help="outbound queue").add_subparsers(metavar="ACTION")
+    ol = command("list", cmd_outbox_list, "list outbound mail", outbox)
+    ol.add_argument("--status")
+    ol.add_argument("--limit", type=int, default=100)
+    ol.add_argument("--json", action="store_true")
+    orr = command("retry", cmd_outbox_retry, "requeue failed or dead mail", outbox)
+    orr.add_argument("ids", nargs="*", type=int)
+    command("send", cmd_outbox_send, "send what is due now", outbox)
+    return parser
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
+    settings = load_settings(args.config)
+    app = App(settings)
+    if sync_directory:
+        sync_directory_if_changed(app)
+    return app
+
+
+def sync_directory_if_changed(app: App) -> str | None:
+    """Sync the settings' directory file when its content changed since the last sync."""
+    from mailgate.directory import load_directory, sync_directory
+    from mailgate.store.state import get_state, set_state
+
+    if app.settings.directory is None:
+        return None
+    path = app.settings.path(app.settings.directory)
+    if not path.exists():
+        raise ConfigError([f"{config_path(None)}: directory: {path} not found"])
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with app.sessions.begin() as session:
+        if get_state(session, "directory.sha256") == digest:
+            return None
+        report = sync_directory(session, load_directory(path))
+        set_state(session, "directory.sha256", digest)
+    log.info("directory %s: %s", path, report)
+    return str(report)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def print_table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- commands --------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailgate.checks import run_checks
+
+    problems = run_checks(config_path(args.config))
+    for line in problems:
+        print(f"error: {line}")
+    if not problems:
+        print("ok: settings, directory, templates and database are valid")
+    return EX_PROBLEM if problems else EX_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from mailgate.store.db import current_revision, make_engine, upgrade
+
+    settings = load_settings(args.config)
+    engine = make_engine(settings.database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    print(f"database at {current_revision(engine)} (was {before or 'empty'})")
+    return EX_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from mailgate.intake.pipe import read_messages
+    from mailgate.pipeline.process import TemporaryFailure, process
+
+    app = load_app(args)
+    status = EX_OK
+    try:
+        items = read_messages(args.files, mbox=args.mbox, maildir=args.maildir,
+                              sender=args.sender, recipients=args.recipient)  # fmt: skip
+        for item in items:
+            try:
+                result = process(app, item.raw, item.envelope)
+            except TemporaryFailure as exc:
+                status = EX_TEMPFAIL
+                _print_outcome(args, item.label, {"outcome": "tempfail", "reason": str(exc),
+                                                  "ticket": None, "message_id": None})  # fmt: skip
+                continue
+            _print_outcome(args, item.label, result.as_dict())
+    except OSError as exc:
+        raise CommandError(f"cannot read {exc.filename or 'input'}: {exc.strerror}") from None
+    if not args.no_send:
+        _send_queued(app)
+    return status
+
+
+def _print_outcome(args: argparse.Namespace, label: str, result: dict[str, Any]) -> None:
+    if args.json:
+        print_json({"source": label, **result})
+    else:
+        ticket = result.get("ticket") or "-"
+        print(f"{label}: {result['outcome']} {ticket} {result['reason']}")
+
+
+def _send_queued(app: App) -> None:
+    from mailgate.outbound.outbox import send_due
+
+    try:
+        transport = app.transport()
+        while send_due(app.sessions, transport, app.clock, app.retry_policy):
+            pass
+    except Exception as exc:  # noqa: BLE001 - mail stays queued for the daemon
+        log.warning("queued mail not sent now (the daemon will retry): %s", exc)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mailgate.pipeline.message import Envelope
+    from mailgate.pipeline.process import process
+
+    app = load_app(args, sync_directory=False)
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    result = process(app, raw, Envelope(source="explain"), dry_run=True)
+    if args.json:
+        print_json(result.as_dict())
+    else:
+        for key, value in result.as_dict().items():
+            if key != "ingest_id":
+                print(f"{key:11} {value if value is not None else '-'}")
+    return EX_OK
+
+
+def cmd_tickets_list(args: argparse.Namespace) -> int:
+    from mailgate.store.models import Ticket
+
+    app = load_app(args, sync_directory=False)
+    with app.sessions() as session:
+        query = select(Ticket).order_by(Ticket.id.desc()).limit(args.limit)
+        if args.status:
+            query = query.where(Ticket.status == args.status)
+        if args.org:
+            query = query.where(Ticket.organisation_id == args.org)
+        tickets = list(session.scalars(query))
+        rows = [_ticket_summary(t) for t in tickets]
+    if args.json:
+        print_json(rows)
+    elif rows:
+        print_table(
+            [[r["number"], r["status"], r["priority"], r["organisation"], r["requester"] or "-",
+              r["subject"][:50], r["updated_at"][:16]] for r in rows],
+            ["NUMBER", "STATUS", "PRIO", "ORG", "REQUESTER", "SUBJECT", "UPDATED"],
+        )  # fmt: skip
+    else:
+        print("no tickets")
+    return EX_OK
+
+
+def _ticket_summary(ticket: Any) -> dict[str, Any]:
+    return {
+        "number": ticket.number,
+        "status": ticket.status,
+        "priority": ticket.priority,
+        "urgent": ticket.urgent,
+        "organisation": ticket.organisation_id,
+        "requester": ticket.requester.email if ticket.requester else None,
+        "cc": list(ticket.cc),
+        "subject": ticket.subject,
+        "created_at": ticket.created_at.isoformat(),
+        "updated_at": ticket.updated_at.isoformat(),
+    }
+
+
+def cmd_tickets_show(args: argparse.Namespace) -> int:
+    from mailgate.store.models import Ticket
+
+    app = load_app(args, sync_directory=False)
+    with app.sessions() as session:
+        ticket = session.scalar(select(Ticket).where(Ticket.number == args.number.upper()))
+        if ticket is None:
+            raise CommandError(f"no ticket {args.number}")
+        data = _ticket_summary(ticket)
+        data["articles"] = [_article_summary(a) for a in ticket.articles]
+    if args.json:
+        print_json(data)
+        return EX_OK
+    for key in ("number", "subject", "status", "priority", "organisation", "requester", "cc",
+                "created_at"):  # fmt: skip
+        print(f"{key:13} {data[key]}")
+    for article in data["articles"]:
+        print(f"\n--- #{article['id']} {article['created_at'][:16]} {article['direction']} "
+              f"{article['author_kind']} {article['visibility']} {article['author'] or ''}"
+              + (f" [{article['delivery']}]" if article["delivery"] else ""))  # fmt: skip
+        print(f"Subject: {article['subject']}")
+        for name in article["attachments"]:
+            print(f"Attachment: {name}")
+        print(article["text"].rstrip()[:4000])
+    return EX_OK
+
+
+def _article_summary(article: Any) -> dict[str, Any]:
+    return {
+        "id": article.id,
+        "direction": article.direction,
+        "author_kind": article.author_kind,
+        "author": article.author_email,
+        "visibility": article.visibility,
+        "message_id": article.message_id,
+        "subject": article.subject,
+        "text": article.text,
+        "delivery": article.delivery,
+        "attachments": [a.filename for a in article.attachments],
+        "created_at": article.created_at.isoformat(),
+    }
+
+
+def cmd_directory_sync(args: argparse.Namespace) -> int:
+    from mailgate.directory import load_directory, sync_directory
+
+    app = load_app(args, sync_directory=False)
+    if args.file:
+        path = Path(args.file)
+    elif app.settings.directory:
+        path = app.settings.path(app.settings.directory)
+    else:
+        raise CommandError("no FILE given and no 'directory' in the settings")
+    directory = load_directory(path)
+    with app.sessions.begin() as session:
+        report = sync_directory(session, directory)
+    print(f"{path}: {report}")
+    return EX_OK
+
+
+def cmd_outbox_list(args: argparse.Namespace) -> int:
+    from mailgate.store.models import OutboxMail
+
+    app = load_app(args, sync_directory=False)
+    with app.sessions() as session:
+        query = select(OutboxMail).order_by(OutboxMail.id.desc()).limit(args.limit)
+        if args.status:
+            query = query.where(OutboxMail.status == args.status)
+        rows = [_outbox_summary(session, r) for r in session.scalars(query)]
+    if args.json:
+        print_json(rows)
+    elif rows:
+        print_table([[str(r["id"]), r["status"], r["kind"], r["ticket"] or "-", r["to"],
+                      str(r["attempts"]), r["next_attempt_at"][:16], (r["last_error"] or "")[:40]]
+                     for r in rows],
+                    ["ID", "STATUS", "KIND", "TICKET", "TO", "TRIES", "NEXT", "ERROR"])  # fmt: skip
+    else:
+        print("outbox empty")
+    return EX_OK
+
+
+def _outbox_summary(session: Session, row: Any) -> dict[str, Any]:
+    from mailgate.store.models import Ticket
+
+    ticket = session.get(Ticket, row.ticket_id) if row.ticket_id else None
+    return {
+        "id": row.id, "status": row.status, "kind": row.kind,
+        "ticket": ticket.number if ticket else None, "to": ", ".join(row.recipients),
+        "message_id": row.message_id, "attempts": row.attempts,
+        "next_attempt_at": row.next_attempt_at.isoformat(), "last_error": row.last_error,
+    }  # fmt: skip
+
+
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    from mailgate.outbound.outbox import retry
+
+    app = load_app(args, sync_directory=False)
+    with app.sessions.begin() as session:
+        count = retry(session, args.ids or None, app.clock())
+    print(f"{count} mail(s) queued again")
+    _send_queued(app)
+    return EX_OK
+
+
+def cmd_outbox_send(args: argparse.Namespace) -> int:
+    from mailgate.outbound.outbox import send_due
+
+    app = load_app(args, sync_directory=False)
+    transport, total = app.transport(), 0
+    while handled := send_due(app.sessions, transport, app.clock, app.retry_policy):
+        total += handled
+    print(f"{total} mail(s) handled")
+    return EX_OK
+
+
+def parse_now(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise CommandError(f"--now {value}: give a time zone, e.g. {value}+00:00")
+    return moment
+
+
+__all__ = ["main", "Settings"]

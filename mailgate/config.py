@@ -1,0 +1,231 @@
+"""settings.yaml: the one file operators edit, validated with precise errors.
+
+Every problem is reported as one line naming the file, the key and what to do,
+never as a traceback. Relative paths are resolved against the settings file's
+folder so that `mailgate --config /etc/mailgate/settings.yaml` works from any
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from email_validator import EmailNotValidError, validate_email
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = "settings.yaml"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `problems` holds one operator-readable line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _address(value: str) -> str:
+    try:
+        # Deliverability needs DNS; we only check the syntax here.
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not a valid email address ({exc})") from None
+    return result.normalized.lower()
+
+
+Address = Annotated[str, AfterValidator(_address)]
+
+
+def _from_header(value: str) -> str:
+    from email.utils import parseaddr
+
+    _, addr = parseaddr(value)
+    if not addr or "\n" in value or "\r" in value:
+        raise ValueError(
+            f"{value!r} is not a valid From header, e.g. 'Support <support@example.com>'"
+        )
+    _address(addr)
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmtpIntake(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+    max_message_bytes: int = Field(26_214_400, gt=0)
+    max_recipients: int = Field(50, gt=0)
+    max_connections: int = Field(100, gt=0)
+    max_connections_per_client: int = Field(10, gt=0)
+    timeout_seconds: int = Field(300, gt=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    auth_users_file: Path | None = None
+
+
+class ImapIntake(Strict):
+    enabled: bool = False
+    host: str = "imap.example.com"
+    port: int = Field(993, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    username: str = "support@example.com"
+    password_file: Path | None = None
+    password_env: str | None = None
+    folder: str = "INBOX"
+    processed_folder: str = "mailgate/processed"
+    failed_folder: str = "mailgate/failed"
+    idle: bool = True
+    poll_seconds: int = Field(60, gt=0)
+
+
+class Intake(Strict):
+    smtp: SmtpIntake = SmtpIntake()
+    imap: ImapIntake = ImapIntake()
+
+
+class OutboundSmtp(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    timeout_seconds: int = Field(30, gt=0)
+
+
+class Outbound(Strict):
+    from_: Annotated[str, AfterValidator(_from_header)] = Field(
+        "Support <support@example.com>", alias="from"
+    )
+    transport: Literal["maildir", "smtp"] = "maildir"
+    maildir: Path = Path("var/sent")
+    smtp: OutboundSmtp = OutboundSmtp()
+    max_attempts: int = Field(12, gt=0)
+    retry_base_seconds: int = Field(60, gt=0)
+    retry_max_seconds: int = Field(3600, gt=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Tickets(Strict):
+    number_format: str = "SUP-{year}-{seq:06d}"
+    secret_file: Path = Path("var/secret.key")
+    reject_notice_hours: int = Field(24, ge=0)
+    reopen_days: int = Field(14, ge=0)
+    default_priority: Literal["P1", "P2", "P3"] = "P3"
+
+
+class Settings(Strict):
+    support_address: Address = "support@example.com"
+    database_url: str = "sqlite:///var/mailgate.db"
+    data_dir: Path = Path("var/")
+    directory: Path | None = Path("directory.yaml")
+    instance_id: str = Field("mailgate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    intake: Intake = Intake()
+    outbound: Outbound = Outbound()
+    tickets: Tickets = Tickets()
+    rules_dir: Path = Path("rules/")
+    templates_dir: Path = Path("templates/")
+    sla: dict[str, Any] = {}
+    # Where relative paths were resolved from; not a key operators write.
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @property
+    def support_domain(self) -> str:
+        return self.support_address.rsplit("@", 1)[1]
+
+    def path(self, value: Path) -> Path:
+        return value if value.is_absolute() else self.base_dir / value
+
+
+_FIX_HINTS = {
+    "extra_forbidden": "remove it or check its spelling",
+    "missing": "add it",
+}
+
+
+def format_validation_errors(source: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        hint = _FIX_HINTS.get(err["type"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {key}: {message}" + (f" ({hint})" if hint else ""))
+    return lines
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file, turning every failure into a ConfigError line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found (create it or pass --config PATH)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read ({exc})"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}{where}: invalid YAML: {problem}"]) from None
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    return Path(explicit or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load and validate settings; raise ConfigError listing every problem."""
+    file = config_path(path)
+    data = load_yaml(file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}: expected a mapping of keys at the top level"])
+    return settings_from_mapping(data, source=str(file), base_dir=file.resolve().parent)
+
+
+def settings_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path) -> Settings:
+    if "base_dir" in data:
+        raise ConfigError([f"{source}: base_dir: unknown key (remove it or check its spelling)"])
+    try:
+        settings = Settings.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_errors(source, exc)) from None
+    return _resolve_database_url(settings)
+
+
+def _resolve_database_url(settings: Settings) -> Settings:
+    """Make a relative SQLite path relative to the settings file, like other paths."""
+    match = re.match(r"^sqlite(\+\w+)?:///(?!/)(.+)$", settings.database_url)
+    if not match or match.group(2) == ":memory:":
+        return settings
+    absolute = settings.base_dir / match.group(2)
+    url = f"sqlite{match.group(1) or ''}:///{absolute}"
+    return settings.model_copy(update={"database_url": url})
+
+
+def read_secret(*, file: Path | None, env: str | None, settings: Settings, key: str) -> str | None:
+    """A secret from `<key>_env` (preferred) or `<key>_file`; ConfigError names the key."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError([f"{key}_env: environment variable {env} is not set"])
+        return value
+    if file:
+        path = settings.path(file)
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{key}_file: cannot read {path} ({exc.strerror})"]) from None
+    return None

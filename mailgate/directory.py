@@ -1,0 +1,211 @@
+"""directory.yaml / .csv: who may write to support, synced into the database.
+
+Sync is an idempotent upsert. People and organisations missing from the file
+become inactive, never deleted: their tickets and history stay intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgate.config import Address, ConfigError, format_validation_errors, load_yaml
+from mailgate.store.models import Contact, Organisation, Staff
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}, e.g. Europe/Brussels") from None
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContactEntry(_Strict):
+    email: Address
+    name: str = ""
+    role: Literal["admin", "member"] = "member"
+    active: bool = True
+
+
+class OrganisationEntry(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    name: str
+    plan: Literal["basic", "pro", "enterprise"] = "basic"
+    contract_from: date | None = None
+    contract_until: date | None = None
+    language: Literal["fr", "en", "es"] = "en"
+    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    country: str | None = Field(None, pattern=r"^[A-Z]{2}$")
+    referents: list[Address] = []
+    contacts: list[ContactEntry] = []
+
+
+class StaffEntry(_Strict):
+    email: Address
+    name: str = ""
+    level: Literal["L1", "L2", "L3"] = "L1"
+    active: bool = True
+
+
+class DirectoryFile(_Strict):
+    organisations: list[OrganisationEntry] = []
+    staff: list[StaffEntry] = []
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    organisations: int
+    contacts: int
+    staff: int
+    deactivated: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.organisations} organisations, {self.contacts} contacts, {self.staff} staff "
+            f"synced; {self.deactivated} deactivated"
+        )
+
+
+def load_directory(path: Path) -> DirectoryFile:
+    if path.suffix.lower() == ".csv":
+        data = _csv_to_mapping(path)
+    else:
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: expected 'organisations:' and 'staff:' at the top level"])
+    try:
+        directory = DirectoryFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_errors(str(path), exc)) from None
+    _check_unique_addresses(path, directory)
+    return directory
+
+
+def _check_unique_addresses(path: Path, directory: DirectoryFile) -> None:
+    seen: dict[str, str] = {}
+    problems = []
+    people = [
+        (c.email, f"organisation {o.id}") for o in directory.organisations for c in o.contacts
+    ]
+    people += [(s.email, "staff") for s in directory.staff]
+    for email, where in people:
+        if email in seen:
+            problems.append(
+                f"{path}: {email}: listed twice ({seen[email]} and {where}); keep one entry"
+            )
+        seen[email] = where
+    if problems:
+        raise ConfigError(problems)
+
+
+CSV_COLUMNS = (
+    "kind",
+    "email",
+    "name",
+    "role",
+    "level",
+    "organisation",
+    "organisation_name",
+    "plan",
+    "contract_from",
+    "contract_until",
+    "language",
+    "timezone",
+    "country",
+)
+
+
+def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
+    """One row per person: kind=contact rows carry their organisation's columns."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    reader = csv.DictReader(io.StringIO(text))
+    unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
+    if unknown:
+        raise ConfigError([f"{path}: unknown columns {sorted(unknown)}; allowed: {CSV_COLUMNS}"])
+    orgs: dict[str, dict[str, object]] = {}
+    staff: list[dict[str, object]] = []
+    for line, row in enumerate(reader, start=2):
+        row = {k: v.strip() for k, v in row.items() if v and v.strip()}
+        kind = row.pop("kind", "contact")
+        if kind == "staff":
+            staff.append({k: row[k] for k in ("email", "name", "level") if k in row})
+        elif kind == "contact":
+            org_id = row.get("organisation")
+            if not org_id:
+                raise ConfigError([f"{path}:{line}: organisation: missing for a contact row"])
+            org = orgs.setdefault(org_id, {"id": org_id, "name": org_id, "contacts": []})
+            for column in (
+                "plan",
+                "contract_from",
+                "contract_until",
+                "language",
+                "timezone",
+                "country",
+            ):
+                if column in row:
+                    org[column] = row[column]
+            if "organisation_name" in row:
+                org["name"] = row["organisation_name"]
+            contact = {k: row[k] for k in ("email", "name", "role") if k in row}
+            org["contacts"].append(contact)  # type: ignore[union-attr]
+        else:
+            raise ConfigError([f"{path}:{line}: kind: {kind!r} is not 'contact' or 'staff'"])
+    return {"organisations": list(orgs.values()), "staff": staff}
+
+
+def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
+    """Upsert everything in the file; deactivate what the file no longer lists."""
+    orgs = {o.id: o for o in session.scalars(select(Organisation))}
+    contacts = {c.email: c for c in session.scalars(select(Contact))}
+    staff = {s.email: s for s in session.scalars(select(Staff))}
+    listed_orgs: set[str] = set()
+    listed_contacts: set[str] = set()
+    listed_staff: set[str] = set()
+
+    for entry in directory.organisations:
+        org = orgs.get(entry.id) or Organisation(id=entry.id)
+        org.name, org.plan = entry.name, entry.plan
+        org.contract_from, org.contract_until = entry.contract_from, entry.contract_until
+        org.language, org.timezone, org.country = entry.language, entry.timezone, entry.country
+        org.active = True
+        session.add(org)
+        listed_orgs.add(entry.id)
+        for c in entry.contacts:
+            contact = contacts.get(c.email) or Contact(email=c.email)
+            contact.name, contact.role, contact.active = c.name, c.role, c.active
+            contact.organisation = org
+            session.add(contact)
+            contacts[c.email] = contact
+            listed_contacts.add(c.email)
+
+    for s in directory.staff:
+        member = staff.get(s.email) or Staff(email=s.email)
+        member.name, member.level, member.active = s.name, s.level, s.active
+        session.add(member)
+        listed_staff.add(s.email)
+
+    deactivated = 0
+    for rows, listed in ((orgs, listed_orgs), (contacts, listed_contacts), (staff, listed_staff)):
+        for key, row in rows.items():
+            if key not in listed and row.active:
+                row.active = False
+                deactivated += 1
+    session.flush()
+    return SyncReport(len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated)

@@ -1,0 +1,121 @@
+"""Render a templated mail, stamp it, and put it in the outbox.
+
+Every mail we send carries a signed Message-ID, the signed Reply-To of its
+ticket, a VERP envelope sender (bounces find their mail), the loop marker and
+RFC 3834 headers; it is rendered now, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from mailgate.config import Settings
+from mailgate.outbound.compose import build_message, check_envelope_address
+from mailgate.outbound.outbox import queue_mail
+from mailgate.outbound.templates import TemplateSet
+from mailgate.pipeline.screen import LOOP_HEADER
+from mailgate.store.models import Article, OutboxMail, Ticket
+from mailgate.tickets.tokens import Signer, new_nonce
+
+log = logging.getLogger("mailgate.outbound")
+
+# Customers see acks, rejections and staff replies; notices are for staff only.
+STAFF_ONLY = {"staff_new_ticket", "staff_customer_reply"}
+
+
+@dataclass
+class Mailer:
+    settings: Settings
+    templates: TemplateSet
+    signer: Signer
+
+    def queue(
+        self,
+        session: Session,
+        *,
+        kind: str,
+        to: Sequence[str],
+        language: str,
+        context: Mapping[str, Any],
+        now: datetime,
+        ticket: Ticket | None = None,
+        answers: str | None = None,
+        references: Sequence[str] = (),
+        auto_submitted: str | None = "auto-replied",
+        author_kind: str = "system",
+        author: tuple[str, str] | None = None,
+    ) -> OutboxMail | None:
+        """Queue one mail; None (and a log line) when no recipient is deliverable."""
+        recipients = []
+        for address in dict.fromkeys(to):
+            try:
+                recipients.append(check_envelope_address(address))
+            except ValueError as exc:
+                log.warning("not sending %s to an unsafe address: %s", kind, exc)
+        if not recipients:
+            return None
+        support = self.settings.support_address
+        nonce = new_nonce()
+        message_id = self.signer.message_id(
+            ticket.id if ticket else None, self.settings.support_domain, nonce
+        )
+        rendered = self.templates.render(
+            kind, language, {"support_address": support, "language": language, **context}
+        )
+        refs = [*references, answers] if answers and answers not in references else [*references]
+        data = build_message(
+            from_=self.settings.outbound.from_,
+            to=recipients,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            message_id=message_id,
+            in_reply_to=answers,
+            references=refs,
+            reply_to=self.signer.reply_address(support, ticket.id) if ticket else support,
+            auto_submitted=auto_submitted,
+            loop_marker=(
+                LOOP_HEADER,
+                self.signer.loop_marker(self.settings.instance_id, message_id),
+            ),
+            date=now,
+        )
+        article_id = None
+        if ticket is not None:
+            article = Article(
+                ticket=ticket,
+                direction="out",
+                author_kind=author_kind,
+                author_email=author[0] if author else None,
+                author_name=author[1] if author else "",
+                visibility="internal" if kind in STAFF_ONLY else "public",
+                message_id=message_id,
+                in_reply_to=answers,
+                references=refs,
+                subject=rendered.subject,
+                text=rendered.text,
+                html=None,
+                delivery="queued",
+                created_at=now,
+            )
+            session.add(article)
+            session.flush()
+            article_id = article.id
+        return queue_mail(
+            session,
+            kind=kind,
+            data=data,
+            message_id=message_id,
+            nonce=nonce,
+            envelope_from=self.signer.verp_address(support, nonce),
+            recipients=recipients,
+            now=now,
+            ticket_id=ticket.id if ticket else None,
+            article_id=article_id,
+        )

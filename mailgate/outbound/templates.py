@@ -1,0 +1,262 @@
+"""Outbound mail templates: one (subject, text, html) triple per kind and language.
+
+Layout: ``<templates_dir>/<language>/<kind>.subject.j2``, ``<kind>.txt.j2`` and
+``<kind>.html.j2``; files starting with ``_`` are partials (``_labels.j2``)
+imported by the others. English is the fallback: a kind is rendered in the
+requested language only when all three of its files exist there, so one mail
+never mixes two languages.
+
+Templates are operator-editable files, so they run in Jinja's sandbox and
+fail loudly (``StrictUndefined``) instead of sending a mail with blanks;
+``TemplateSet.check`` renders them all with sample data for ``mailgate check``.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup, escape
+
+FALLBACK_LANGUAGE = "en"
+PARTS = ("subject", "txt", "html")
+
+# The kinds the daemon sends, and the variables it passes to each: the
+# contract between the pipeline and the template files. `check()` renders each
+# kind with exactly these variables, so a template that uses one the daemon
+# does not pass for that kind is reported before it fails on a real mail.
+CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
+    "ack": frozenset({"ticket", "requester_name", "support_address", "language"}),
+    "rejection": frozenset({"requester_name", "reason", "support_address", "language"}),
+    "staff_new_ticket": frozenset(
+        {"ticket", "requester_name", "text", "support_address", "language"}
+    ),
+    "staff_customer_reply": frozenset(
+        {"ticket", "requester_name", "text", "support_address", "language"}
+    ),
+    "staff_reply": frozenset(
+        {"ticket", "requester_name", "staff_name", "text", "support_address", "language"}
+    ),
+}
+KINDS = tuple(CONTEXT_KEYS)
+ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
+
+# Reason codes the rejection templates translate; any other value gets a
+# generic sentence, so an internal detail can never leak into the mail.
+REJECTION_REASONS = ("sender_unknown", "not_admin", "contract_inactive")
+
+_LANGUAGE = re.compile(r"[a-z]{2,8}(?:-[a-z0-9]{1,8})*")
+_KIND = re.compile(r"[a-z][a-z0-9_]*")
+_FILE = re.compile(r"(?P<kind>[a-z][a-z0-9_]*)\.(?P<part>subject|txt|html)\.j2")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str  # one line, whitespace collapsed
+    text: str
+    html: str
+
+
+class TemplateRenderError(Exception):
+    """A template failed to render; the message names the file (and line when known)."""
+
+
+def excerpt(value: object, max_lines: int = 20, max_chars: int = 2000) -> str:
+    """The first lines of a text, marked when cut: staff notices show a preview only."""
+    lines = str(value).strip("\n").splitlines()
+    full = "\n".join(lines)
+    cut = "\n".join(lines[:max_lines])[:max_chars].rstrip()
+    return cut if cut == full else cut + "\n[…]"
+
+
+def nl2br(value: object) -> Markup:
+    """Plain text as HTML lines; escaping happens here because the result is marked safe."""
+    return Markup("<br>\n").join(escape(line) for line in str(value).splitlines())
+
+
+def _environment(path: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        loader=FileSystemLoader(path, encoding="utf-8"),
+        undefined=StrictUndefined,
+        autoescape=html,
+        # Text templates are written one statement per line; these keep
+        # `{% if %}` lines from leaving blank lines in the mail.
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["excerpt"] = excerpt
+    env.filters["nl2br"] = nl2br
+    return env
+
+
+def _normalise_lines(value: str) -> str:
+    return value.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n") + "\n"
+
+
+def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
+    """Data shaped like the daemon's, hostile on purpose (non-ASCII, markup, CR/LF).
+
+    `sparse` gives the degenerate values the daemon may also pass: no names,
+    an empty subject and text.
+    """
+    full: dict[str, Any] = {
+        "ticket": {
+            "number": "SUP-2026-000042",
+            "subject": "" if sparse else "Échec de l'export <script>alert(1)</script> – ñandú",
+            "priority": "P2",
+            "status": "open",
+            "org_name": "Société Générale d'Équipement & Cie",
+        },
+        "requester_name": None if sparse else "José Müller-Łukasz",
+        "staff_name": "Zoé Dupré" if not sparse else "Bob",
+        "text": "" if sparse else "Bonjour,\nl'export échoue : <script>alert(1)</script>\r\n"
+        + "\n".join(f"ligne {n} — ü ñ ç" for n in range(40)),
+        "reason": "something_internal" if sparse else "not_admin",
+        "support_address": "support@example.com",
+        "language": "en",
+    }
+    keys = CONTEXT_KEYS.get(kind, ALL_KEYS)
+    return {key: value for key, value in full.items() if key in keys}
+
+
+class TemplateSet:
+    """The templates of one directory, rendered in a sandbox."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._text_env = _environment(self.path, html=False)
+        self._html_env = _environment(self.path, html=True)
+
+    def languages(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and _LANGUAGE.fullmatch(p.name)
+        )
+
+    def kinds(self) -> list[str]:
+        """Kinds that can be rendered in every language: complete in the fallback language."""
+        return sorted(k for k in self._kinds_in(FALLBACK_LANGUAGE)
+                      if self._complete(FALLBACK_LANGUAGE, k))  # fmt: skip
+
+    def resolve_language(self, kind: str, language: str | None) -> str:
+        """The language a kind is rendered in: `fr-BE` → `fr-be`, else `fr`, else English."""
+        tag = (language or "").strip().lower().replace("_", "-")
+        if _LANGUAGE.fullmatch(tag):  # also keeps `../` out of template names
+            for candidate in (tag, tag.split("-", 1)[0]):
+                if self._complete(candidate, kind):
+                    return candidate
+        return FALLBACK_LANGUAGE
+
+    def render(self, kind: str, language: str | None, context: Mapping[str, Any]) -> Rendered:
+        """Render one mail. `language` in the context is set to the language actually used.
+
+        Raises ValueError for an unknown kind name or missing context keys (a
+        wiring bug), LookupError when the kind has no English templates, and
+        TemplateRenderError when a template fails.
+        """
+        if not _KIND.fullmatch(kind):
+            raise ValueError(f"invalid template kind {kind!r}")
+        missing = CONTEXT_KEYS.get(kind, frozenset()) - set(context) - {"language"}
+        if missing:
+            raise ValueError(f"context for {kind!r} lacks {', '.join(sorted(missing))}")
+        lang = self.resolve_language(kind, language)
+        if not self._complete(lang, kind):
+            raise LookupError(f"{self.path / lang}: no complete {kind} templates")
+        values = {**context, "language": lang}
+        subject = self._render_part(lang, kind, "subject", values)
+        return Rendered(
+            subject=" ".join(subject.split()),
+            text=_normalise_lines(self._render_part(lang, kind, "txt", values)),
+            html=_normalise_lines(self._render_part(lang, kind, "html", values)),
+        )
+
+    def check(self) -> list[str]:
+        """Render every template with sample data; one line per problem, naming the file."""
+        if not self.path.is_dir():
+            return [f"{self.path}: templates directory not found"]
+        languages = self.languages()
+        if FALLBACK_LANGUAGE not in languages:
+            return [f"{self.path / FALLBACK_LANGUAGE}: missing; English templates are the "
+                    "fallback for every language"]  # fmt: skip
+        problems = self._misnamed_files(languages)
+        for lang in languages:
+            expected = set(self._kinds_in(lang))
+            if lang == FALLBACK_LANGUAGE:
+                expected |= set(KINDS)
+            for kind in sorted(expected):
+                problems += self._check_kind(lang, kind)
+        return problems
+
+    # -- internals -------------------------------------------------------
+
+    def _file(self, lang: str, kind: str, part: str) -> Path:
+        return self.path / lang / f"{kind}.{part}.j2"
+
+    def _complete(self, lang: str, kind: str) -> bool:
+        return all(self._file(lang, kind, part).is_file() for part in PARTS)
+
+    def _kinds_in(self, lang: str) -> set[str]:
+        directory = self.path / lang
+        if not directory.is_dir():
+            return set()
+        return {m["kind"] for p in directory.iterdir() if (m := _FILE.fullmatch(p.name))}
+
+    def _misnamed_files(self, languages: list[str]) -> list[str]:
+        problems = []
+        for lang in languages:
+            for p in sorted((self.path / lang).glob("*.j2")):
+                if not p.name.startswith("_") and not _FILE.fullmatch(p.name):
+                    problems.append(f"{p}: not named <kind>.subject.j2, <kind>.txt.j2 or "
+                                    "<kind>.html.j2 (partials start with _); ignored")  # fmt: skip
+        return problems
+
+    def _render_part(self, lang: str, kind: str, part: str, values: Mapping[str, Any]) -> str:
+        env = self._html_env if part == "html" else self._text_env
+        try:
+            return env.get_template(f"{lang}/{kind}.{part}.j2").render(values)
+        except Exception as exc:  # an edited template can fail in any way; name the file
+            where = self._location(exc) or self._file(lang, kind, part)
+            raise TemplateRenderError(f"{where}: {exc or type(exc).__name__}") from exc
+
+    def _location(self, exc: Exception) -> str | None:
+        """`file:line` of the template that failed, which may be an imported partial."""
+        if isinstance(exc, TemplateSyntaxError) and exc.filename:
+            return f"{exc.filename}:{exc.lineno}"
+        # Jinja rewrites tracebacks so that frames point at template lines.
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename.endswith(".j2"):
+                return f"{frame.filename}:{frame.lineno}"
+        return None
+
+    def _check_kind(self, lang: str, kind: str) -> list[str]:
+        missing = [self._file(lang, kind, p) for p in PARTS if not self._file(lang, kind, p).is_file()]
+        if missing and lang == FALLBACK_LANGUAGE:
+            return [f"{f}: missing; English is the fallback and must be complete" for f in missing]
+        if missing:
+            return [f"{f}: missing; the other {kind} templates in {lang} are ignored and "
+                    "English is sent instead" for f in missing]  # fmt: skip
+        problems: list[str] = []
+        for sparse in (False, True):
+            context = sample_context(kind, sparse=sparse)
+            try:
+                rendered = self.render(kind, lang, context)
+            except TemplateRenderError as exc:
+                problems.append(str(exc))
+                break
+            if not rendered.subject:
+                problems.append(f"{self._file(lang, kind, 'subject')}: renders an empty subject")
+            number = context.get("ticket", {}).get("number")
+            if number and number not in rendered.subject:
+                problems.append(f"{self._file(lang, kind, 'subject')}: does not contain the "
+                                "ticket number; replies would not thread")  # fmt: skip
+            if problems:
+                break
+        return problems

@@ -1,0 +1,96 @@
+"""Decide: exactly one outcome per message, with its reason and the mail it causes.
+
+A pure function of what the earlier stages found; `store` carries it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from mailgate.pipeline.identify import Identity
+from mailgate.pipeline.screen import Screening
+from mailgate.pipeline.thread import ThreadMatch, TicketView
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # created | threaded | rejected | ignored | bounce | quarantined
+    reason: str
+    ticket: TicketView | None = None  # threaded: the ticket; created: the ticket it follows
+    matched_by: str | None = None
+    reopen: bool = False  # threaded onto a resolved ticket within the window
+    author_kind: str = "customer"  # customer | staff
+    send_ack: bool = False
+    send_rejection: bool = False
+
+
+def decide(
+    screening: Screening,
+    identity: Identity | None,
+    match: ThreadMatch | None,
+    *,
+    now: datetime,
+    reopen_window: timedelta,
+    rejection_recently_sent: bool,
+) -> Decision:
+    if screening.outcome is not None:
+        return Decision(screening.outcome, screening.reason)
+    assert identity is not None and match is not None
+    refused = f" (not threaded: {'; '.join(match.refused)})" if match.refused else ""
+    ticket = match.ticket
+    author = "staff" if identity.is_staff else "customer"
+
+    if ticket is not None:
+        via = f"matched by {match.matched_by}"
+        if ticket.status == "resolved" and author == "customer":
+            if ticket.resolved_at and now - ticket.resolved_at <= reopen_window:
+                return Decision(
+                    "threaded",
+                    f"reopened {ticket.number}, {via}",
+                    ticket,
+                    match.matched_by,
+                    reopen=True,
+                    author_kind=author,
+                )
+            return _new_or_rejected(
+                screening,
+                identity,
+                f"{ticket.number} resolved too long ago",
+                ticket,
+                rejection_recently_sent,
+            )
+        if ticket.status == "closed" and author == "customer":
+            return _new_or_rejected(
+                screening, identity, f"{ticket.number} is closed", ticket, rejection_recently_sent
+            )
+        return Decision("threaded", f"{via}{refused}", ticket, match.matched_by, author_kind=author)
+
+    return _new_or_rejected(
+        screening, identity, refused.strip(" ()") or None, None, rejection_recently_sent
+    )
+
+
+def _new_or_rejected(
+    screening: Screening,
+    identity: Identity,
+    context: str | None,
+    follows: TicketView | None,
+    rejection_recently_sent: bool,
+) -> Decision:
+    suffix = f"; {context}" if context else ""
+    if identity.may_open:
+        ack = not screening.suppress_ack
+        reason = "new ticket" + suffix + ("" if ack else f"; {screening.reason}")
+        return Decision("created", reason, follows, send_ack=ack)
+    send = not rejection_recently_sent and not screening.suppress_ack
+    note = (
+        ""
+        if send
+        else (
+            "; rejection notice already sent recently"
+            if rejection_recently_sent
+            else f"; {screening.reason}"
+        )
+    )
+    return Decision("rejected", f"{identity.refusal}{suffix}{note}", send_rejection=send)

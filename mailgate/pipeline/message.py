@@ -1,0 +1,73 @@
+"""Plain data passed between pipeline stages.
+
+Stages are pure functions over these types; nothing here touches the network,
+the database or the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the transport knew about a message before its bytes were read."""
+
+    source: str = "pipe"  # pipe | mbox | maildir | smtp | imap
+    mail_from: str | None = None  # None: unknown (pipe); "": the null sender <>
+    rcpt_to: tuple[str, ...] = ()
+    client_address: str | None = None
+    helo: str | None = None
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str  # sanitised display name, never used as a path
+    content_type: str
+    payload: bytes
+    content_id: str | None = None  # without angle brackets
+    inline: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedMessage:
+    """One inbound mail, decoded defensively.
+
+    Addresses are bare addr-specs (``local@domain``), domain lower-cased.
+    Message-IDs are stored without angle brackets.
+    """
+
+    message_id: str | None
+    in_reply_to: tuple[str, ...]
+    references: tuple[str, ...]
+    from_addresses: tuple[str, ...]  # every addr-spec found in From (ambiguity check)
+    from_name: str  # display name, controls stripped; never trusted
+    to: tuple[str, ...]
+    cc: tuple[str, ...]
+    reply_to: tuple[str, ...]
+    subject: str  # RFC 2047 decoded, controls stripped, capped
+    date: datetime | None  # aware, UTC
+    # lower-cased header name -> every value, unfolded and decoded
+    headers: dict[str, tuple[str, ...]]
+    text: str
+    html: str | None  # sanitised
+    attachments: tuple[Attachment, ...] = ()
+    content_type: str = "text/plain"
+    report_type: str | None = None  # multipart/report report-type, lower-cased
+    # content types of every MIME part, in walk order (bounce/report detection)
+    part_types: tuple[str, ...] = ()
+    defects: tuple[str, ...] = field(default=())
+
+    @property
+    def sender(self) -> str | None:
+        """The single From address, or None when From is missing or ambiguous."""
+        return self.from_addresses[0] if len(self.from_addresses) == 1 else None
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+
+class ParseError(Exception):
+    """The message cannot be parsed safely; it is quarantined with this reason."""

@@ -1,0 +1,525 @@
+"""One message, one unit of work: parse → screen → identify → thread → decide → store.
+
+Everything a message causes (ingest record, ticket, article, attachment rows,
+outbound mail) is committed in one transaction or not at all. Bytes on disk
+(raw mail, attachments) are fsynced before that commit. A source reports
+success only after `process` returns; `TemporaryFailure` means "try again
+later" (SMTP 451, pipe exit 75, IMAP leaves the mail where it is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from mailgate.app import App
+from mailgate.pipeline.bounces import read_bounce
+from mailgate.pipeline.decide import Decision, decide
+from mailgate.pipeline.identify import identify
+from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
+from mailgate.pipeline.parse import parse_message
+from mailgate.pipeline.screen import ScreenContext, Screening, screen
+from mailgate.pipeline.thread import ThreadMatch, find_ticket_for
+from mailgate.store.models import (
+    Article,
+    AttachmentRow,
+    Contact,
+    IngestRecord,
+    OutboxMail,
+    Ticket,
+)
+from mailgate.tickets import repository as repo
+from mailgate.tickets.numbers import format_number, next_sequence
+
+log = logging.getLogger("mailgate.pipeline")
+
+
+class TemporaryFailure(Exception):
+    """The message was not stored; the sender must retry (451 / EX_TEMPFAIL)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str
+    reason: str
+    ticket: str | None
+    message_id: str | None
+    matched_by: str | None = None
+    sender: str | None = None
+    ingest_id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dedupe_key(raw: bytes, msg: ParsedMessage | None) -> str:
+    """Message-ID plus a hash of the body.
+
+    The body, not the whole message: the same mail fetched over IMAP, received
+    over SMTP or delivered to two of our addresses differs only in its
+    trace headers. The Message-ID keeps two different mails with the same body
+    ("thanks!") apart; without one, sender, date and subject stand in for it.
+    """
+    body = _body_of(raw)
+    body_hash = hashlib.sha256(body).hexdigest()
+    if msg is None:
+        basis = "raw\0" + hashlib.sha256(raw).hexdigest()
+    elif msg.message_id:
+        basis = f"mid\0{msg.message_id}\0{body_hash}"
+    else:
+        date = msg.date.isoformat() if msg.date else ""
+        basis = f"nomid\0{','.join(msg.from_addresses)}\0{date}\0{msg.subject}\0{body_hash}"
+    return hashlib.sha256(basis.encode("utf-8", "replace")).hexdigest()
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n|\r\r")
+
+
+def _body_of(raw: bytes) -> bytes:
+    match = _HEADER_END.search(raw)
+    body = raw[match.end() :] if match else b""
+    # Line endings and trailing blank lines change in transit; content does not.
+    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").rstrip()
+
+
+def process(
+    app: App, raw: bytes, envelope: Envelope | None = None, *, dry_run: bool = False
+) -> Result:
+    envelope = envelope or Envelope()
+    started = time.monotonic()
+    try:
+        msg: ParsedMessage | None = parse_message(raw)
+        screening = screen(msg, ScreenContext(app.signer, app.settings.support_address, envelope))
+    except ParseError as exc:
+        msg, screening = None, Screening("quarantined", f"unparseable: {exc}")
+    key = dedupe_key(raw, msg)
+    for attempt in (1, 2):
+        try:
+            raw_sha = None if dry_run else app.blobs.put(raw)
+            with app.sessions() as session, session.begin():
+                result = _unit_of_work(
+                    app, session, raw, raw_sha, msg, screening, envelope, key, dry_run
+                )
+                if dry_run:
+                    session.rollback()
+            break
+        except IntegrityError:
+            # Another process stored the same message between our check and our
+            # insert: run again, and the duplicate check sees it.
+            if attempt == 2:
+                raise TemporaryFailure("conflicting concurrent delivery") from None
+        except (OperationalError, DBAPIError) as exc:
+            raise TemporaryFailure(f"database unavailable: {_first_line(exc)}") from exc
+        except OSError as exc:
+            raise TemporaryFailure(f"cannot write under data_dir: {exc}") from exc
+    log.info(
+        "message decided",
+        extra={
+            "mailgate": {
+                **result.as_dict(),
+                "source": envelope.source,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            }
+        },
+    )
+    if not dry_run and result.outcome in ("created", "threaded", "rejected"):
+        app.notify_outbox()
+    return result
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200]
+
+
+def _unit_of_work(
+    app: App,
+    session: Session,
+    raw: bytes,
+    raw_sha: str | None,
+    msg: ParsedMessage | None,
+    screening: Screening,
+    envelope: Envelope,
+    key: str,
+    dry_run: bool,
+) -> Result:
+    now = app.clock()
+    message_id = msg.message_id if msg else None
+    sender = msg.sender if msg else None
+    record = IngestRecord(
+        dedupe_key=key,
+        message_id=message_id,
+        source=envelope.source,
+        envelope=_envelope_json(envelope),
+        sender=sender,
+        subject=msg.subject if msg else "",
+        raw_sha256=raw_sha,
+        received_at=now,
+        outcome="",
+        reason="",
+    )
+
+    first = repo.first_delivery(session, key)
+    if first is not None:
+        record.dedupe_key, record.duplicate_of_id = None, first.id
+        record.ticket_id = first.ticket_id
+        decision = Decision("duplicate", f"same message as ingest #{first.id} ({first.outcome})")
+        return _record(session, record, decision, _ticket_number(session, first.ticket_id))
+
+    if message_id and repo.message_id_seen(session, message_id):
+        log.warning("Message-ID collision: %s seen before with a different body", message_id)
+        screening = Screening(
+            screening.outcome,
+            screening.reason + "; Message-ID collision",
+            screening.suppress_ack,
+            screening.bounce,
+        )
+
+    if screening.outcome is not None or msg is None:
+        if screening.outcome == "bounce" and msg is not None:
+            return _handle_bounce(app, session, record, raw, msg, screening)
+        return _record(
+            session,
+            record,
+            decide(
+                screening,
+                None,
+                None,
+                now=now,
+                reopen_window=timedelta(0),
+                rejection_recently_sent=False,
+            ),
+            None,
+        )
+
+    assert sender is not None
+    identity = identify(sender, repo.find_person(session, sender), now.date())
+    match = find_ticket_for(
+        msg,
+        identity,
+        repo.SqlTicketLookup(session),
+        signer=app.signer,
+        support_address=app.settings.support_address,
+        tag=app.tag_pattern,
+        rcpts=envelope.rcpt_to,
+    )
+    tickets = app.settings.tickets
+    recently = repo.recent_mail_to(
+        session, sender, "rejection", now - timedelta(hours=tickets.reject_notice_hours)
+    )
+    decision = decide(
+        screening,
+        identity,
+        match,
+        now=now,
+        reopen_window=timedelta(days=tickets.reopen_days),
+        rejection_recently_sent=recently,
+    )
+
+    if decision.outcome == "created":
+        ticket = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
+        article = _store_article(app, session, ticket, msg, raw_sha, "customer", now, dry_run)
+        record.ticket_id, record.article_id = ticket.id, article.id
+        _queue_created_mail(app, session, ticket, msg, decision, now)
+        return _record(session, record, decision, ticket.number)
+    if decision.outcome == "threaded":
+        assert decision.ticket is not None
+        ticket = session.get(Ticket, decision.ticket.id)
+        assert ticket is not None
+        article = _store_article(
+            app, session, ticket, msg, raw_sha, decision.author_kind, now, dry_run
+        )
+        _after_threading(app, session, ticket, msg, decision, match, now)
+        record.ticket_id, record.article_id = ticket.id, article.id
+        return _record(session, record, decision, ticket.number, decision.matched_by)
+    if decision.outcome == "rejected" and decision.send_rejection:
+        language = identity.person.language if identity.person else "en"
+        app.mailer.queue(
+            session,
+            kind="rejection",
+            to=[sender],
+            language=language,
+            context={
+                "reason": _public_reason(identity.refusal),
+                "ticket": None,
+                "requester_name": msg.from_name,
+            },
+            now=now,
+            answers=message_id,
+            references=msg.references,
+        )
+    return _record(session, record, decision, None)
+
+
+def _record(
+    session: Session,
+    record: IngestRecord,
+    decision: Decision,
+    number: str | None,
+    matched_by: str | None = None,
+) -> Result:
+    record.outcome, record.reason, record.matched_by = decision.outcome, decision.reason, matched_by
+    session.add(record)
+    session.flush()  # the unique dedupe key is checked here, inside the transaction
+    return Result(
+        decision.outcome,
+        decision.reason,
+        number,
+        record.message_id,
+        matched_by,
+        record.sender,
+        record.id,
+    )
+
+
+def _ticket_number(session: Session, ticket_id: int | None) -> str | None:
+    ticket = session.get(Ticket, ticket_id) if ticket_id else None
+    return ticket.number if ticket else None
+
+
+def _envelope_json(envelope: Envelope) -> dict[str, Any]:
+    return {
+        "mail_from": envelope.mail_from,
+        "rcpt_to": list(envelope.rcpt_to),
+        "client_address": envelope.client_address,
+        "helo": envelope.helo,
+    }
+
+
+def _public_reason(refusal: str | None) -> str:
+    """What a rejected sender is told: enough to act on, nothing about our directory."""
+    if refusal and "contract" in refusal:
+        return "no_contract"
+    if refusal and "admin" in refusal:
+        return "not_admin"
+    return "unknown_sender"
+
+
+def _create_ticket(
+    app: App,
+    session: Session,
+    msg: ParsedMessage,
+    contact_id: int,
+    decision: Decision,
+    now: datetime,
+) -> Ticket:
+    contact = session.get(Contact, contact_id)
+    assert contact is not None
+    org = contact.organisation
+    copied = [a for a in (*msg.to, *msg.cc) if a != contact.email]
+    cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
+    seq = next_sequence(session, now.year)
+    ticket = Ticket(
+        number=format_number(app.settings.tickets.number_format, now.year, seq),
+        organisation=org,
+        requester=contact,
+        subject=msg.subject or "(no subject)",
+        status="new",
+        priority=app.settings.tickets.default_priority,
+        urgent=False,
+        level="L1",
+        cc=cc_contacts,
+        language=org.language,
+        follows_ticket_id=decision.ticket.id if decision.ticket else None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(ticket)
+    session.flush()
+    return ticket
+
+
+def _store_article(
+    app: App,
+    session: Session,
+    ticket: Ticket,
+    msg: ParsedMessage,
+    raw_sha: str | None,
+    author_kind: str,
+    now: datetime,
+    dry_run: bool,
+) -> Article:
+    article = Article(
+        ticket=ticket,
+        direction="in",
+        author_kind=author_kind,
+        author_email=msg.sender,
+        author_name=msg.from_name[:200],
+        visibility="public",
+        message_id=msg.message_id,
+        in_reply_to=msg.in_reply_to[0] if msg.in_reply_to else None,
+        references=list(msg.references[-50:]),
+        subject=msg.subject,
+        text=msg.text,
+        html=msg.html,
+        raw_sha256=raw_sha,
+        created_at=now,
+    )
+    session.add(article)
+    for part in msg.attachments:
+        sha = hashlib.sha256(part.payload).hexdigest() if dry_run else app.blobs.put(part.payload)
+        article.attachments.append(
+            AttachmentRow(
+                filename=part.filename,
+                content_type=part.content_type[:255],
+                size=len(part.payload),
+                sha256=sha,
+                content_id=part.content_id,
+                inline=part.inline,
+            )
+        )
+    ticket.updated_at = now
+    session.flush()
+    return article
+
+
+def _ticket_context(ticket: Ticket) -> dict[str, Any]:
+    return {
+        "number": ticket.number,
+        "subject": ticket.subject,
+        "priority": ticket.priority,
+        "status": ticket.status,
+        "org_name": ticket.organisation.name,
+    }
+
+
+def _queue_created_mail(
+    app: App,
+    session: Session,
+    ticket: Ticket,
+    msg: ParsedMessage,
+    decision: Decision,
+    now: datetime,
+) -> None:
+    context = {
+        "ticket": _ticket_context(ticket),
+        "requester_name": msg.from_name,
+        "text": msg.text[:2000],
+    }
+    if decision.send_ack and ticket.requester is not None:
+        app.mailer.queue(
+            session,
+            kind="ack",
+            to=[ticket.requester.email],
+            language=ticket.language,
+            context=context,
+            now=now,
+            ticket=ticket,
+            answers=msg.message_id,
+            references=msg.references,
+        )
+    staff = [s.email for s in repo.active_staff(session)]
+    if staff:
+        app.mailer.queue(
+            session,
+            kind="staff_new_ticket",
+            to=staff,
+            language="en",
+            context=context,
+            now=now,
+            ticket=ticket,
+            answers=msg.message_id,
+            auto_submitted="auto-generated",
+        )
+
+
+def _after_threading(
+    app: App,
+    session: Session,
+    ticket: Ticket,
+    msg: ParsedMessage,
+    decision: Decision,
+    match: ThreadMatch,
+    now: datetime,
+) -> None:
+    if decision.reopen:
+        ticket.status, ticket.resolved_at = "open", None
+    context = {
+        "ticket": _ticket_context(ticket),
+        "requester_name": msg.from_name,
+        "text": msg.text[:20000],
+    }
+    if decision.author_kind == "customer":
+        requester = ticket.requester.email if ticket.requester else None
+        if msg.sender and msg.sender != requester and msg.sender not in ticket.cc:
+            ticket.cc = [*ticket.cc, msg.sender]  # a colleague joined the conversation
+        staff = [s.email for s in repo.active_staff(session)]
+        if ticket.assignee_id:
+            staff = [a for a in staff if a == repo.staff_email(session, ticket.assignee_id)]
+        if staff:
+            app.mailer.queue(
+                session,
+                kind="staff_customer_reply",
+                to=staff,
+                language="en",
+                context=context,
+                now=now,
+                ticket=ticket,
+                answers=msg.message_id,
+                auto_submitted="auto-generated",
+            )
+        return
+    # A staff member's reply is relayed to the customer from the support address.
+    if ticket.status == "new":
+        ticket.status = "open"
+    recipients = [ticket.requester.email] if ticket.requester else []
+    recipients += [a for a in ticket.cc if a not in recipients]
+    if recipients:
+        staff_name = repo.staff_name(session, msg.sender or "")
+        app.mailer.queue(
+            session,
+            kind="staff_reply",
+            to=recipients,
+            language=ticket.language,
+            context={**context, "staff_name": staff_name},
+            now=now,
+            ticket=ticket,
+            answers=_customer_message_id(ticket),
+            references=msg.references,
+            auto_submitted=None,
+            author_kind="staff",
+            author=(msg.sender or "", staff_name),
+        )
+
+
+def _customer_message_id(ticket: Ticket) -> str | None:
+    """The customer's latest mail, so their client threads our relay under it."""
+    for article in reversed(ticket.articles):
+        if article.direction == "in" and article.author_kind == "customer" and article.message_id:
+            return article.message_id
+    return None
+
+
+def _handle_bounce(
+    app: App,
+    session: Session,
+    record: IngestRecord,
+    raw: bytes,
+    msg: ParsedMessage,
+    screening: Screening,
+) -> Result:
+    assert screening.bounce is not None
+    info = read_bounce(raw, screening.bounce, msg)
+    outbox = repo.outbox_for_bounce(session, info.verp_nonce, info.returned_message_id)
+    if outbox is None:
+        decision = Decision("quarantined", f"unmatched bounce ({screening.reason})")
+        return _record(session, record, decision, None)
+    record.ticket_id = outbox.ticket_id
+    detail = f"{info.action} {info.status or ''}".strip()
+    if info.permanent:
+        _mark_failed(session, outbox, f"bounce: {detail}")
+    decision = Decision("bounce", f"{detail} for outbox #{outbox.id} ({screening.reason})")
+    return _record(session, record, decision, _ticket_number(session, outbox.ticket_id))
+
+
+def _mark_failed(session: Session, outbox: OutboxMail, reason: str) -> None:
+    outbox.status, outbox.last_error = "failed", reason
+    if outbox.article_id and (article := session.get(Article, outbox.article_id)):
+        article.delivery, article.delivery_error = "failed", reason

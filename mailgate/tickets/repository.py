@@ -1,0 +1,148 @@
+"""Database reads the pipeline needs, returned as plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailgate.pipeline.identify import Person
+from mailgate.pipeline.thread import TicketView
+from mailgate.store.models import (
+    Article,
+    Contact,
+    IngestRecord,
+    Organisation,
+    OutboxMail,
+    Staff,
+    Ticket,
+)
+
+
+def ticket_view(ticket: Ticket) -> TicketView:
+    return TicketView(
+        id=ticket.id,
+        number=ticket.number,
+        organisation_id=ticket.organisation_id,
+        status=ticket.status,
+        requester=ticket.requester.email if ticket.requester else None,
+        cc=tuple(ticket.cc or ()),
+        resolved_at=ticket.resolved_at,
+    )
+
+
+class SqlTicketLookup:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def by_id(self, ticket_id: int) -> TicketView | None:
+        ticket = self.session.get(Ticket, ticket_id)
+        return ticket_view(ticket) if ticket else None
+
+    def by_number(self, number: str) -> TicketView | None:
+        ticket = self.session.scalar(select(Ticket).where(Ticket.number == number))
+        return ticket_view(ticket) if ticket else None
+
+    def by_message_ids(self, message_ids: Sequence[str]) -> list[TicketView]:
+        rows = self.session.execute(
+            select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(message_ids))
+        ).all()
+        first_ticket: dict[str, int] = {}
+        for mid, ticket_id in rows:
+            first_ticket.setdefault(mid, ticket_id)
+        views: list[TicketView] = []
+        seen: set[int] = set()
+        for mid in message_ids:  # keep the caller's order: most specific key first
+            ticket_id = first_ticket.get(mid)
+            if ticket_id is not None and ticket_id not in seen:
+                seen.add(ticket_id)
+                if view := self.by_id(ticket_id):
+                    views.append(view)
+        return views
+
+
+def find_person(session: Session, address: str) -> Person | None:
+    staff = session.scalar(select(Staff).where(Staff.email == address))
+    if staff:
+        return Person(address, "staff", staff.id, staff.name, staff.active)
+    contact = session.scalar(select(Contact).where(Contact.email == address))
+    if contact is None:
+        return None
+    org: Organisation = contact.organisation
+    return Person(
+        address,
+        "contact",
+        contact.id,
+        contact.name,
+        contact.active,
+        role=contact.role,
+        organisation_id=org.id,
+        organisation_active=org.active,
+        contract_from=org.contract_from,
+        contract_until=org.contract_until,
+        language=org.language,
+    )
+
+
+def first_delivery(session: Session, dedupe_key: str) -> IngestRecord | None:
+    return session.scalar(select(IngestRecord).where(IngestRecord.dedupe_key == dedupe_key))
+
+
+def message_id_seen(session: Session, message_id: str) -> bool:
+    return bool(session.scalar(select(func.count()).where(IngestRecord.message_id == message_id)))
+
+
+def recent_mail_to(session: Session, address: str, kind: str, since: datetime) -> bool:
+    return bool(
+        session.scalar(
+            select(func.count()).where(
+                OutboxMail.recipient == address,
+                OutboxMail.kind == kind,
+                OutboxMail.created_at >= since,
+            )
+        )
+    )
+
+
+def active_staff(session: Session) -> list[Staff]:
+    return list(session.scalars(select(Staff).where(Staff.active.is_(True)).order_by(Staff.id)))
+
+
+def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]) -> list[Contact]:
+    """Active contacts of one organisation among `addresses` (strangers are never copied)."""
+    if not addresses:
+        return []
+    return list(
+        session.scalars(
+            select(Contact).where(
+                Contact.organisation_id == organisation_id,
+                Contact.active.is_(True),
+                Contact.email.in_(addresses),
+            )
+        )
+    )
+
+
+def staff_email(session: Session, staff_id: int) -> str | None:
+    return session.scalar(select(Staff.email).where(Staff.id == staff_id))
+
+
+def staff_name(session: Session, address: str) -> str:
+    return session.scalar(select(Staff.name).where(Staff.email == address)) or address
+
+
+def outbox_for_bounce(
+    session: Session, verp_nonce: str | None, returned_message_id: str | None
+) -> OutboxMail | None:
+    """The mail a bounce returns: by VERP token first, then by returned Message-ID."""
+    if verp_nonce:
+        row = session.scalar(select(OutboxMail).where(OutboxMail.nonce == verp_nonce))
+        if row:
+            return row
+    if returned_message_id:
+        return session.scalar(
+            select(OutboxMail).where(OutboxMail.message_id == returned_message_id)
+        )
+    return None
