@@ -77,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    from mailgate.daemon import cmd_run  # the daemon pulls in asyncio parts only when run
-
     run = command("run", cmd_run, "run the daemon: SMTP intake, outbox sender, scheduler")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
     command("check", cmd_check, "validate settings, directory, templates and database")
@@ -170,6 +168,12 @@ def print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 # -- commands --------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailgate.daemon import cmd_run as run_daemon  # asyncio parts load only when run
+
+    return run_daemon(args)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,150 @@
+"""Shared fixtures: a complete mailgate installation in a temp dir.
+
+`install` writes settings.yaml and directory.yaml (from the shipped ones, with
+overrides) into tmp_path and returns an App on it: SQLite under tmp_path/var,
+outbound mail to a Maildir under tmp_path/var/sent.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import mailbox
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailgate.app import App
+from mailgate.cli import sync_directory_if_changed
+from mailgate.clock import Clock
+from mailgate.config import load_settings
+from mailgate.pipeline.message import Envelope
+from mailgate.pipeline.process import Result, process
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
+
+
+class Clockwork:
+    """A clock tests move by hand."""
+
+    def __init__(self, now: datetime = NOW):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class Installation:
+    def __init__(self, root: Path, clock: Clock):
+        self.root = root
+        self.clock = clock
+        self.app = App(load_settings(root / "settings.yaml"), clock=clock)
+        sync_directory_if_changed(self.app)
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "settings.yaml"
+
+    def ingest(self, raw: bytes | str | EmailMessage, envelope: Envelope | None = None) -> Result:
+        if isinstance(raw, EmailMessage):
+            raw = raw.as_bytes(policy=email.policy.SMTP)
+        elif isinstance(raw, str):
+            raw = raw.encode()
+        return process(self.app, raw, envelope)
+
+    def send_outbox(self) -> int:
+        from mailgate.outbound.outbox import send_due
+
+        return send_due(self.app.sessions, self.app.transport(), self.clock)
+
+    def sent(self) -> list[EmailMessage]:
+        """Every mail delivered to the outbound Maildir, after sending the queue."""
+        self.send_outbox()
+        box = mailbox.Maildir(self.root / "var" / "sent", factory=None, create=True)
+        msgs = [
+            email.message_from_bytes(box.get_bytes(k), policy=email.policy.default)
+            for k in sorted(box.iterkeys(), key=lambda k: box.get_file(k).name)
+        ]
+        return msgs  # type: ignore[return-value]
+
+    def session(self):  # noqa: ANN201 - a SQLAlchemy session context
+        return self.app.sessions()
+
+
+@pytest.fixture
+def clock() -> Clockwork:
+    return Clockwork()
+
+
+@pytest.fixture
+def install(tmp_path: Path, clock: Clockwork) -> Callable[..., Installation]:
+    def make(settings: dict[str, Any] | None = None,
+             directory: dict[str, Any] | None = None) -> Installation:  # fmt: skip
+        data = yaml.safe_load((ROOT / "settings.yaml").read_text())
+        data = deep_update(data, {"templates_dir": str(ROOT / "templates"),
+                                  "rules_dir": str(ROOT / "rules")})  # fmt: skip
+        deep_update(data, settings or {})
+        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(data))
+        if directory is None:
+            shutil.copy(ROOT / "directory.yaml", tmp_path / "directory.yaml")
+        else:
+            (tmp_path / "directory.yaml").write_text(yaml.safe_dump(directory))
+        return Installation(tmp_path, clock)
+
+    return make
+
+
+@pytest.fixture
+def inst(install: Callable[..., Installation]) -> Installation:
+    return install()
+
+
+def make_mail(
+    *,
+    sender: str = "Alice Martin <alice@acme.example>",
+    to: str = "support@example.com",
+    subject: str = "Cannot log in",
+    body: str = "Hello,\nnobody can log in since this morning.\n",
+    message_id: str | None = "req-1@acme.example",
+    headers: dict[str, str] | None = None,
+) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = "Mon, 23 Nov 2026 09:15:00 +0100"
+    if message_id:
+        msg["Message-ID"] = f"<{message_id}>"
+    for name, value in (headers or {}).items():
+        msg[name] = value
+    msg.set_content(body)
+    return msg
+
+
+def reply_to(
+    original: EmailMessage, *, sender: str, body: str = "More details.\n",
+    message_id: str, subject: str | None = None, to: str | None = None,
+) -> EmailMessage:  # fmt: skip
+    """A reply as a mail client writes it: In-Reply-To and References."""
+    mid = original["Message-ID"]
+    refs = (original.get("References", "") + " " + mid).strip()
+    headers = {"In-Reply-To": mid, "References": refs}
+    return make_mail(sender=sender, to=to or str(original["Reply-To"] or original["From"]),
+                     subject=subject or f"Re: {original['Subject']}", body=body,
+                     message_id=message_id, headers=headers)  # fmt: skip

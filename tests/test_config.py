@@ -1,0 +1,145 @@
+"""Settings and directory files: precise one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from mailgate.config import ConfigError, load_settings
+from mailgate.directory import load_directory, sync_directory
+from mailgate.store.models import Contact, Staff
+from tests.conftest import ROOT, Installation
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def mailgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailgate", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_shipped_settings_are_valid() -> None:
+    settings = load_settings(ROOT / "settings.yaml")
+    assert settings.intake.smtp.port == 2525
+    assert settings.outbound.transport == "maildir"
+    assert settings.database_url.startswith("sqlite:////")  # made absolute
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"intake": {"smtp": {"port": "twenty"}}}, "intake.smtp.port: Input should be a valid integer"),
+        ({"intake": {"smtp": {"prot": 25}}}, "intake.smtp.prot: unknown key (remove it or check its spelling)"),
+        ({"support_address": "not an address"}, "support_address: 'not an address' is not a valid email address"),
+        ({"outbound": {"transport": "carrier-pigeon"}}, "outbound.transport: Input should be 'maildir' or 'smtp'"),
+        ({"outbound": {"from": "Support <bad>"}}, "outbound.from:"),
+    ],
+)
+def test_bad_setting_is_named_with_file_and_key(tmp_path: Path, data: dict, expected: str) -> None:
+    path = write(tmp_path / "settings.yaml", data)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert any(line.startswith(f"{path}: ") and expected in line for line in err.value.problems), \
+        err.value.problems
+
+
+def test_every_problem_is_listed(tmp_path: Path) -> None:
+    path = write(tmp_path / "settings.yaml", {"support_address": "x", "intake": {"smtp": {"port": -1}},
+                                              "nonsense": 1})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert len(err.value.problems) == 3
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.yaml")
+    path = write(tmp_path / "settings.yaml", "intake:\n  smtp: [\n")
+    with pytest.raises(ConfigError, match=r"settings.yaml:\d+: invalid YAML"):
+        load_settings(path)
+
+
+def test_check_command_lists_problems_and_exits_1(tmp_path: Path) -> None:
+    write(tmp_path / "settings.yaml", {"intake": {"smtp": {"port": "x"}}, "colour": "blue"})
+    proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: settings.yaml: ") for line in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_command_passes_on_shipped_files(tmp_path: Path) -> None:
+    for name in ("settings.yaml", "directory.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_check_reports_a_bad_directory(tmp_path: Path) -> None:
+    (tmp_path / "settings.yaml").write_text((ROOT / "settings.yaml").read_text())
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    write(tmp_path / "directory.yaml", {"organisations": [
+        {"id": "acme", "name": "A", "plan": "gold", "contacts": [{"email": "nope"}]}]})
+    proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "organisations.0.plan" in proc.stdout and "organisations.0.contacts.0.email" in proc.stdout
+
+
+def test_secret_from_environment_and_file(tmp_path: Path, monkeypatch) -> None:
+    from mailgate.config import read_secret
+
+    settings = load_settings(ROOT / "settings.yaml")
+    monkeypatch.setenv("MG_PASS", "s3cret")
+    assert read_secret(file=None, env="MG_PASS", settings=settings, key="k") == "s3cret"
+    (tmp_path / "pw").write_text("from-file\n")
+    assert read_secret(file=tmp_path / "pw", env=None, settings=settings, key="k") == "from-file"
+    with pytest.raises(ConfigError, match="k_env: environment variable NOPE is not set"):
+        read_secret(file=None, env="NOPE", settings=settings, key="k")
+
+
+def test_directory_sync_is_idempotent_and_deactivates(inst: Installation, tmp_path: Path) -> None:
+    path = tmp_path / "dir2.yaml"
+    write(path, {"organisations": [{"id": "acme", "name": "ACME", "contacts": [
+        {"email": "Alice@ACME.example", "role": "admin"}]}],
+        "staff": [{"email": "bob@support.example", "level": "L3"}]})
+    for _ in range(2):
+        with inst.app.sessions.begin() as s:
+            report = sync_directory(s, load_directory(path))
+    assert report.deactivated == 0  # the second run changes nothing
+    with inst.session() as s:
+        carol = s.scalar(select(Contact).where(Contact.email == "carol@acme.example"))
+        alice = s.scalar(select(Contact).where(Contact.email == "alice@acme.example"))
+        bob = s.scalar(select(Staff))
+    assert carol is not None and not carol.active  # kept, never deleted
+    assert alice.active and bob.level == "L3"
+
+
+def test_directory_from_csv(inst: Installation, tmp_path: Path) -> None:
+    path = tmp_path / "dir.csv"
+    path.write_text(
+        "kind,email,name,role,level,organisation,organisation_name,plan,contract_until,language\n"
+        "contact,dan@initech.example,Dan,admin,,initech,Initech,basic,2027-01-31,es\n"
+        "staff,eve@support.example,Eve,,L1,,,,,\n")
+    with inst.app.sessions.begin() as s:
+        report = sync_directory(s, load_directory(path))
+    assert (report.organisations, report.contacts, report.staff) == (1, 1, 1)
+    with inst.session() as s:
+        dan = s.scalar(select(Contact).where(Contact.email == "dan@initech.example"))
+        assert dan.organisation.language == "es" and dan.role == "admin"
+
+
+def test_duplicate_address_in_directory_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.yaml", {"organisations": [{"id": "a", "name": "A", "contacts": [
+        {"email": "x@a.example"}]}], "staff": [{"email": "x@a.example"}]})
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_directory(path)

@@ -1,0 +1,458 @@
+"""The pipeline end to end, as a customer and an operator see it:
+the ticket that exists, the article on it, the mail that went out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from mailgate.pipeline.message import Envelope
+from mailgate.store.models import Article, AttachmentRow, IngestRecord, OutboxMail, Ticket
+from tests.conftest import Installation, make_mail, reply_to
+
+
+def count(inst: Installation, model: type) -> int:
+    with inst.session() as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+def ticket(inst: Installation, number: str) -> Ticket:
+    with inst.session() as s:
+        t = s.scalar(select(Ticket).where(Ticket.number == number))
+        assert t is not None
+        t.articles  # noqa: B018 - load while the session is open
+        return t
+
+
+def test_admin_mail_creates_ticket_and_ack_in_org_language(inst: Installation) -> None:
+    result = inst.ingest(make_mail(subject="Portail inaccessible"))
+
+    assert result.outcome == "created"
+    assert result.ticket == "SUP-2026-000001"
+    acks = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    assert len(acks) == 1
+    ack = acks[0]
+    assert "[SUP-2026-000001]" in ack["Subject"]
+    assert ack["In-Reply-To"] == "<req-1@acme.example>"
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert ack["Precedence"] == "bulk"
+    assert ack["X-Auto-Response-Suppress"] == "All"
+    assert ack["Message-ID"].endswith("@example.com>")
+    assert re.fullmatch(r"support\+t\d+-[0-9a-f]+@example\.com", ack["Reply-To"])
+    assert ack["X-Mailgate-Loop"]
+    # ACME's language is French
+    body = ack.get_body(("plain",)).get_content()
+    assert "SUP-2026-000001" in body and "Bonjour" in body
+    assert ack.get_body(("html",)) is not None
+
+
+def test_staff_get_a_new_ticket_notice(inst: Installation) -> None:
+    inst.ingest(make_mail())
+    notices = [m for m in inst.sent() if m["To"] == "bob@support.example"]
+    assert len(notices) == 1
+    assert notices[0]["Auto-Submitted"] == "auto-generated"
+
+
+def test_tracking_numbers_are_sequential(inst: Installation) -> None:
+    numbers = [inst.ingest(make_mail(message_id=f"m{i}@acme.example")).ticket for i in range(3)]
+    assert numbers == ["SUP-2026-000001", "SUP-2026-000002", "SUP-2026-000003"]
+
+
+def test_a_conversation_stays_on_one_ticket(inst: Installation) -> None:
+    original = make_mail(message_id="orig@acme.example")
+    created = inst.ingest(original)
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+
+    # the customer answers our acknowledgement, quoting it
+    answer = reply_to(ack, sender="Alice Martin <alice@acme.example>", message_id="a2@acme.example")
+    threaded = inst.ingest(answer)
+    assert (threaded.outcome, threaded.ticket) == ("threaded", created.ticket)
+    assert threaded.matched_by in ("signed-message-id", "reply-token")
+
+    # a CC'd colleague answers the customer's original mail, not ours
+    colleague = reply_to(original, sender="Carol Petit <carol@acme.example>",
+                         message_id="c3@acme.example", to="support@example.com")
+    result = inst.ingest(colleague)
+    assert (result.outcome, result.ticket, result.matched_by) == (
+        "threaded", created.ticket, "references")
+
+    # a reply with a new subject but a good In-Reply-To
+    renamed = reply_to(original, sender="alice@acme.example", message_id="r4@acme.example",
+                       subject="Something completely different", to="support@example.com")
+    result = inst.ingest(renamed)
+    assert (result.outcome, result.ticket) == ("threaded", created.ticket)
+
+    t = ticket(inst, created.ticket)
+    inbound = [a for a in t.articles if a.direction == "in"]
+    assert len(inbound) == 4
+    assert "carol@acme.example" in t.cc
+
+
+def test_reply_to_token_alone_threads(inst: Installation) -> None:
+    created = inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    fresh = make_mail(to=ack["Reply-To"], subject="new words", message_id="x@acme.example")
+    result = inst.ingest(fresh)
+    assert (result.outcome, result.ticket, result.matched_by) == (
+        "threaded", created.ticket, "reply-token")
+
+
+def test_subject_tag_threads_only_for_parties(inst: Installation) -> None:
+    created = inst.ingest(make_mail())
+    tagged = make_mail(subject=f"Re: [{created.ticket}] status?", message_id="t2@acme.example")
+    result = inst.ingest(tagged)
+    assert (result.outcome, result.matched_by) == ("threaded", "subject-tag")
+
+    # Carol is of the same organisation but not a party of the ticket: the tag
+    # alone does not let her in, and as a member she cannot open a ticket.
+    carol = make_mail(sender="carol@acme.example", subject=f"[{created.ticket}] hi",
+                      message_id="t3@acme.example")
+    assert inst.ingest(carol).outcome == "rejected"
+
+
+def test_tag_of_another_organisations_ticket_never_threads(inst: Installation) -> None:
+    acme = inst.ingest(make_mail())
+    hank = make_mail(sender="hank@globex.example", subject=f"Re: [{acme.ticket}] me too",
+                     message_id="h1@globex.example")
+    result = inst.ingest(hank)
+    assert result.outcome == "created"
+    assert result.ticket != acme.ticket
+    assert "another organisation" in result.reason
+    assert len([a for a in ticket(inst, acme.ticket).articles if a.direction == "in"]) == 1
+
+
+def test_references_to_another_organisations_ticket_never_thread(inst: Installation) -> None:
+    original = make_mail(message_id="secret@acme.example")
+    acme = inst.ingest(original)
+    intruder = reply_to(original, sender="hank@globex.example", message_id="h2@globex.example",
+                        to="support@example.com")
+    result = inst.ingest(intruder)
+    assert result.outcome == "created" and result.ticket != acme.ticket
+
+
+def test_forged_token_is_refused(inst: Installation) -> None:
+    acme = inst.ingest(make_mail())
+    t = ticket(inst, acme.ticket)
+    forged_mid = f"mg.{t.id}.0123456789abcdef.0000000000000000@example.com"
+    forged = make_mail(sender="hank@globex.example", to=f"support+t{t.id}-deadbeefdeadbeef@example.com",
+                       message_id="f1@globex.example",
+                       headers={"In-Reply-To": f"<{forged_mid}>"})
+    result = inst.ingest(forged)
+    assert result.outcome == "created"
+    assert result.ticket != acme.ticket
+    assert result.matched_by is None
+
+
+def test_duplicate_delivery_gives_one_article_and_one_ack(inst: Installation) -> None:
+    mail = make_mail()
+    first = inst.ingest(mail)
+    again = inst.ingest(mail)
+    # the same mail via another route: other trace headers, same body
+    mail["Received"] = "from relay.example by mx.example; Mon, 23 Nov 2026 09:16:00 +0100"
+    third = inst.ingest(mail)
+    assert first.outcome == "created"
+    assert (again.outcome, again.ticket) == ("duplicate", first.ticket)
+    assert third.outcome == "duplicate"
+    assert count(inst, Article) == 3  # 1 inbound + ack + staff notice
+    assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 1
+    assert count(inst, IngestRecord) == 3
+
+
+def test_same_message_id_with_another_body_is_kept(inst: Installation, caplog) -> None:
+    first = inst.ingest(make_mail(body="first body\n"))
+    second = inst.ingest(make_mail(body="a different body\n"))
+    assert first.outcome == "created"
+    assert second.outcome != "duplicate"
+    assert "Message-ID collision" in second.reason
+    assert "Message-ID collision" in caplog.text
+
+
+def test_one_mail_to_two_of_our_addresses_is_one_ticket(inst: Installation) -> None:
+    mail = make_mail(to="support@example.com, sales@example.com")
+    inst.ingest(mail, Envelope(source="smtp", rcpt_to=("support@example.com",)))
+    second = inst.ingest(mail, Envelope(source="smtp", rcpt_to=("sales@example.com",)))
+    assert second.outcome == "duplicate"
+    assert count(inst, Ticket) == 1
+
+
+def test_no_message_id_fetched_three_times_is_one_ticket(inst: Installation) -> None:
+    mail = make_mail(message_id=None)
+    results = [inst.ingest(mail).outcome for _ in range(3)]
+    assert results == ["created", "duplicate", "duplicate"]
+
+
+@pytest.mark.parametrize(
+    ("sender", "reason"),
+    [
+        ("mallory@evil.example", "not in the directory"),
+        ("carol@acme.example", "not an authorised admin"),
+    ],
+)
+def test_unauthorised_senders_are_rejected_once_a_day(
+    inst: Installation, clock, sender: str, reason: str
+) -> None:
+    for i in range(3):
+        result = inst.ingest(make_mail(sender=sender, message_id=f"r{i}@x.example"))
+        assert result.outcome == "rejected" and reason in result.reason
+    sent = [m for m in inst.sent() if m["To"] == sender]
+    assert len(sent) == 1
+    assert sent[0]["Auto-Submitted"] == "auto-replied"
+    clock.now += timedelta(hours=25)
+    inst.ingest(make_mail(sender=sender, message_id="later@x.example"))
+    assert len([m for m in inst.sent() if m["To"] == sender]) == 2
+    assert count(inst, Ticket) == 0
+
+
+def test_expired_contract_is_rejected(install) -> None:
+    inst = install(directory={"organisations": [{
+        "id": "old", "name": "Old Co", "contract_until": "2025-12-31",
+        "contacts": [{"email": "alice@acme.example", "role": "admin"}]}]})
+    result = inst.ingest(make_mail())
+    assert result.outcome == "rejected" and "no active contract" in result.reason
+
+
+def test_display_name_is_never_trusted(inst: Installation) -> None:
+    spoof = make_mail(sender='"alice@acme.example" <mallory@evil.example>')
+    result = inst.ingest(spoof)
+    assert result.outcome in ("rejected", "quarantined")
+    assert count(inst, Ticket) == 0
+
+
+def test_sender_matched_case_insensitively(inst: Installation) -> None:
+    assert inst.ingest(make_mail(sender="Alice <ALICE@Acme.Example>")).outcome == "created"
+
+
+AUTOMATED = [
+    {"Auto-Submitted": "auto-replied"},
+    {"Auto-Submitted": "auto-generated"},
+    {"Precedence": "bulk"},
+    {"Precedence": "list"},
+    {"Precedence": "junk"},
+    {"List-Id": "<users.lists.example>"},
+    {"List-Unsubscribe": "<mailto:leave@lists.example>"},
+    {"X-Autoreply": "yes"},
+    {"X-Autorespond": "yes"},
+    {"Return-Path": "<>"},
+]
+
+
+@pytest.mark.parametrize("headers", AUTOMATED, ids=lambda h: next(iter(h.items()))[0] + ":" +
+                         next(iter(h.values())))
+def test_automated_mail_is_ignored_and_never_answered(inst: Installation, headers) -> None:
+    result = inst.ingest(make_mail(headers=headers))
+    assert result.outcome == "ignored"
+    assert count(inst, Ticket) == 0
+    assert count(inst, OutboxMail) == 0
+
+
+@pytest.mark.parametrize("sender", ["MAILER-DAEMON@mx.example", "postmaster@acme.example",
+                                    "owner-users@lists.example", "users-request@lists.example"])
+def test_robot_senders_are_ignored(inst: Installation, sender: str) -> None:
+    result = inst.ingest(make_mail(sender=sender))
+    assert result.outcome == "ignored"
+    assert count(inst, OutboxMail) == 0
+
+
+def test_null_envelope_sender_is_ignored(inst: Installation) -> None:
+    result = inst.ingest(make_mail(), Envelope(source="smtp", mail_from=""))
+    assert result.outcome == "ignored"
+    assert count(inst, OutboxMail) == 0
+
+
+def test_automated_reply_on_open_ticket_adds_nothing(inst: Installation) -> None:
+    created = inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    ooo = reply_to(ack, sender="alice@acme.example", message_id="ooo@acme.example")
+    ooo["Auto-Submitted"] = "auto-replied"
+    assert inst.ingest(ooo).outcome == "ignored"
+    assert len(ticket(inst, created.ticket).articles) == 3
+
+
+@pytest.mark.parametrize("value", ["All", "OOF, AutoReply"])
+def test_auto_response_suppress_only_suppresses_the_ack(inst: Installation, value: str) -> None:
+    result = inst.ingest(make_mail(headers={"X-Auto-Response-Suppress": value}))
+    assert result.outcome == "created"
+    assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []
+
+
+def test_our_own_ack_fed_back_is_ignored(inst: Installation) -> None:
+    inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    del ack["Auto-Submitted"], ack["Precedence"]  # even stripped of its RFC 3834 headers
+    result = inst.ingest(ack)
+    assert result.outcome == "ignored"
+    assert "own-message-id" in result.reason
+
+
+def test_forged_loop_marker_still_creates_a_ticket(inst: Installation) -> None:
+    forged = make_mail(headers={"X-Mailgate-Loop": "mailgate; 0123456789abcdef"})
+    result = inst.ingest(forged)
+    assert result.outcome == "created"
+    assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []  # no ack, though
+
+
+def test_mail_from_our_own_address_is_ignored(inst: Installation) -> None:
+    result = inst.ingest(make_mail(sender="Support <support@example.com>"))
+    assert result.outcome == "ignored"
+
+
+def test_two_from_headers_are_quarantined(inst: Installation) -> None:
+    raw = make_mail().as_bytes().replace(
+        b"From: ", b"From: mallory@evil.example\nFrom: ", 1)
+    result = inst.ingest(raw)
+    assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
+    assert count(inst, OutboxMail) == 0
+
+
+def test_two_addresses_in_from_are_quarantined(inst: Installation) -> None:
+    result = inst.ingest(make_mail(sender="alice@acme.example, mallory@evil.example"))
+    assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
+
+
+def test_unparseable_mail_is_quarantined_and_kept(inst: Installation) -> None:
+    raw = b"Content-Type: multipart/mixed; boundary=x\n\n" + (b"--x\nContent-Type: multipart/mixed; boundary=x\n\n" * 2000)
+    result = inst.ingest(raw)
+    assert result.outcome == "quarantined"
+    with inst.session() as s:
+        record = s.scalar(select(IngestRecord))
+        assert inst.app.blobs.get(record.raw_sha256) == raw
+
+
+def test_crlf_in_subject_and_name_never_reaches_a_header(inst: Installation) -> None:
+    mail = make_mail(message_id="inj@acme.example")
+    raw = mail.as_bytes()
+    raw = raw.replace(b"Subject: Cannot log in",
+                      b"Subject: =?utf-8?q?a=0D=0ABcc:_victim@evil.example?=")
+    raw = raw.replace(b"From: Alice Martin <",
+                      b"From: =?utf-8?q?Alice=0D=0ABcc:_x@evil.example?= <")
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    for sent in inst.sent():
+        assert sent["Bcc"] is None
+        assert "victim" not in str(sent.get_all("To")) and "\n" not in sent["Subject"]
+
+
+def test_long_encoded_subject_is_truncated_and_ack_subject_capped(inst: Installation) -> None:
+    word = "=?utf-8?b?" + "w6nDqcOp" * 10 + "?="
+    raw = make_mail().as_bytes().replace(b"Subject: Cannot log in",
+                                        b"Subject: " + " ".join([word] * 4000).encode())
+    assert len(raw) > 300_000
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    t = ticket(inst, result.ticket)
+    assert 0 < len(t.subject) <= 998
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    assert len(str(ack["Subject"])) <= 200
+
+
+def test_unsafe_directory_address_is_refused_before_smtp(inst: Installation) -> None:
+    from mailgate.outbound.compose import check_envelope_address
+
+    for bad in ("alice@acme.example\r\nRCPT TO:<x@evil.example>", "a\nb@x.example", "a b@x"):
+        with pytest.raises(ValueError):
+            check_envelope_address(bad)
+
+
+def test_attachments_are_stored_by_hash_with_safe_names(inst: Installation) -> None:
+    mail = make_mail()
+    mail.add_attachment(b"root:x:0:0", maintype="text", subtype="plain",
+                        filename="../../etc/passwd")
+    mail.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                        filename="..\\..\\win.ini")
+    mail.add_attachment(b"x", maintype="application", subtype="octet-stream", filename="CON")
+    mail.add_attachment(b"y", maintype="application", subtype="octet-stream",
+                        filename="a" * 600 + ".pdf")
+    result = inst.ingest(mail)
+    assert result.outcome == "created"
+    with inst.session() as s:
+        rows = list(s.scalars(select(AttachmentRow)))
+    names = [r.filename for r in rows]
+    assert len(rows) == 4
+    for name in names:
+        assert "/" not in name and "\\" not in name and len(name.encode()) <= 255
+        assert name.upper() != "CON"
+    assert names[3].endswith(".pdf")
+    for row in rows:
+        assert inst.app.blobs.path_for(row.sha256).is_file()
+    # nothing was written outside data_dir
+    assert not (inst.root / "etc").exists() and not (inst.root.parent / "etc" / "passwd").exists()
+
+
+def test_html_is_sanitised_before_storage(inst: Installation) -> None:
+    mail = make_mail()
+    mail.add_alternative(
+        '<p onclick="x()">Hi<script>alert(1)</script><a href="javascript:x">l</a>'
+        '<img src="http://tracker.example/p.gif"></p>', subtype="html")
+    result = inst.ingest(mail)
+    with inst.session() as s:
+        article = s.scalar(select(Article).where(Article.direction == "in"))
+    html = article.html or ""
+    assert result.outcome == "created"
+    for bad in ("<script", "onclick", "javascript:", "tracker.example"):
+        assert bad not in html
+
+
+@pytest.mark.parametrize("charset", ["unknown-8bit", "x-unknown", "utf-8"])
+def test_unknown_or_lying_charsets_are_stored_as_text(inst: Installation, charset: str) -> None:
+    raw = (b"From: alice@acme.example\r\nTo: support@example.com\r\nSubject: caf\xe9\r\n"
+           b"Message-ID: <cs@acme.example>\r\nContent-Type: text/plain; charset=" +
+           charset.encode() + b"\r\n\r\nCaf\xe9 cr\xe8me \xff\r\n")
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    with inst.session() as s:
+        article = s.scalar(select(Article).where(Article.direction == "in"))
+    assert "Caf" in article.text
+
+
+def test_follow_up_to_closed_ticket_opens_a_linked_one(inst: Installation) -> None:
+    original = make_mail()
+    first = inst.ingest(original)
+    with inst.app.sessions.begin() as s:
+        s.scalar(select(Ticket)).status = "closed"
+    result = inst.ingest(reply_to(original, sender="alice@acme.example", message_id="f@acme.example",
+                                  to="support@example.com"))
+    assert result.outcome == "created" and result.ticket != first.ticket
+    assert ticket(inst, result.ticket).follows_ticket_id == ticket(inst, first.ticket).id
+
+
+def test_reply_to_resolved_ticket_reopens_within_window(inst: Installation, clock) -> None:
+    original = make_mail()
+    first = inst.ingest(original)
+    with inst.app.sessions.begin() as s:
+        t = s.scalar(select(Ticket))
+        t.status, t.resolved_at = "resolved", clock.now
+    clock.now += timedelta(days=3)
+    result = inst.ingest(reply_to(original, sender="alice@acme.example", message_id="g@acme.example",
+                                  to="support@example.com"))
+    assert (result.outcome, result.ticket) == ("threaded", first.ticket)
+    assert ticket(inst, first.ticket).status == "open"
+
+
+def test_staff_reply_is_relayed_to_the_customer(inst: Installation) -> None:
+    created = inst.ingest(make_mail())
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    staff_reply = reply_to(notice, sender="Bob Durand <bob@support.example>",
+                           body="Please clear your cache and retry.\n", message_id="b1@support.example")
+    result = inst.ingest(staff_reply)
+    assert (result.outcome, result.ticket) == ("threaded", created.ticket)
+    relayed = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    assert len(relayed) == 2  # the ack, then the staff reply
+    relay = relayed[1]
+    assert "clear your cache" in relay.get_body(("plain",)).get_content()
+    assert relay["In-Reply-To"] == "<req-1@acme.example>"
+    assert relay["From"].addresses[0].addr_spec == "support@example.com"
+    assert ticket(inst, created.ticket).status == "open"
+
+
+def test_explain_writes_nothing(inst: Installation) -> None:
+    from mailgate.pipeline.process import process
+
+    raw = make_mail().as_bytes()
+    result = process(inst.app, raw, Envelope(source="explain"), dry_run=True)
+    assert result.outcome == "created"
+    assert count(inst, Ticket) == 0 and count(inst, IngestRecord) == 0
+    assert count(inst, OutboxMail) == 0

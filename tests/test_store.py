@@ -1,0 +1,120 @@
+"""Storage: migrations, SQLite settings, durable blobs, concurrent numbering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, select, text
+
+from mailgate.store.db import current_revision, ensure_schema, head_revision, make_engine
+from mailgate.store.models import Base, IngestRecord, Ticket
+from tests.conftest import ROOT, Installation, make_mail
+
+
+def test_empty_database_is_migrated_on_first_use(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/new.db")
+    ensure_schema(engine)
+    assert current_revision(engine) == head_revision()
+
+
+def test_models_and_migrations_agree(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+    ensure_schema(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"write a migration for: {diff}"
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(inst: Installation) -> None:
+    with inst.app.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_db_upgrade_command(tmp_path: Path) -> None:
+    (tmp_path / "settings.yaml").write_text("database_url: sqlite:///var/x.db\ndirectory: null\n")
+    proc = subprocess.run([sys.executable, "-m", "mailgate", "--config", "settings.yaml", "db",
+                           "upgrade"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"database at {head_revision()}" in proc.stdout
+
+
+def test_raw_mail_is_stored_content_addressed(inst: Installation) -> None:
+    raw = make_mail().as_bytes()
+    inst.ingest(raw)
+    with inst.session() as s:
+        record = s.scalar(select(IngestRecord))
+    path = inst.app.blobs.path_for(record.raw_sha256)
+    assert path.read_bytes() == raw
+    assert path.is_relative_to(inst.root / "var")
+
+
+KILLER = textwrap.dedent("""
+    import os, sys
+    from mailgate.app import App
+    from mailgate.config import load_settings
+    from mailgate.pipeline import process as proc
+    from mailgate.store import blobs
+
+    app = App(load_settings(sys.argv[1]))
+    real_put = blobs.BlobStore.put
+
+    def put_then_die(self, data):
+        digest = real_put(self, data)
+        # the raw file is on disk; the transaction has not committed
+        os.kill(os.getpid(), 9)
+        return digest
+
+    blobs.BlobStore.put = put_then_die
+    proc.process(app, open(sys.argv[2], "rb").read())
+""")
+
+
+def test_killed_between_raw_write_and_commit_leaves_nothing(inst: Installation,
+                                                             tmp_path: Path) -> None:
+    mail = tmp_path / "m.eml"
+    mail.write_bytes(make_mail().as_bytes())
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(inst.settings_file), str(mail)],
+                          cwd=ROOT, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 0
+        assert s.scalar(select(func.count()).select_from(IngestRecord)) == 0
+    again = inst.ingest(mail.read_bytes())
+    assert again.outcome == "created"
+    assert inst.ingest(mail.read_bytes()).outcome == "duplicate"
+
+
+def test_two_processes_ingesting_at_once_get_unique_numbers(inst: Installation,
+                                                           tmp_path: Path) -> None:
+    for p in range(2):
+        box = tmp_path / f"box{p}.mbox"
+        with box.open("wb") as fh:
+            for i in range(15):
+                mail = make_mail(message_id=f"p{p}-{i}@acme.example", body=f"mail {p} {i}\n")
+                fh.write(b"From alice@acme.example Mon Nov 23 09:00:00 2026\n")
+                fh.write(mail.as_bytes().replace(b"\r\n", b"\n") + b"\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "mailgate", "--config",
+                               str(inst.settings_file), "ingest", "--mbox", "--no-send",
+                               str(tmp_path / f"box{p}.mbox")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ})
+             for p in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with inst.session() as s:
+        numbers = list(s.scalars(select(Ticket.number)))
+    assert len(numbers) == 30 and len(set(numbers)) == 30
+    year = datetime.now(UTC).year  # the subprocesses run on the real clock
+    assert sorted(numbers) == [f"SUP-{year}-{i:06d}" for i in range(1, 31)]
+    with inst.app.engine.connect() as conn:
+        assert conn.execute(text("SELECT last FROM ticket_sequences")).scalar() == 30
