@@ -35,6 +35,8 @@ class CommandError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.verbose = getattr(args, "verbose", False)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EX_USAGE
@@ -57,13 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The common options are accepted before and after the command. SUPPRESS
+    # keeps a command's parser from resetting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
+        default=argparse.SUPPRESS,
         help="settings file (default: $MAILGATE_CONFIG or ./settings.yaml)",
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
     parser = argparse.ArgumentParser(
         prog="mailgate",
         description="Email-driven support-ticket intake.",

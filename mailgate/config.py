@@ -28,7 +28,8 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _address(value: str) -> str:
+def valid_address(value: str) -> str:
+    """The address as stored (lower-cased), or ValueError saying what is wrong."""
     try:
         # Deliverability needs DNS; we only check the syntax here.
         result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
@@ -37,7 +38,7 @@ def _address(value: str) -> str:
     return result.normalized.lower()
 
 
-Address = Annotated[str, AfterValidator(_address)]
+Address = Annotated[str, AfterValidator(valid_address)]
 
 
 def _from_header(value: str) -> str:
@@ -48,7 +49,7 @@ def _from_header(value: str) -> str:
         raise ValueError(
             f"{value!r} is not a valid From header, e.g. 'Support <support@example.com>'"
         )
-    _address(addr)
+    valid_address(addr)
     return value
 
 
@@ -67,7 +68,14 @@ class SmtpIntake(Strict):
     timeout_seconds: int = Field(300, gt=0)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    auth_users_file: Path | None = None
+    auth_users_file: Path | None = None  # `user:password` lines; AUTH only after STARTTLS
+    # Budget per connection for commands other than MAIL/RCPT/DATA/RSET (NOOP floods → 421).
+    command_call_limit: int = Field(20, gt=0)
+    max_messages_per_connection: int = Field(100, gt=0)
+    max_parallel_messages: int = Field(4, gt=0)  # pipeline runs at once; others wait
+    # Answer 451 when the pipeline takes longer (RFC 5321 clients give up after 10 min).
+    reply_timeout_seconds: int = Field(120, gt=0)
+    shutdown_grace_seconds: int = Field(20, gt=0)  # in-flight messages may finish on SIGTERM
 
 
 class ImapIntake(Strict):

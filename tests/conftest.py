@@ -79,7 +79,7 @@ class Installation:
         box = mailbox.Maildir(self.root / "var" / "sent", factory=None, create=True)
         msgs = [
             email.message_from_bytes(box.get_bytes(k), policy=email.policy.default)
-            for k in sorted(box.iterkeys(), key=lambda k: box.get_file(k).name)
+            for k in sorted(box.iterkeys())  # names start with time and microseconds
         ]
         return msgs  # type: ignore[return-value]
 
@@ -92,20 +92,32 @@ def clock() -> Clockwork:
     return Clockwork()
 
 
+def install_at(
+    root: Path,
+    clock: Clock,
+    settings: dict[str, Any] | None = None,
+    directory: dict[str, Any] | None = None,
+) -> Installation:
+    """The shipped settings and directory (or the given ones) under `root`."""
+    data = yaml.safe_load((ROOT / "settings.yaml").read_text())
+    data = deep_update(
+        data, {"templates_dir": str(ROOT / "templates"), "rules_dir": str(ROOT / "rules")}
+    )
+    deep_update(data, settings or {})
+    (root / "settings.yaml").write_text(yaml.safe_dump(data))
+    if directory is None:
+        shutil.copy(ROOT / "directory.yaml", root / "directory.yaml")
+    else:
+        (root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    return Installation(root, clock)
+
+
 @pytest.fixture
 def install(tmp_path: Path, clock: Clockwork) -> Callable[..., Installation]:
-    def make(settings: dict[str, Any] | None = None,
-             directory: dict[str, Any] | None = None) -> Installation:  # fmt: skip
-        data = yaml.safe_load((ROOT / "settings.yaml").read_text())
-        data = deep_update(data, {"templates_dir": str(ROOT / "templates"),
-                                  "rules_dir": str(ROOT / "rules")})  # fmt: skip
-        deep_update(data, settings or {})
-        (tmp_path / "settings.yaml").write_text(yaml.safe_dump(data))
-        if directory is None:
-            shutil.copy(ROOT / "directory.yaml", tmp_path / "directory.yaml")
-        else:
-            (tmp_path / "directory.yaml").write_text(yaml.safe_dump(directory))
-        return Installation(tmp_path, clock)
+    def make(
+        settings: dict[str, Any] | None = None, directory: dict[str, Any] | None = None
+    ) -> Installation:
+        return install_at(tmp_path, clock, settings, directory)
 
     return make
 

@@ -94,6 +94,12 @@ def test_crlf_everywhere_and_seven_bit() -> None:
     assert "ligne 3" in parse(data).get_body(("plain",)).get_content()
 
 
+def test_undecodable_text_does_not_fail_the_mail() -> None:
+    msg = parse(compose(text="caf\udce9 ok", html="<p>caf\udce9</p>", subject="caf\udce9"))
+    assert "caf\ufffd ok" in msg.get_body(("plain",)).get_content()
+    assert msg["Subject"] == "caf\ufffd"
+
+
 def test_optional_stamps_absent_when_not_given() -> None:
     msg = parse(compose(auto_submitted=None, loop_marker=None, reply_to=None,
                         in_reply_to=None, references=[]))  # fmt: skip

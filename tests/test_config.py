@@ -22,8 +22,13 @@ def write(path: Path, data: object) -> Path:
 
 
 def mailgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mailgate", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mailgate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_shipped_settings_are_valid() -> None:
@@ -36,10 +41,22 @@ def test_shipped_settings_are_valid() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"intake": {"smtp": {"port": "twenty"}}}, "intake.smtp.port: Input should be a valid integer"),
-        ({"intake": {"smtp": {"prot": 25}}}, "intake.smtp.prot: unknown key (remove it or check its spelling)"),
-        ({"support_address": "not an address"}, "support_address: 'not an address' is not a valid email address"),
-        ({"outbound": {"transport": "carrier-pigeon"}}, "outbound.transport: Input should be 'maildir' or 'smtp'"),
+        (
+            {"intake": {"smtp": {"port": "twenty"}}},
+            "intake.smtp.port: Input should be a valid integer",
+        ),
+        (
+            {"intake": {"smtp": {"prot": 25}}},
+            "intake.smtp.prot: unknown key (remove it or check its spelling)",
+        ),
+        (
+            {"support_address": "not an address"},
+            "support_address: 'not an address' is not a valid email address",
+        ),
+        (
+            {"outbound": {"transport": "carrier-pigeon"}},
+            "outbound.transport: Input should be 'maildir' or 'smtp'",
+        ),
         ({"outbound": {"from": "Support <bad>"}}, "outbound.from:"),
     ],
 )
@@ -47,13 +64,16 @@ def test_bad_setting_is_named_with_file_and_key(tmp_path: Path, data: dict, expe
     path = write(tmp_path / "settings.yaml", data)
     with pytest.raises(ConfigError) as err:
         load_settings(path)
-    assert any(line.startswith(f"{path}: ") and expected in line for line in err.value.problems), \
+    assert any(line.startswith(f"{path}: ") and expected in line for line in err.value.problems), (
         err.value.problems
+    )
 
 
 def test_every_problem_is_listed(tmp_path: Path) -> None:
-    path = write(tmp_path / "settings.yaml", {"support_address": "x", "intake": {"smtp": {"port": -1}},
-                                              "nonsense": 1})
+    path = write(
+        tmp_path / "settings.yaml",
+        {"support_address": "x", "intake": {"smtp": {"port": -1}}, "nonsense": 1},
+    )
     with pytest.raises(ConfigError) as err:
         load_settings(path)
     assert len(err.value.problems) == 3
@@ -88,11 +108,19 @@ def test_check_command_passes_on_shipped_files(tmp_path: Path) -> None:
 def test_check_reports_a_bad_directory(tmp_path: Path) -> None:
     (tmp_path / "settings.yaml").write_text((ROOT / "settings.yaml").read_text())
     (tmp_path / "templates").symlink_to(ROOT / "templates")
-    write(tmp_path / "directory.yaml", {"organisations": [
-        {"id": "acme", "name": "A", "plan": "gold", "contacts": [{"email": "nope"}]}]})
+    write(
+        tmp_path / "directory.yaml",
+        {
+            "organisations": [
+                {"id": "acme", "name": "A", "plan": "gold", "contacts": [{"email": "nope"}]}
+            ]
+        },
+    )
     proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "organisations.0.plan" in proc.stdout and "organisations.0.contacts.0.email" in proc.stdout
+    assert (
+        "organisations.0.plan" in proc.stdout and "organisations.0.contacts.0.email" in proc.stdout
+    )
 
 
 def test_secret_from_environment_and_file(tmp_path: Path, monkeypatch) -> None:
@@ -109,9 +137,19 @@ def test_secret_from_environment_and_file(tmp_path: Path, monkeypatch) -> None:
 
 def test_directory_sync_is_idempotent_and_deactivates(inst: Installation, tmp_path: Path) -> None:
     path = tmp_path / "dir2.yaml"
-    write(path, {"organisations": [{"id": "acme", "name": "ACME", "contacts": [
-        {"email": "Alice@ACME.example", "role": "admin"}]}],
-        "staff": [{"email": "bob@support.example", "level": "L3"}]})
+    write(
+        path,
+        {
+            "organisations": [
+                {
+                    "id": "acme",
+                    "name": "ACME",
+                    "contacts": [{"email": "Alice@ACME.example", "role": "admin"}],
+                }
+            ],
+            "staff": [{"email": "bob@support.example", "level": "L3"}],
+        },
+    )
     for _ in range(2):
         with inst.app.sessions.begin() as s:
             report = sync_directory(s, load_directory(path))
@@ -129,7 +167,8 @@ def test_directory_from_csv(inst: Installation, tmp_path: Path) -> None:
     path.write_text(
         "kind,email,name,role,level,organisation,organisation_name,plan,contract_until,language\n"
         "contact,dan@initech.example,Dan,admin,,initech,Initech,basic,2027-01-31,es\n"
-        "staff,eve@support.example,Eve,,L1,,,,,\n")
+        "staff,eve@support.example,Eve,,L1,,,,,\n"
+    )
     with inst.app.sessions.begin() as s:
         report = sync_directory(s, load_directory(path))
     assert (report.organisations, report.contacts, report.staff) == (1, 1, 1)
@@ -139,7 +178,12 @@ def test_directory_from_csv(inst: Installation, tmp_path: Path) -> None:
 
 
 def test_duplicate_address_in_directory_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.yaml", {"organisations": [{"id": "a", "name": "A", "contacts": [
-        {"email": "x@a.example"}]}], "staff": [{"email": "x@a.example"}]})
+    path = write(
+        tmp_path / "d.yaml",
+        {
+            "organisations": [{"id": "a", "name": "A", "contacts": [{"email": "x@a.example"}]}],
+            "staff": [{"email": "x@a.example"}],
+        },
+    )
     with pytest.raises(ConfigError, match="listed twice"):
         load_directory(path)

@@ -41,8 +41,13 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(inst: Installation) -> None:
 
 def test_db_upgrade_command(tmp_path: Path) -> None:
     (tmp_path / "settings.yaml").write_text("database_url: sqlite:///var/x.db\ndirectory: null\n")
-    proc = subprocess.run([sys.executable, "-m", "mailgate", "--config", "settings.yaml", "db",
-                           "upgrade"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", "settings.yaml", "db", "upgrade"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"database at {head_revision()}" in proc.stdout
 
@@ -78,12 +83,17 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_between_raw_write_and_commit_leaves_nothing(inst: Installation,
-                                                             tmp_path: Path) -> None:
+def test_killed_between_raw_write_and_commit_leaves_nothing(
+    inst: Installation, tmp_path: Path
+) -> None:
     mail = tmp_path / "m.eml"
     mail.write_bytes(make_mail().as_bytes())
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(inst.settings_file), str(mail)],
-                          cwd=ROOT, capture_output=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(inst.settings_file), str(mail)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == -signal.SIGKILL
     with inst.session() as s:
         assert s.scalar(select(func.count()).select_from(Ticket)) == 0
@@ -93,8 +103,9 @@ def test_killed_between_raw_write_and_commit_leaves_nothing(inst: Installation,
     assert inst.ingest(mail.read_bytes()).outcome == "duplicate"
 
 
-def test_two_processes_ingesting_at_once_get_unique_numbers(inst: Installation,
-                                                           tmp_path: Path) -> None:
+def test_two_processes_ingesting_at_once_get_unique_numbers(
+    inst: Installation, tmp_path: Path
+) -> None:
     for p in range(2):
         box = tmp_path / f"box{p}.mbox"
         with box.open("wb") as fh:
@@ -102,12 +113,26 @@ def test_two_processes_ingesting_at_once_get_unique_numbers(inst: Installation,
                 mail = make_mail(message_id=f"p{p}-{i}@acme.example", body=f"mail {p} {i}\n")
                 fh.write(b"From alice@acme.example Mon Nov 23 09:00:00 2026\n")
                 fh.write(mail.as_bytes().replace(b"\r\n", b"\n") + b"\n")
-    procs = [subprocess.Popen([sys.executable, "-m", "mailgate", "--config",
-                               str(inst.settings_file), "ingest", "--mbox", "--no-send",
-                               str(tmp_path / f"box{p}.mbox")], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ})
-             for p in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailgate",
+                "--config",
+                str(inst.settings_file),
+                "ingest",
+                "--mbox",
+                "--no-send",
+                str(tmp_path / f"box{p}.mbox"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ},
+        )
+        for p in range(2)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

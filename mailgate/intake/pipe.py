@@ -30,15 +30,18 @@ def read_messages(
     recipients: Sequence[str] = (),
 ) -> Iterator[Item]:
     source = "mbox" if mbox else "maildir" if maildir else "pipe"
-    envelope = Envelope(source=source, mail_from=sender, rcpt_to=tuple(r.lower() for r in recipients))
+    envelope = Envelope(
+        source=source, mail_from=sender, rcpt_to=tuple(r.lower() for r in recipients)
+    )
     for path in paths or ["-"]:
         if path == "-":
             yield Item("-", sys.stdin.buffer.read(), envelope)
         elif mbox:
             yield from _mailbox_items(mailbox.mbox(path, create=False), path, envelope)
         elif maildir:
-            yield from _mailbox_items(mailbox.Maildir(path, factory=None, create=False), path,
-                                      envelope)
+            yield from _mailbox_items(
+                mailbox.Maildir(path, factory=None, create=False), path, envelope
+            )
         else:
             yield Item(path, Path(path).read_bytes(), envelope)
 

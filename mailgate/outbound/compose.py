@@ -42,6 +42,7 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,75}")
 _MSG_ID = re.compile(r"[!#-;=?-~]{1,250}@[!#-;=?-~]{1,250}")
 _BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _HEADER_FACTORY = email_policy.default.header_factory
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_envelope_address(addr: str) -> str:
@@ -233,6 +234,9 @@ def _set_extra_header(msg: EmailMessage, name: str, value: str) -> None:
 
 def _lf(body: str) -> str:
     # The policy writes CRLF; a stray CR in the input would become a bare CR.
+    # A lone surrogate (undecodable inbound bytes) would make UTF-8 encoding
+    # raise and fail the whole transaction: it becomes U+FFFD instead.
+    body = _SURROGATE.sub("\ufffd", body)
     return body.replace("\r\n", "\n").replace("\r", "\n")
 
 

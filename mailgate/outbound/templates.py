@@ -49,7 +49,7 @@ ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
 
 # Reason codes the rejection templates translate; any other value gets a
 # generic sentence, so an internal detail can never leak into the mail.
-REJECTION_REASONS = ("sender_unknown", "not_admin", "contract_inactive")
+REJECTION_REASONS = ("unknown_sender", "not_admin", "no_contract")
 
 _LANGUAGE = re.compile(r"[a-z]{2,8}(?:-[a-z0-9]{1,8})*")
 _KIND = re.compile(r"[a-z][a-z0-9_]*")

@@ -145,7 +145,8 @@ class MaildirTransport:
         # time.M<usec>P<pid>Q<counter>R<random>.<host>, as Dovecot and qmail do.
         now = time.time()
         host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
-        return (f"{int(now)}.M{int(now % 1 * 1_000_000)}P{os.getpid()}"
+        # Zero-padded microseconds keep names in delivery order when sorted.
+        return (f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
                 f"Q{next(self._counter)}R{os.urandom(8).hex()}.{host}")  # fmt: skip
 
 
@@ -205,14 +206,21 @@ class SmtpTransport:
                                    code=exc.smtp_code) from exc  # fmt: skip
         except (smtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
             raise TemporaryFailure(f"{where}: {type(exc).__name__}: {exc}") from exc
+        # Not `with smtp`: its QUIT raises on an odd reply, which would turn a
+        # delivered mail into a failure and then a duplicate. QUIT is only
+        # polite when the session is still in step (the last reply was read).
         try:
-            return self._transaction(smtp, sender, rcpts, payload, len(data))
+            result = self._transaction(smtp, sender, rcpts, payload)
+        except DeliveryError as exc:
+            if exc.code is not None:
+                _quietly(smtp.quit)
+            raise
         except (smtplib.SMTPException, OSError) as exc:
             raise TemporaryFailure(f"{where}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            # Not `with smtp`: its QUIT raises on an odd reply, which would
-            # turn a delivered mail into a failure and then a duplicate.
+        else:
             _quietly(smtp.quit)
+            return result
+        finally:
             smtp.close()
 
     def _connect(self) -> smtplib.SMTP:
@@ -238,11 +246,12 @@ class SmtpTransport:
             raise
         return smtp
 
-    def _transaction(self, smtp: smtplib.SMTP, sender: str, rcpts: list[str],
-                     payload: bytes, size: int) -> SendResult:  # fmt: skip
+    def _transaction(
+        self, smtp: smtplib.SMTP, sender: str, rcpts: list[str], payload: bytes
+    ) -> SendResult:
         options = []
-        if smtp.has_extn("size"):
-            options.append(f"SIZE={size}")
+        if smtp.has_extn("size"):  # lets an over-size mail fail at MAIL, before the upload
+            options.append(f"SIZE={len(payload)}")
         if smtp.has_extn("8bitmime") and any(b > 0x7F for b in payload):
             options.append("BODY=8BITMIME")
         code, reply = smtp.mail(sender, options)
@@ -263,7 +272,8 @@ class SmtpTransport:
         if not accepted:
             _quietly(smtp.rset)
             if deferred:  # a retry asks again about the refused ones too
-                raise TemporaryFailure("RCPT TO deferred: " + _listing(deferred))
+                raise TemporaryFailure("RCPT TO deferred: " + _listing(deferred),
+                                       code=_code(deferred))  # fmt: skip
             raise PermanentFailure("every recipient refused: " + _listing(refused),
                                    code=_code(refused), recipients=list(refused))  # fmt: skip
 

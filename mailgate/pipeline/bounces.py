@@ -27,7 +27,7 @@ _NDR_SUBJECT = re.compile(
     r"unzustellbar|non remis|no se puede entregar|mail system error)",
     re.IGNORECASE,
 )
-_DAEMONS = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon)@", re.IGNORECASE)
+_DAEMONS = re.compile(r"^(mailer-daemon|post_?master|mail-daemon|mailerdaemon)@", re.IGNORECASE)
 _MID_IN_TEXT = re.compile(r"^message-id:\s*<([^>\s]+)>", re.IGNORECASE | re.MULTILINE)
 
 

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -173,15 +173,32 @@ def _unit_of_work(
         decision = Decision("duplicate", f"same message as ingest #{first.id} ({first.outcome})")
         return _record(session, record, decision, _ticket_number(session, first.ticket_id))
 
-    if message_id and repo.message_id_seen(session, message_id):
-        log.warning("Message-ID collision: %s seen before with a different body", message_id)
-        screening = Screening(
-            screening.outcome,
-            screening.reason + "; Message-ID collision",
-            screening.suppress_ack,
-            screening.bounce,
-        )
+    # Same Message-ID, another body: not a duplicate (a broken client, or a
+    # forgery); processed on its own, and the reason says so.
+    if not (message_id and repo.message_id_seen(session, message_id)):
+        return _decide_and_apply(app, session, record, raw, raw_sha, msg, screening, envelope,
+                                 dry_run)  # fmt: skip
+    log.warning("Message-ID collision: %s seen before with a different body", message_id)
+    result = _decide_and_apply(app, session, record, raw, raw_sha, msg, screening, envelope,
+                               dry_run)  # fmt: skip
+    record.reason += "; Message-ID collision"
+    return replace(result, reason=record.reason)
 
+
+def _decide_and_apply(
+    app: App,
+    session: Session,
+    record: IngestRecord,
+    raw: bytes,
+    raw_sha: str | None,
+    msg: ParsedMessage | None,
+    screening: Screening,
+    envelope: Envelope,
+    dry_run: bool,
+) -> Result:
+    """Everything after the duplicate check: decide, then write what was decided."""
+    now = app.clock()
+    sender, message_id = record.sender, record.message_id
     if screening.outcome is not None or msg is None:
         if screening.outcome == "bounce" and msg is not None:
             return _handle_bounce(app, session, record, raw, msg, screening)

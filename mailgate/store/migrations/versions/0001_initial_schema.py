@@ -227,7 +227,6 @@ def upgrade() -> None:
         )
         batch_op.create_index(batch_op.f("ix_outbox_ticket_id"), ["ticket_id"], unique=False)
 
-
     op.create_table(
         "state",
         sa.Column("key", sa.String(length=200), nullable=False),

@@ -1,0 +1,141 @@
+"""Every real-world message in ../shared/corpus goes through the whole pipeline.
+
+To make the screening checks bite, every sender found in the corpus is made an
+authorised admin of an organisation with an active contract: a bounce, an
+auto-reply or a report that slipped through screening would then open a
+ticket and be answered, and the test would see it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from mailgate.config import valid_address
+from mailgate.pipeline.message import ParseError
+from mailgate.pipeline.parse import parse_message
+from mailgate.store.models import OutboxMail, Ticket
+from tests.conftest import Installation
+from tests.corpus import CORPUS, corpus_files
+
+Row = tuple[str, str, str, int, int]  # file, outcome, reason, tickets made, mails queued
+NEVER_TICKETS = ("bounces", "auto-replies", "reports")
+
+pytestmark = pytest.mark.skipif(not corpus_files(), reason=f"corpus not present at {CORPUS}")
+
+
+def corpus_senders(files: list[Path]) -> set[str]:
+    senders = set()
+    for path in files:
+        try:
+            msg = parse_message(path.read_bytes())
+        except ParseError:
+            continue
+        if msg.sender and _directory_accepts(msg.sender):
+            senders.add(msg.sender)
+    return senders
+
+
+def _directory_accepts(address: str) -> bool:
+    # The directory refuses addresses no real admin has (guest@localhost);
+    # mail from those is rejected, which the tests below also allow.
+    try:
+        valid_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory) -> dict[str, list[Row]]:
+    """Ingest the whole corpus once; rows per folder."""
+    from tests.conftest import Clockwork, install_at
+
+    files = corpus_files()
+    senders = corpus_senders(files)
+    directory = {
+        "organisations": [
+            {
+                "id": "corpus",
+                "name": "Corpus Org",
+                "plan": "pro",
+                "contract_until": "2099-12-31",
+                "contacts": [{"email": s, "role": "admin"} for s in sorted(senders)],
+            }
+        ],
+        "staff": [],
+    }
+    inst = install_at(tmp_path_factory.mktemp("corpus"), Clockwork(), directory=directory)
+    results: dict[str, list[Row]] = defaultdict(list)
+    for path in files:
+        tickets_before, mails_before = _counts(inst)
+        result = inst.ingest(path.read_bytes())  # raises if anything escapes the pipeline
+        tickets_after, mails_after = _counts(inst)
+        folder = path.relative_to(CORPUS).parts[0]
+        results[folder].append(
+            (
+                path.name,
+                result.outcome,
+                result.reason,
+                tickets_after - tickets_before,
+                mails_after - mails_before,
+            )
+        )
+    _print_table(results)
+    return results
+
+
+def _counts(inst: Installation) -> tuple[int, int]:
+    with inst.session() as s:
+        tickets = s.scalar(select(func.count()).select_from(Ticket)) or 0
+        mails = s.scalar(select(func.count()).select_from(OutboxMail)) or 0
+    return tickets, mails
+
+
+def _print_table(results: dict[str, list[Row]]) -> None:
+    outcomes = sorted({o for rows in results.values() for _, o, *_ in rows})
+    print("\nfolder".ljust(18) + "".join(o[:11].rjust(12) for o in outcomes))
+    total: Counter[str] = Counter()
+    for folder, rows in sorted(results.items()):
+        counts = Counter(o for _, o, *_ in rows)
+        total.update(counts)
+        print(folder.ljust(17) + "".join(str(counts[o]).rjust(12) for o in outcomes))
+    print("total".ljust(17) + "".join(str(total[o]).rjust(12) for o in outcomes))
+
+
+def test_every_message_reaches_exactly_one_outcome(corpus_run) -> None:
+    allowed = {"created", "threaded", "rejected", "ignored", "bounce", "duplicate", "quarantined"}
+    rows = [row for rows in corpus_run.values() for row in rows]
+    assert len(rows) == len(corpus_files())
+    assert {outcome for _, outcome, *_ in rows} <= allowed
+
+
+@pytest.mark.parametrize("folder", NEVER_TICKETS)
+def test_automated_mail_never_opens_a_ticket_or_gets_an_answer(corpus_run, folder: str) -> None:
+    offenders = [
+        (name, outcome)
+        for name, outcome, _, tickets, mails in corpus_run[folder]
+        if tickets or mails
+    ]
+    assert offenders == []
+
+
+def test_bounces_are_recognised(corpus_run) -> None:
+    # Nothing we sent is returned here: a recognised bounce is an unmatched one,
+    # kept in quarantine for an operator.
+    wrong = [
+        (name, outcome, reason)
+        for name, outcome, reason, *_ in corpus_run["bounces"]
+        if outcome not in ("bounce", "quarantined", "ignored")
+    ]
+    assert wrong == []
+
+
+def test_not_bounces_are_not_taken_for_bounces(corpus_run) -> None:
+    wrong = [
+        (n, o, r) for n, o, r, *_ in corpus_run["not-bounces"] if o == "bounce" or "bounce" in r
+    ]
+    assert wrong == []
