@@ -50,6 +50,27 @@ def test_admin_mail_creates_ticket_and_ack_in_org_language(inst: Installation) -
     assert ack.get_body(("html",)) is not None
 
 
+def test_every_sent_mail_is_stamped_against_loops(inst: Installation) -> None:
+    inst.ingest(make_mail())  # ack + staff notice
+    inst.ingest(make_mail(sender="mallory@evil.example", message_id="x@evil.example"))
+    sent = inst.sent()
+    assert {m["To"] for m in sent} == {
+        "alice@acme.example",
+        "bob@support.example",
+        "mallory@evil.example",
+    }
+    for mail in sent:
+        assert mail["Auto-Submitted"] in ("auto-replied", "auto-generated")
+        assert mail["Precedence"] == "bulk"
+        assert mail["X-Auto-Response-Suppress"] == "All"
+        assert re.fullmatch(r"<mg\.[^@>]+@example\.com>", mail["Message-ID"])
+        assert mail["X-Mailgate-Loop"].startswith("mailgate; ")
+        # the envelope sender is our signed VERP address, so bounces come back to us
+        assert re.fullmatch(r"<support\+b[0-9a-f]+-[0-9a-f]+@example\.com>", mail["Return-Path"])
+    # each mail has its own VERP address
+    assert len({m["Return-Path"] for m in sent}) == len(sent)
+
+
 def test_staff_get_a_new_ticket_notice(inst: Installation) -> None:
     inst.ingest(make_mail())
     notices = [m for m in inst.sent() if m["To"] == "bob@support.example"]
@@ -449,6 +470,29 @@ def test_attachments_are_stored_by_hash_with_safe_names(inst: Installation) -> N
         assert inst.app.blobs.path_for(row.sha256).is_file()
     # nothing was written outside data_dir
     assert not (inst.root / "etc").exists() and not (inst.root.parent / "etc" / "passwd").exists()
+
+
+def test_crlf_and_nul_in_attachment_names_never_reach_a_header(inst: Installation) -> None:
+    mail = make_mail()
+    mail.add_attachment(b"a", maintype="application", subtype="pdf", filename="PLACEHOLDER1")
+    mail.add_attachment(b"b", maintype="application", subtype="pdf", filename="PLACEHOLDER2")
+    raw = mail.as_bytes()
+    # RFC 2231 and RFC 2047 encodings of names carrying CR/LF and NUL
+    raw = raw.replace(
+        b'filename="PLACEHOLDER1"',
+        b"filename*=utf-8''report%0D%0ABcc%3A%20victim%40evil.example.pdf",
+    )
+    raw = raw.replace(b'filename="PLACEHOLDER2"', b'filename="=?utf-8?q?a=00b=0D=0A.pdf?="')
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    with inst.session() as s:
+        names = [row.filename for row in s.scalars(select(AttachmentRow))]
+    assert len(names) == 2
+    assert all(not set(name) & {"\r", "\n", "\0"} for name in names)
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    assert notice["Bcc"] is None and "victim" not in str(notice.items())
+    text = notice.get_body(("plain",)).get_content()
+    assert "report" in text and "Bcc: victim" not in text.replace("\n", " ")
 
 
 def test_html_is_sanitised_before_storage(inst: Installation) -> None:

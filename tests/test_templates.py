@@ -38,6 +38,7 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
         "requester_name": "José Müller",
         "staff_name": "Zoé Dupré",
         "text": "Première ligne\n<script>alert('x')</script>\nÿ ñ ç",
+        "attachments": [{"name": "<img src=x onerror=alert(1)>.png", "size": 2048}],
         "reason": "not_admin",
         "support_address": "support@example.com",
         "language": "xx",
@@ -66,7 +67,7 @@ def test_every_kind_renders_in_every_language(
         assert "SUP-2026-000042" in rendered.text
     # Markup from the customer is text in the text part and escaped in the HTML part.
     raw, escaped = "<script>alert('x')</script>", "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
-    assert "<script" not in rendered.html
+    assert "<script" not in rendered.html and "<img" not in rendered.html
     if kind != "rejection":
         assert escaped in rendered.html
         assert raw in rendered.text or raw in rendered.subject

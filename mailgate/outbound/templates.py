@@ -35,7 +35,7 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     "ack": frozenset({"ticket", "requester_name", "support_address", "language"}),
     "rejection": frozenset({"requester_name", "reason", "support_address", "language"}),
     "staff_new_ticket": frozenset(
-        {"ticket", "requester_name", "text", "support_address", "language"}
+        {"ticket", "requester_name", "text", "attachments", "support_address", "language"}
     ),
     "staff_customer_reply": frozenset(
         {"ticket", "requester_name", "text", "support_address", "language"}
@@ -122,6 +122,7 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
         "requester_name": None if sparse else "José Müller-Łukasz",
         "staff_name": "Zoé Dupré" if not sparse else "Bob",
         "text": "" if sparse else _SAMPLE_TEXT,
+        "attachments": [] if sparse else [{"name": "rapport <b>final</b>.pdf", "size": 123456}],
         "reason": "something_internal" if sparse else "not_admin",
         "support_address": "support@example.com",
         "language": "en",

@@ -419,6 +419,7 @@ def _queue_created_mail(
         "ticket": _ticket_context(ticket),
         "requester_name": msg.from_name,
         "text": msg.text[:2000],
+        "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
     }
     if decision.send_ack and ticket.requester is not None:
         app.mailer.queue(
