@@ -160,3 +160,13 @@ def reply_to(
     return make_mail(sender=sender, to=to or str(original["Reply-To"] or original["From"]),
                      subject=subject or f"Re: {original['Subject']}", body=body,
                      message_id=message_id, headers=headers)  # fmt: skip
+
+
+@pytest.fixture
+def sink():
+    """A real SMTP relay on loopback that records what it receives."""
+    from tests.smtp_sink import Sink
+
+    relay = Sink().start()
+    yield relay
+    relay.stop()
