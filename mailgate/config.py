@@ -66,8 +66,9 @@ class SmtpIntake(Strict):
     max_connections: int = Field(100, gt=0)
     max_connections_per_client: int = Field(10, gt=0)
     timeout_seconds: int = Field(300, gt=0)
-    tls_cert_file: Path | None = None
+    tls_cert_file: Path | None = None  # with tls_key_file: STARTTLS is offered
     tls_key_file: Path | None = None
+    tls_port: int | None = Field(None, ge=0, le=65535)  # also listen with implicit TLS here
     auth_users_file: Path | None = None  # `user:password` lines; AUTH only after STARTTLS
     # Budget per connection for commands other than MAIL/RCPT/DATA/RSET (NOOP floods → 421).
     command_call_limit: int = Field(20, gt=0)
@@ -130,6 +131,12 @@ class Tickets(Strict):
     default_priority: Literal["P1", "P2", "P3"] = "P3"
 
 
+class Metrics(Strict):
+    enabled: bool = False  # Prometheus /metrics, served by `mailgate run`
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
 class Settings(Strict):
     support_address: Address = "support@example.com"
     database_url: str = "sqlite:///var/mailgate.db"
@@ -139,6 +146,7 @@ class Settings(Strict):
     intake: Intake = Intake()
     outbound: Outbound = Outbound()
     tickets: Tickets = Tickets()
+    metrics: Metrics = Metrics()
     rules_dir: Path = Path("rules/")
     templates_dir: Path = Path("templates/")
     sla: dict[str, Any] = {}

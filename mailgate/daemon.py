@@ -1,0 +1,203 @@
+"""`mailgate run`: one asyncio process hosting every long-running part.
+
+- the SMTP listener (mailgate.intake.smtp), when enabled;
+- the outbox sender, woken as soon as a commit queued mail and on a timer;
+- APScheduler for the periodic jobs (outbox retry, housekeeping);
+- systemd integration: READY=1 once listening, WATCHDOG=1 from the event
+  loop (a stuck loop gets the service restarted), STOPPING=1, STATUS.
+
+Signals: SIGTERM/SIGINT stop gracefully (no new sessions, messages being
+processed may finish within `shutdown_grace_seconds`); SIGHUP re-reads the
+settings, the directory and the templates, and keeps the running ones when
+any of them is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import func, select
+
+from mailgate import systemd_notify
+from mailgate.app import App
+from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.intake.smtp import SmtpListener
+from mailgate.outbound.outbox import send_due
+from mailgate.store.models import OutboxMail
+
+log = logging.getLogger("mailgate.daemon")
+
+OUTBOX_RETRY_SECONDS = 30  # due retries are found at most this late
+HOUSEKEEPING_SECONDS = 300
+
+
+class OutboxSender:
+    """Sends due mail in one worker thread; `poke` wakes it from any thread."""
+
+    def __init__(self, app: Callable[[], App], loop: asyncio.AbstractEventLoop) -> None:
+        self._app = app
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self._stopping = False
+
+    def poke(self) -> None:
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self._loop.run_in_executor(self._pool, self._send_all_due)
+            except Exception:  # noqa: BLE001 - the sender must outlive one bad round
+                log.exception("outbox round failed; retrying at the next wake-up")
+
+    def _send_all_due(self) -> None:
+        app = self._app()
+        transport = app.transport()
+        while send_due(app.sessions, transport, app.clock, app.retry_policy):
+            pass
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._pool.shutdown(wait=True)  # a send in progress finishes and is recorded
+
+
+class Daemon:
+    def __init__(self, settings_file: Path) -> None:
+        self.settings_file = settings_file
+        self.app: App | None = None
+        self.listener: SmtpListener | None = None
+        self.stop_requested = asyncio.Event()
+
+    def current_app(self) -> App:
+        assert self.app is not None
+        return self.app
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.app = build_app(load_settings(self.settings_file))
+        sender = OutboxSender(self.current_app, loop)
+        self.app.on_outbox.append(sender.poke)
+        settings = self.app.settings
+
+        tasks = [asyncio.create_task(sender.run(), name="outbox")]
+        if settings.intake.smtp.enabled:
+            self.listener = SmtpListener(self.current_app, settings.intake.smtp, settings.base_dir)
+            for host, port in await self.listener.start():
+                log.info("SMTP listening on %s:%d", host, port)
+        scheduler = AsyncIOScheduler(event_loop=loop)
+        scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
+        scheduler.add_job(self.housekeeping, "interval", seconds=HOUSEKEEPING_SECONDS)
+        scheduler.start()
+        if (interval := systemd_notify.watchdog_interval()) is not None:
+            tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(sender)))
+
+        sender.poke()  # mail queued while we were down
+        systemd_notify.ready("serving")
+        log.info("mailgate running (settings %s)", self.settings_file)
+        await self.stop_requested.wait()
+
+        systemd_notify.stopping("stopping")
+        log.info("stopping: finishing messages in progress")
+        scheduler.shutdown(wait=False)
+        if self.listener is not None:
+            await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
+        await sender.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.current_app().engine.dispose()
+        log.info("stopped")
+        return 0
+
+    async def reload(self, sender: OutboxSender) -> None:
+        """SIGHUP: new settings, directory and templates, or the old ones if any is broken."""
+        systemd_notify.reloading()
+        old = self.current_app()
+        try:
+            settings = load_settings(self.settings_file)
+            app = build_app(settings, reuse=old)
+        except ConfigError as exc:
+            for line in exc.problems:
+                log.error("reload refused, still running the previous configuration: %s", line)
+            systemd_notify.ready("serving (last reload refused)")
+            return
+        app.on_outbox.append(sender.poke)
+        if settings.intake.smtp != old.settings.intake.smtp:
+            log.warning("intake.smtp changed: the listener keeps its settings until a restart")
+        self.app = app
+        log.info("reloaded settings, directory and templates")
+        systemd_notify.ready("serving")
+
+    async def housekeeping(self) -> None:
+        app = self.current_app()
+
+        def depth() -> int:
+            with app.sessions() as session:
+                due = OutboxMail.status.in_(("queued", "sending"))
+                return session.scalar(select(func.count()).where(due)) or 0
+
+        queued = await asyncio.get_running_loop().run_in_executor(None, depth)
+        systemd_notify.status(f"serving; {queued} mail(s) in the outbox")
+
+
+def build_app(settings: Settings, reuse: App | None = None) -> App:
+    """An App whose templates render and whose directory is synced, or ConfigError."""
+    from mailgate.cli import sync_directory_if_changed
+
+    app = App(settings)
+    if reuse is not None and reuse.settings.database_url == settings.database_url:
+        app.engine = reuse.engine  # type: ignore[misc] - keep the pool across reloads
+    problems = app.templates.check()
+    if problems:
+        raise ConfigError(problems)
+    sync_directory_if_changed(app)
+    if settings.intake.smtp.enabled:
+        _check_tls_files(settings)
+    return app
+
+
+def _check_tls_files(settings: Settings) -> None:
+    smtp = settings.intake.smtp
+    if (smtp.tls_cert_file is None) != (smtp.tls_key_file is None):
+        raise ConfigError(
+            [f"{config_path(None)}: intake.smtp: set both tls_cert_file and tls_key_file"]
+        )
+    if smtp.tls_cert_file and smtp.tls_key_file:
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(
+                settings.path(smtp.tls_cert_file), settings.path(smtp.tls_key_file)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                [f"intake.smtp.tls_cert_file/tls_key_file: cannot load the certificate: {exc}"]
+            ) from None
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        systemd_notify.watchdog()
+        await asyncio.sleep(interval)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.getLogger("mailgate").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return asyncio.run(Daemon(config_path(args.config)).run())

@@ -1,0 +1,285 @@
+"""SMTP intake: aiosmtpd in front of the pipeline, with the promises an MTA relies on.
+
+- RCPT is accepted only for the support address and its plus-addresses: this
+  listener delivers to us and relays nothing (550 5.1.1 otherwise).
+- SIZE is announced; a message over the limit gets 552 5.3.4, at MAIL when
+  the client declares it and after DATA otherwise. aiosmtpd stops keeping
+  the bytes once the limit is passed, so the excess is never held in memory.
+- 250 is written only after `process` returned, that is after the message's
+  unit of work has committed; a temporary failure (database, disk, a slow
+  pipeline) is 451 4.3.0 so the sender retries, and a retry of a stored
+  message is recognised as a duplicate.
+- Limits: recipients per message (452 4.5.3 beyond), connections in total
+  and per client address (421 4.7.0 beyond), a call budget per command
+  (421), and aiosmtpd's timeout, which also bounds a DATA transfer.
+- Optional STARTTLS (the operator's certificate and key) and AUTH, only over
+  TLS, for a trusted relay.
+
+The pipeline is synchronous (SQLAlchemy); it runs in a small thread pool so a
+slow commit never stalls the event loop, and at most `max_parallel_messages`
+messages are processed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from mailgate.app import App
+from mailgate.config import SmtpIntake as SmtpSettings
+from mailgate.pipeline.message import Envelope as MailEnvelope
+from mailgate.pipeline.process import Result, TemporaryFailure, process
+
+log = logging.getLogger("mailgate.smtp")
+
+# aiosmtpd's fixed replies, given the enhanced status codes of RFC 3463.
+_ENHANCED_REPLIES = {
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds the fixed maximum message size"
+    ),
+}
+TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+
+
+def is_ours(address: str, support_address: str) -> bool:
+    """The support address or one of its plus-addresses (tokens, VERP)."""
+    local, _, domain = address.rpartition("@")
+    our_local, _, our_domain = support_address.rpartition("@")
+    if domain.lower() != our_domain.lower():
+        return False
+    local = local.lower()
+    return local == our_local.lower() or local.startswith(our_local.lower() + "+")
+
+
+class MessageRunner:
+    """Runs the pipeline for one message off the event loop, with a deadline."""
+
+    def __init__(self, app: Callable[[], App], workers: int, reply_timeout: float) -> None:
+        self._app = app
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
+        self._reply_timeout = reply_timeout
+        self.in_flight: set[asyncio.Future[Result]] = set()
+
+    async def run(self, raw: bytes, envelope: MailEnvelope) -> Result:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, process, self._app(), raw, envelope)
+        self.in_flight.add(future)
+        future.add_done_callback(self.in_flight.discard)
+        # shield: on timeout the commit may still finish; a retry is then a duplicate.
+        return await asyncio.wait_for(asyncio.shield(future), self._reply_timeout)
+
+    async def drain(self, timeout: float) -> None:
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Handler:
+    """aiosmtpd hooks: who may receive mail here, and what happens to it."""
+
+    def __init__(self, intake: SmtpListener) -> None:
+        self.intake = intake
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        support = self.intake.app().settings.support_address
+        if not is_ours(address, support):
+            return f"550 5.1.1 <{address}>: recipient not accepted here (no relaying)"
+        if len(envelope.rcpt_tos) >= self.intake.settings.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = bytes(envelope.original_content or b"")
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        mail_envelope = MailEnvelope(
+            source="smtp",
+            mail_from=envelope.mail_from or "",
+            rcpt_to=tuple(envelope.rcpt_tos),
+            client_address=peer,
+            helo=session.host_name,
+        )
+        try:
+            result = await self.intake.runner.run(raw, mail_envelope)
+        except TemporaryFailure as exc:
+            log.warning("451 to %s: %s", peer, exc)
+            return TEMPFAIL
+        except TimeoutError:
+            log.warning("451 to %s: the pipeline took longer than the reply timeout", peer)
+            return TEMPFAIL
+        except Exception:  # noqa: BLE001 - never 250 for what we could not store
+            log.exception("451 to %s: unexpected error while processing a message", peer)
+            return TEMPFAIL
+        ticket = f" {result.ticket}" if result.ticket else ""
+        return f"250 2.0.0 Ok: {result.outcome}{ticket} (#{result.ingest_id})"
+
+
+class Connection(SMTP):
+    """One SMTP session; admitted only within the connection limits."""
+
+    def __init__(self, intake: SmtpListener, **kwargs: Any) -> None:
+        super().__init__(intake.handler, **kwargs)
+        self.intake = intake
+        self.client: str | None = None
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = _ENHANCED_REPLIES.get(status, status)
+        await super().push(status)
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session else None
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.intake.admit(self)
+        if refusal:
+            log.warning("refused connection from %s: %s", self.client, refusal)
+            await self.push(f"421 4.7.0 {refusal}, try again later")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.intake.release(self)
+        super().connection_lost(error)
+
+
+class SmtpListener:
+    """The listening socket and the sessions it admitted."""
+
+    def __init__(self, app: Callable[[], App], settings: SmtpSettings, base_dir: Path) -> None:
+        self.app = app
+        self.settings = settings
+        self.handler = Handler(self)
+        self.runner = MessageRunner(
+            app, settings.max_parallel_messages, settings.reply_timeout_seconds
+        )
+        self.connections: set[Connection] = set()
+        self.per_client: Counter[str] = Counter()
+        self.tls_context = _tls_context(settings, base_dir)
+        self.users = _load_users(settings.auth_users_file, base_dir)
+        self.servers: list[asyncio.Server] = []
+        self.closing = False
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Listen on `port`, and with implicit TLS on `tls_port` when set; the addresses."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        self.servers.append(await loop.create_server(self._new_connection, s.host, s.port))
+        if s.tls_port is not None and self.tls_context is not None:
+            self.servers.append(
+                await loop.create_server(
+                    lambda: self._new_connection(implicit_tls=True),
+                    s.host,
+                    s.tls_port,
+                    ssl=self.tls_context,
+                )
+            )
+        return [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+    def _new_connection(self, implicit_tls: bool = False) -> Connection:
+        s = self.settings
+        limits = {
+            "MAIL": s.max_messages_per_connection,
+            "DATA": s.max_messages_per_connection,
+            "RCPT": s.max_messages_per_connection * s.max_recipients,
+            "RSET": s.max_messages_per_connection,
+            "*": s.command_call_limit,
+        }
+        return Connection(
+            self,
+            data_size_limit=s.max_message_bytes,
+            enable_SMTPUTF8=True,
+            hostname=self.app().settings.support_domain,
+            ident="mailgate",
+            # Over implicit TLS the session is already encrypted: no STARTTLS.
+            tls_context=None if implicit_tls else self.tls_context,
+            timeout=s.timeout_seconds,
+            auth_require_tls=not implicit_tls,  # implicit TLS is TLS already
+            authenticator=self._authenticate if self.users else None,
+            command_call_limit=limits,
+        )
+
+    def admit(self, connection: Connection) -> str | None:
+        client = connection.client or "?"
+        if self.closing:
+            return "shutting down"
+        if len(self.connections) >= self.settings.max_connections:
+            return "too many connections"
+        if self.per_client[client] >= self.settings.max_connections_per_client:
+            return "too many connections from your address"
+        self.connections.add(connection)
+        self.per_client[client] += 1
+        return None
+
+    def release(self, connection: Connection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.per_client[connection.client or "?"] -= 1
+            if self.per_client[connection.client or "?"] <= 0:
+                del self.per_client[connection.client or "?"]
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        if isinstance(data, LoginPassword):
+            user = data.login.decode("utf-8", "replace")
+            expected = self.users.get(user)
+            if expected is not None and _same(expected, data.password.decode("utf-8", "replace")):
+                return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False)
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening; let messages being processed finish, then close every session.
+
+        A session cut in the middle of DATA never got a 250, so its sender retries.
+        """
+        self.closing = True
+        for server in self.servers:
+            server.close()
+        await self.runner.drain(grace)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        self.runner.close()
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _tls_context(settings: SmtpSettings, base_dir: Path) -> ssl.SSLContext | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(base_dir / settings.tls_cert_file, base_dir / settings.tls_key_file)
+    return context
+
+
+def _load_users(path: Path | None, base_dir: Path) -> dict[str, str]:
+    """`user:password` lines (blank lines and # comments ignored)."""
+    if path is None:
+        return {}
+    users = {}
+    for line in (base_dir / path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            user, _, password = line.partition(":")
+            users[user] = password
+    return users

@@ -1,0 +1,100 @@
+"""`mailgate run` as a real subprocess on loopback, for the daemon tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, Clockwork, Installation, deep_update, install_at
+from tests.smtp_sink import Sink, free_port
+
+
+class RunningDaemon:
+    def __init__(self, inst: Installation, port: int, log: Path, proc: subprocess.Popen[bytes]):
+        self.inst = inst
+        self.port = port
+        self.log_file = log
+        self.proc = proc
+
+    def smtp(self, **kwargs: Any) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the daemon's log:\n{self.log()}")
+
+
+def start_daemon(
+    root: Path,
+    sink: Sink | None,
+    settings: dict[str, Any] | None = None,
+    directory: dict[str, Any] | None = None,
+) -> RunningDaemon:
+    """Install under `root` (relay: `sink`), start `mailgate run`, wait until it listens."""
+    port = free_port()
+    base: dict[str, Any] = {"intake": {"smtp": {"port": port}}}
+    if sink is not None:
+        base["outbound"] = {
+            "transport": "smtp",
+            "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
+        }
+    inst = install_at(root, Clockwork(), deep_update(base, settings or {}), directory)
+    log = root / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run"],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    daemon = RunningDaemon(inst, port, log, proc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mailgate run exited {proc.returncode}:\n{daemon.log()}")
+        if "mailgate running" in daemon.log():
+            return daemon
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"mailgate run did not start:\n{daemon.log()}")
+
+
+def connect_raw(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One complete (possibly multi-line) SMTP reply, or b'' when the server closed."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+        lines = data.split(b"\r\n")
+        complete = [line for line in lines[:-1]]
+        if complete and len(complete[-1]) >= 4 and complete[-1][3:4] == b" ":
+            return data

@@ -1,0 +1,307 @@
+"""`mailgate run` end to end: real SMTP clients, a real relay sink, signals."""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import signal
+import smtplib
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from mailgate.store.models import IngestRecord, Ticket
+from tests.conftest import make_mail
+from tests.daemon import RunningDaemon, connect_raw, read_reply, start_daemon
+from tests.smtp_sink import Sink
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
+    running = start_daemon(tmp_path, sink)
+    yield running
+    running.stop()
+
+
+def tickets(daemon: RunningDaemon) -> list[Ticket]:
+    with daemon.inst.session() as s:
+        return list(s.scalars(select(Ticket).order_by(Ticket.id)))
+
+
+def send(daemon: RunningDaemon, mail: EmailMessage, **kwargs) -> tuple[int, bytes]:
+    with daemon.smtp() as client:
+        client.ehlo("client.example")
+        code, reply = client.mail(kwargs.get("sender", "alice@acme.example"))
+        assert code == 250, reply
+        for rcpt in kwargs.get("rcpts", ["support@example.com"]):
+            code, reply = client.rcpt(rcpt)
+            assert code == 250, reply
+        return client.data(mail.as_bytes(policy=email.policy.SMTP))
+
+
+def test_mail_over_smtp_gets_a_ticket_and_an_ack_at_the_relay(
+    daemon: RunningDaemon, sink: Sink
+) -> None:
+    code, reply = send(daemon, make_mail(subject="Portal down"))
+    assert code == 250 and b"created SUP-2026-" in reply
+    received = sink.wait_for(2, timeout=5)  # woken by the commit, not by a poll
+    ack = next(r for r in received if r.rcpt_tos == ("alice@acme.example",))
+    assert re.fullmatch(r"support\+b[0-9a-f]+-[0-9a-f]+@example\.com", ack.mail_from)
+    message = ack.message
+    assert message["In-Reply-To"] == "<req-1@acme.example>"
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert "[SUP-2026-" in message["Subject"]
+    [ticket] = tickets(daemon)
+    assert ticket.subject == "Portal down"
+    # the envelope is stored with the message
+    with daemon.inst.session() as s:
+        record = s.scalar(select(IngestRecord))
+    assert record.source == "smtp"
+    assert record.envelope["mail_from"] == "alice@acme.example"
+    assert record.envelope["rcpt_to"] == ["support@example.com"]
+    assert record.envelope["client_address"] == "127.0.0.1"
+    assert record.envelope["helo"] == "client.example"
+
+
+def test_swaks_delivers_a_first_mail(daemon: RunningDaemon, sink: Sink) -> None:
+    proc = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{daemon.port}", "--from", "alice@acme.example",
+         "--to", "support@example.com", "--header", "Subject: Export fails",
+         "--body", "The nightly export fails."],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"<-  250 2\.0\.0 Ok: created SUP-2026-\d+", proc.stdout)
+    assert sink.wait_for(2, timeout=5)
+    assert [t.subject for t in tickets(daemon)] == ["Export fails"]
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    ["victim@other.example", "support@example.com.evil.example", "postmaster@example.com"],
+)
+def test_foreign_recipients_are_refused_no_open_relay(daemon: RunningDaemon, rcpt: str) -> None:
+    with daemon.smtp() as client:
+        client.ehlo()
+        client.mail("alice@acme.example")
+        code, reply = client.rcpt(rcpt)
+    assert code == 550 and reply.startswith(b"5.1.1")
+
+
+def test_plus_addresses_are_accepted(daemon: RunningDaemon) -> None:
+    with daemon.smtp() as client:
+        client.ehlo()
+        client.mail("alice@acme.example")
+        assert client.rcpt("support+t1-abc@example.com")[0] == 250
+        assert client.rcpt("Support@EXAMPLE.com")[0] == 250
+
+
+def test_too_many_recipients_get_452(daemon: RunningDaemon) -> None:
+    with daemon.smtp() as client:
+        client.ehlo()
+        client.mail("alice@acme.example")
+        codes = [client.rcpt(f"support+{i}@example.com")[0] for i in range(60)]
+    assert codes[:50] == [250] * 50
+    assert codes[50:] == [452] * 10
+
+
+def test_unauthorised_sender_gets_no_ticket_and_one_rejection(
+    daemon: RunningDaemon, sink: Sink
+) -> None:
+    for n in range(2):
+        mail = make_mail(sender="mallory@evil.example", message_id=f"m{n}@evil.example")
+        code, reply = send(daemon, mail, sender="mallory@evil.example")
+        assert code == 250 and b"rejected" in reply
+    received = sink.wait_for(1, timeout=5)
+    assert tickets(daemon) == []
+    assert [r.rcpt_tos for r in received] == [("mallory@evil.example",)]
+
+
+def test_same_bytes_same_outcome_as_ingest(daemon: RunningDaemon, tmp_path: Path) -> None:
+    mail = make_mail(message_id="same@acme.example")
+    code, reply = send(daemon, mail)
+    eml = tmp_path / "same.eml"
+    eml.write_bytes(mail.as_bytes())
+    again = subprocess.run(
+        [*_mailgate(daemon), "ingest", "--no-send", "--json", str(eml)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert b"created" in reply and '"outcome": "duplicate"' in again.stdout
+
+
+def _mailgate(daemon: RunningDaemon) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "mailgate", "--config", str(daemon.inst.settings_file)]
+
+
+# -- size ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
+    running = start_daemon(tmp_path, sink, {"intake": {"smtp": {"max_message_bytes": 20_000}}})
+    yield running
+    running.stop()
+
+
+def test_size_is_announced_and_declared_oversize_refused_at_mail(
+    small_daemon: RunningDaemon,
+) -> None:
+    with small_daemon.smtp() as client:
+        code, _ = client.ehlo()
+        assert client.esmtp_features["size"] == "20000"
+        code, reply = client.mail("alice@acme.example", ["SIZE=50000"])
+    assert code == 552 and reply.startswith(b"5.3.4")
+
+
+def test_oversize_data_is_refused_with_552_and_nothing_stored(
+    small_daemon: RunningDaemon,
+) -> None:
+    mail = make_mail(body="x" * 70 + "\n" * 1 + ("y" * 70 + "\n") * 1000)
+    with small_daemon.smtp() as client:
+        client.ehlo()
+        client.mail("alice@acme.example")
+        client.rcpt("support@example.com")
+        code, reply = client.data(mail.as_bytes(policy=email.policy.SMTP))
+        assert code == 552 and reply.startswith(b"5.3.4")
+        # the session is still usable after the refusal
+        assert client.noop()[0] == 250
+    assert tickets(small_daemon) == []
+
+
+# -- failures ------------------------------------------------------------------
+
+
+def test_locked_database_gets_451_and_the_retry_lands_once(
+    daemon: RunningDaemon, sink: Sink
+) -> None:
+    db = sqlite3.connect(daemon.inst.root / "var" / "mailgate.db", isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")  # held longer than the daemon's busy timeout (10 s)
+    try:
+        mail = make_mail(message_id="locked@acme.example")
+        code, reply = send(daemon, mail)
+        assert code == 451 and reply.startswith(b"4.3.0")
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    code, reply = send(daemon, mail)  # the sending MTA retries
+    assert code == 250
+    assert len(tickets(daemon)) == 1
+    assert daemon.proc.poll() is None  # the daemon survived
+
+
+def test_sigterm_during_data_never_acknowledges_a_lost_message(
+    daemon: RunningDaemon,
+) -> None:
+    sock = connect_raw(daemon.port)
+    assert read_reply(sock).startswith(b"220")
+    for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
+                    b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
+        sock.sendall(command + b"\r\n")
+        read_reply(sock)
+    raw = make_mail(subject="cut short", message_id="cut@acme.example").as_bytes()
+    sock.sendall(raw[: len(raw) // 2])
+    daemon.signal(signal.SIGTERM)
+    try:
+        sock.sendall(raw[len(raw) // 2 :] + b"\r\n.\r\n")
+        reply = read_reply(sock)
+    except OSError:
+        reply = b""
+    sock.close()
+    assert daemon.proc.wait(30) == 0
+    stored = [t.subject for t in tickets(daemon)]
+    if reply.startswith(b"250"):
+        assert stored == ["cut short"]
+    else:
+        assert reply == b"" or reply[:1] == b"4", reply
+        assert stored == []
+
+
+def test_concurrent_clients_each_get_one_outcome_and_one_ack(tmp_path: Path, sink: Sink) -> None:
+    clients, per_client = 50, 20
+    directory = yaml.safe_load((Path(__file__).parents[1] / "directory.yaml").read_text())
+    directory["staff"] = []  # acks only, to count them
+    daemon = start_daemon(
+        tmp_path,
+        sink,
+        {"intake": {"smtp": {"max_connections_per_client": clients}}},
+        directory,
+    )
+    replies: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        try:
+            with daemon.smtp() as smtp:
+                for i in range(per_client):
+                    mail = make_mail(message_id=f"c{n}-{i}@acme.example", subject=f"c{n} m{i}")
+                    smtp.send_message(mail)
+                    with lock:
+                        replies.append(250)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            with lock:
+                errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert errors == []
+        assert len(replies) == clients * per_client
+        with daemon.inst.session() as s:
+            outcomes = s.scalar(select(func.count()).select_from(IngestRecord))
+            created = s.scalar(select(func.count()).select_from(Ticket))
+        assert outcomes == created == clients * per_client
+        received = sink.wait_for(clients * per_client, timeout=120)
+        subjects = [r.message["Subject"] for r in received]
+        assert len(received) == len(set(subjects)) == clients * per_client
+    finally:
+        daemon.stop()
+
+
+def test_sighup_with_a_broken_file_keeps_serving(daemon: RunningDaemon, sink: Sink) -> None:
+    directory = daemon.inst.root / "directory.yaml"
+    good = directory.read_text()
+    directory.write_text("organisations: [ {id: acme, nonsense: yes} ]\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("reload refused")
+    code, reply = send(daemon, make_mail(message_id="after-bad@acme.example"))
+    assert code == 250 and b"created" in reply
+
+    # a good reload takes effect: a new admin may now open tickets
+    data = yaml.safe_load(good)
+    data["organisations"][0]["contacts"].append(
+        {"email": "dave@acme.example", "name": "Dave", "role": "admin"}
+    )
+    directory.write_text(yaml.safe_dump(data))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("reloaded settings")
+    code, reply = send(
+        daemon,
+        make_mail(sender="dave@acme.example", message_id="dave@acme.example"),
+        sender="dave@acme.example",
+    )
+    assert code == 250 and b"created" in reply
+
+
+def test_noop_flood_is_cut_off_with_421(daemon: RunningDaemon) -> None:
+    with daemon.smtp() as client:
+        client.ehlo()
+        codes = []
+        for _ in range(30):
+            try:
+                codes.append(client.noop()[0])
+            except smtplib.SMTPServerDisconnected:
+                break
+    assert 421 in codes and codes.index(421) <= 20

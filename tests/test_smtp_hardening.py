@@ -1,0 +1,167 @@
+"""The SMTP listener against hostile or broken clients: TLS, AUTH, floods, smuggling."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from mailgate.store.models import Ticket
+from tests.conftest import make_mail
+from tests.daemon import RunningDaemon, connect_raw, read_reply, start_daemon
+from tests.smtp_sink import Sink, free_port
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
+    cert, key = make_certificate(tmp_path)
+    users = tmp_path / "smtp-users"
+    users.write_text("# trusted relay\nrelay:s3cret\n")
+    running = start_daemon(
+        tmp_path,
+        sink,
+        {"intake": {"smtp": {
+            "tls_cert_file": str(cert), "tls_key_file": str(key),
+            "tls_port": free_port(), "auth_users_file": str(users),
+        }}},
+    )  # fmt: skip
+    yield running
+    running.stop()
+
+
+def client_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
+    return context
+
+
+def tickets(daemon: RunningDaemon) -> list[str]:
+    with daemon.inst.session() as s:
+        return list(s.scalars(select(Ticket.subject).order_by(Ticket.id)))
+
+
+def test_auth_is_refused_before_starttls_and_works_after(tls_daemon: RunningDaemon) -> None:
+    with tls_daemon.smtp() as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        assert not client.has_extn("auth")
+        code, _ = client.docmd("AUTH", "PLAIN AHJlbGF5AHMzY3JldA==")
+        assert code == 538  # RFC 4954: encryption required for this mechanism
+        client.starttls(context=client_context())
+        client.ehlo()
+        assert client.has_extn("auth")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("relay", "wrong")
+        client.login("relay", "s3cret")
+        client.send_message(make_mail(subject="over STARTTLS"))
+    assert tickets(tls_daemon) == ["over STARTTLS"]
+
+
+def test_implicit_tls_listener_accepts_mail(tls_daemon: RunningDaemon) -> None:
+    settings = tls_daemon.inst.app.settings.intake.smtp
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", settings.tls_port, context=client_context(), timeout=30
+    ) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        client.send_message(make_mail(subject="over implicit TLS"))
+    assert tickets(tls_daemon) == ["over implicit TLS"]
+
+
+@pytest.fixture
+def capped_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
+    running = start_daemon(
+        tmp_path,
+        sink,
+        {"intake": {"smtp": {
+            "max_connections": 20, "max_connections_per_client": 20, "timeout_seconds": 2,
+        }}},
+    )  # fmt: skip
+    yield running
+    running.stop()
+
+
+def test_idle_connections_beyond_the_cap_get_421_and_idle_ones_time_out(
+    capped_daemon: RunningDaemon,
+) -> None:
+    socks = [connect_raw(capped_daemon.port) for _ in range(30)]
+    greetings = [read_reply(s) for s in socks]
+    assert sum(g.startswith(b"220") for g in greetings) == 20
+    assert sum(g.startswith(b"421") for g in greetings) == 10
+    # the admitted ones say nothing: the timeout closes them
+    started = time.monotonic()
+    for s in socks:
+        s.settimeout(10)
+        while s.recv(4096):
+            pass
+        s.close()
+    assert time.monotonic() - started < 8
+    # and real mail is accepted again
+    with capped_daemon.smtp() as client:
+        client.send_message(make_mail(subject="after the flood"))
+    assert tickets(capped_daemon) == ["after the flood"]
+
+
+def test_slow_data_transfer_is_cut_off_by_the_timeout(capped_daemon: RunningDaemon) -> None:
+    sock = connect_raw(capped_daemon.port)
+    read_reply(sock)
+    for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
+                    b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
+        sock.sendall(command + b"\r\n")
+        read_reply(sock)
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        for _ in range(40):  # one line every 0.25 s: never finishes within the timeout
+            sock.sendall(b"Subject: drip\r\n")
+            time.sleep(0.25)
+    assert time.monotonic() - started < 8
+    assert tickets(capped_daemon) == []
+
+
+SMUGGLING = [
+    b"\n.\r\n",  # bare LF before the dot
+    b"\r\n.\n",  # bare LF after the dot
+    b"\r.\r\n",  # bare CR
+    b"\n.\n",
+]
+
+
+@pytest.mark.parametrize("separator", SMUGGLING)
+def test_bare_line_ends_never_end_data_early(tmp_path: Path, sink: Sink, separator: bytes) -> None:
+    daemon = start_daemon(tmp_path, sink)
+    try:
+        sock = connect_raw(daemon.port)
+        read_reply(sock)
+        for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
+                        b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
+            sock.sendall(command + b"\r\n")
+            read_reply(sock)
+        first = make_mail(subject="first", message_id="first@acme.example").as_bytes()
+        smuggled = (b"MAIL FROM:<alice@acme.example>\r\nRCPT TO:<support@example.com>\r\n"
+                    b"DATA\r\n" + make_mail(subject="smuggled", message_id="sm@acme.example")
+                    .as_bytes())  # fmt: skip
+        sock.sendall(first.rstrip(b"\r\n") + separator + smuggled + b"\r\n.\r\n")
+        reply = read_reply(sock)
+        sock.sendall(b"QUIT\r\n")
+        sock.close()
+        assert reply.startswith(b"250")
+        assert tickets(daemon) == ["first"]  # one message, never two
+    finally:
+        daemon.stop()
