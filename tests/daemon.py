@@ -61,7 +61,12 @@ def start_daemon(
             "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
         }
     inst = install_at(root, Clockwork(), deep_update(base, settings or {}), directory)
-    log = root / "daemon.log"
+    return launch(inst, port)
+
+
+def launch(inst: Installation, port: int) -> RunningDaemon:
+    """Start `mailgate run` on an installation (again, after a crash) and wait for it."""
+    log = inst.root / "daemon.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run"],
         cwd=ROOT,

@@ -68,16 +68,25 @@ class MessageRunner:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self._reply_timeout = reply_timeout
         self.in_flight: set[asyncio.Future[Result]] = set()
+        self.stopping = False
 
     async def run(self, raw: bytes, envelope: MailEnvelope) -> Result:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, process, self._app(), raw, envelope)
+        future = loop.run_in_executor(self._pool, self._process, raw, envelope)
         self.in_flight.add(future)
         future.add_done_callback(self.in_flight.discard)
         # shield: on timeout the commit may still finish; a retry is then a duplicate.
         return await asyncio.wait_for(asyncio.shield(future), self._reply_timeout)
 
+    def _process(self, raw: bytes, envelope: MailEnvelope) -> Result:
+        # Messages still waiting for a worker when we stop are refused with
+        # 451 at once; only those already in the pipeline are waited for.
+        if self.stopping:
+            raise TemporaryFailure("shutting down")
+        return process(self._app(), raw, envelope)
+
     async def drain(self, timeout: float) -> None:
+        self.stopping = True
         if self.in_flight:
             await asyncio.wait(set(self.in_flight), timeout=timeout)
 

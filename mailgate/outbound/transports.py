@@ -223,12 +223,17 @@ class SmtpTransport:
         finally:
             smtp.close()
 
+    def _tls_context(self) -> ssl.SSLContext:
+        # Built once: loading the system CA store costs tens of milliseconds.
+        if self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
+
     def _connect(self) -> smtplib.SMTP:
-        context = self.ssl_context or ssl.create_default_context()
         smtp: smtplib.SMTP
         if self.tls == "implicit":
             smtp = smtplib.SMTP_SSL(self.host, self.port, local_hostname=self.local_hostname,
-                                    timeout=self.timeout, context=context)  # fmt: skip
+                                    timeout=self.timeout, context=self._tls_context())  # fmt: skip
         else:
             smtp = smtplib.SMTP(self.host, self.port, local_hostname=self.local_hostname,
                                 timeout=self.timeout)  # fmt: skip
@@ -237,7 +242,7 @@ class SmtpTransport:
             if self.tls == "starttls":
                 # No fallback to plain text: a relay that stops offering
                 # STARTTLS (or a stripping attacker) gets nothing.
-                smtp.starttls(context=context)
+                smtp.starttls(context=self._tls_context())
                 smtp.ehlo()
             if self.username:
                 smtp.login(self.username, self.password or "")
