@@ -37,7 +37,6 @@ from typing import Any
 
 import yaml
 from aiosmtpd.controller import Controller
-
 from ingest import ROOT, directory, floor, generate, write_mbox  # bench/ is on sys.path
 
 
