@@ -66,8 +66,11 @@ class OutboxSender:
     def _send_all_due(self) -> None:
         app = self._app()
         transport = app.transport()
-        while send_due(app.sessions, transport, app.clock, app.retry_policy):
-            pass
+        try:
+            while send_due(app.sessions, transport, app.clock, app.retry_policy):
+                pass
+        finally:
+            transport.close()
 
     async def stop(self) -> None:
         self._stopping = True

@@ -70,6 +70,9 @@ class SendResult:
 class Transport(Protocol):
     def send(self, envelope_from: str, recipients: Sequence[str], data: bytes) -> SendResult: ...
 
+    def close(self) -> None:
+        """End any session kept open between sends."""
+
 
 def check_envelope(envelope_from: str, recipients: Sequence[str]) -> tuple[str, list[str]]:
     """Validated envelope, or PermanentFailure: bad directory data must never reach SMTP.
@@ -124,6 +127,9 @@ class MaildirTransport:
             raise TemporaryFailure(f"cannot write to Maildir {self.path}: {exc}") from exc
         return SendResult()
 
+    def close(self) -> None:
+        pass  # nothing is kept open
+
     def _deliver(self, content: bytes) -> None:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -162,10 +168,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 TlsMode = Literal["none", "starttls", "implicit"]
+MAILS_PER_SESSION = 50  # below common per-connection limits of relays
 
 
 class SmtpTransport:
-    """Sends through an SMTP relay with smtplib, one connection per mail.
+    """Sends through an SMTP relay with smtplib, reusing one session per sending round.
 
     `timeout` bounds connecting and each command; `data_timeout` bounds the
     wait for the reply to the end of data, which RFC 5321 §4.5.3.2.6 sets at
@@ -192,13 +199,15 @@ class SmtpTransport:
         self.timeout, self.data_timeout = timeout, data_timeout
         self.local_hostname = local_hostname
         self.ssl_context = ssl_context
+        self._smtp: smtplib.SMTP | None = None
+        self._sent_on_session = 0
 
     def send(self, envelope_from: str, recipients: Sequence[str], data: bytes) -> SendResult:
         sender, rcpts = check_envelope(envelope_from, recipients)
         payload = _dot_stuffed(data)
         where = f"{self.host}:{self.port}"
         try:
-            smtp = self._connect()
+            smtp = self._session()
         except smtplib.SMTPResponseException as exc:
             # A refusal of the session (greeting, EHLO, STARTTLS, AUTH) says
             # nothing about this mail: it is the relay or our settings.
@@ -206,22 +215,46 @@ class SmtpTransport:
                                    code=exc.smtp_code) from exc  # fmt: skip
         except (smtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
             raise TemporaryFailure(f"{where}: {type(exc).__name__}: {exc}") from exc
-        # Not `with smtp`: its QUIT raises on an odd reply, which would turn a
-        # delivered mail into a failure and then a duplicate. QUIT is only
-        # polite when the session is still in step (the last reply was read).
         try:
             result = self._transaction(smtp, sender, rcpts, payload)
         except DeliveryError as exc:
-            if exc.code is not None:
-                _quietly(smtp.quit)
+            # A refusal read in full leaves the session in step: RSET and keep
+            # it. Anything else (a lost reply) ends it.
+            if exc.code is None or not _answers(smtp.rset):
+                self._drop()
             raise
         except (smtplib.SMTPException, OSError) as exc:
+            self._drop()
             raise TemporaryFailure(f"{where}: {type(exc).__name__}: {exc}") from exc
-        else:
-            _quietly(smtp.quit)
-            return result
-        finally:
-            smtp.close()
+        self._sent_on_session += 1
+        return result
+
+    def _session(self) -> smtplib.SMTP:
+        """The open session when it still answers and has room, else a new one.
+
+        One session carries up to `MAILS_PER_SESSION` mails of a sending round:
+        connecting, EHLO and STARTTLS cost more than the mail itself.
+        """
+        if self._smtp is not None:
+            if self._sent_on_session < MAILS_PER_SESSION and _answers(self._smtp.noop):
+                return self._smtp
+            self.close()
+        self._smtp = self._connect()
+        self._sent_on_session = 0
+        return self._smtp
+
+    def close(self) -> None:
+        """QUIT the open session, if any; call at the end of a sending round."""
+        if self._smtp is not None:
+            # Not `with smtp`: its QUIT raises on an odd reply, which would turn
+            # a delivered mail into a failure and then a duplicate.
+            _quietly(self._smtp.quit)
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
 
     def _tls_context(self) -> ssl.SSLContext:
         # Built once: loading the system CA store costs tens of milliseconds.
@@ -275,7 +308,6 @@ class SmtpTransport:
             else:
                 deferred[rcpt] = _text(code, reply)
         if not accepted:
-            _quietly(smtp.rset)
             if deferred:  # a retry asks again about the refused ones too
                 raise TemporaryFailure("RCPT TO deferred: " + _listing(deferred),
                                        code=_code(deferred))  # fmt: skip
@@ -339,6 +371,14 @@ def _listing(replies: Mapping[str, str]) -> str:
 
 def _code(replies: Mapping[str, str]) -> int:
     return int(next(iter(replies.values())).split(" ", 1)[0])
+
+
+def _answers(command: Callable[[], tuple[int, bytes]]) -> bool:
+    """True when a NOOP or RSET got 250: the session is alive and in step."""
+    try:
+        return command()[0] == 250
+    except (smtplib.SMTPException, OSError):
+        return False
 
 
 def _quietly(command: Callable[[], object]) -> None:
