@@ -474,3 +474,31 @@ def test_maildir_write_error_is_temporary(tmp_path: Path) -> None:
     blocker.write_text("a file where the Maildir should be")
     with pytest.raises(TemporaryFailure):
         MaildirTransport(blocker).send(BOUNCES, ["alice@acme.example"], b"x")
+
+
+def test_one_session_carries_a_round_and_survives_a_refusal(sink) -> None:  # noqa: ANN001
+    relay = SmtpTransport("127.0.0.1", sink.port, "none", timeout=5)
+    relay.send("support+b1-x@example.com", ["alice@acme.example"], ack_mail())
+    session = relay._smtp
+    sink.mode = "refuse_rcpt"
+    with pytest.raises(PermanentFailure):
+        relay.send("support+b2-x@example.com", ["nobody@acme.example"], ack_mail())
+    sink.mode = "accept"
+    relay.send("support+b3-x@example.com", ["alice@acme.example"], ack_mail())
+    assert relay._smtp is session  # RSET kept it in step: no reconnect
+    relay.close()
+    assert relay._smtp is None
+    assert [r.mail_from for r in sink.received] == [
+        "support+b1-x@example.com",
+        "support+b3-x@example.com",
+    ]
+
+
+def test_a_session_the_relay_dropped_is_replaced(sink) -> None:  # noqa: ANN001
+    relay = SmtpTransport("127.0.0.1", sink.port, "none", timeout=5)
+    relay.send("support+b1-x@example.com", ["alice@acme.example"], ack_mail())
+    assert relay._smtp is not None and relay._smtp.sock is not None
+    relay._smtp.sock.close()  # as if the relay timed the idle session out
+    relay.send("support+b2-x@example.com", ["alice@acme.example"], ack_mail())
+    relay.close()
+    assert len(sink.received) == 2
