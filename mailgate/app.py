@@ -91,6 +91,24 @@ class App:
     def now(self) -> datetime:
         return self.clock()
 
+    def send_outbox(self) -> int:
+        """One sending round: everything due now, over one relay session; mails handled."""
+        from mailgate.outbound.outbox import send_due
+
+        transport, total = self.transport(), 0
+        try:
+            while handled := send_due(
+                self.sessions,
+                transport,
+                self.clock,
+                self.retry_policy,
+                notify=self.mailer.notify_delivery_failure,
+            ):
+                total += handled
+        finally:
+            transport.close()
+        return total
+
     def notify_outbox(self) -> None:
         for callback in self.on_outbox:
             callback()

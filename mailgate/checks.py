@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import smtplib
+import ssl
 from pathlib import Path
 
-from mailgate.config import ConfigError, Settings, load_settings
+from mailgate.config import ConfigError, Settings, load_settings, read_secret
 
 
 def run_checks(settings_file: Path) -> list[str]:
@@ -13,7 +16,8 @@ def run_checks(settings_file: Path) -> list[str]:
     except ConfigError as exc:
         return exc.problems  # nothing else can be checked without valid settings
     problems: list[str] = []
-    for check in (check_directory, check_templates, check_database, check_paths):
+    checks = (check_directory, check_templates, check_database, check_paths, check_relay)
+    for check in checks:
         try:
             problems += check(settings)
         except ConfigError as exc:
@@ -69,3 +73,50 @@ def check_paths(settings: Settings) -> list[str]:
     except OSError as exc:
         problems.append(f"data_dir: {data_dir} is not writable ({exc.strerror})")
     return problems
+
+
+# `check` must answer quickly even when the relay host drops packets.
+RELAY_CHECK_TIMEOUT = 10.0
+
+
+def check_relay(settings: Settings) -> list[str]:
+    """Open a session with the relay as the sender would: EHLO, STARTTLS, AUTH; send nothing."""
+    out = settings.outbound
+    if out.transport != "smtp":
+        return []
+    relay = out.smtp
+    password = read_secret(file=relay.password_file, env=relay.password_env,
+                           settings=settings, key="outbound.smtp.password")  # fmt: skip
+    where = f"{relay.host}:{relay.port}"
+    try:
+        _relay_session(relay.host, relay.port, relay.tls, relay.username, password,
+                       min(float(relay.timeout_seconds), RELAY_CHECK_TIMEOUT))  # fmt: skip
+    except smtplib.SMTPResponseException as exc:
+        reply = " ".join(exc.smtp_error.decode("utf-8", "replace").split())
+        return [f"outbound.smtp: relay {where} refused the session: {exc.smtp_code} {reply}"]
+    except (smtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
+        hint = " (check host, port and tls)" if relay.tls != "none" else " (check host and port)"
+        return [f"outbound.smtp: cannot talk to relay {where}: {exc or type(exc).__name__}"
+                + hint]  # fmt: skip
+    return []
+
+
+def _relay_session(host: str, port: int, tls: str, username: str | None,
+                   password: str | None, timeout: float) -> None:  # fmt: skip
+    context = ssl.create_default_context()
+    smtp: smtplib.SMTP
+    if tls == "implicit":
+        smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=timeout)
+    try:
+        smtp.ehlo_or_helo_if_needed()  # the transport falls back to HELO too
+        if tls == "starttls":
+            smtp.starttls(context=context)  # raises when the relay does not offer it
+            smtp.ehlo()
+        if username:
+            smtp.login(username, password or "")
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            smtp.quit()  # the relay answered all we asked; a rude goodbye is no problem
+    finally:
+        smtp.close()

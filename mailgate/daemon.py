@@ -30,7 +30,6 @@ from mailgate import systemd_notify
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.intake.smtp import SmtpListener
-from mailgate.outbound.outbox import send_due
 from mailgate.store.models import OutboxMail
 
 log = logging.getLogger("mailgate.daemon")
@@ -64,13 +63,7 @@ class OutboxSender:
                 log.exception("outbox round failed; retrying at the next wake-up")
 
     def _send_all_due(self) -> None:
-        app = self._app()
-        transport = app.transport()
-        try:
-            while send_due(app.sessions, transport, app.clock, app.retry_policy):
-                pass
-        finally:
-            transport.close()
+        self._app().send_outbox()
 
     async def stop(self) -> None:
         self._stopping = True

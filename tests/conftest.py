@@ -69,9 +69,7 @@ class Installation:
         return process(self.app, raw, envelope)
 
     def send_outbox(self) -> int:
-        from mailgate.outbound.outbox import send_due
-
-        return send_due(self.app.sessions, self.app.transport(), self.clock)
+        return self.app.send_outbox()
 
     def sent(self) -> list[EmailMessage]:
         """Every mail delivered to the outbound Maildir, after sending the queue."""

@@ -40,6 +40,15 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
         "text": "Première ligne\n<script>alert('x')</script>\nÿ ñ ç",
         "attachments": [{"name": "<img src=x onerror=alert(1)>.png", "size": 2048}],
         "reason": "not_admin",
+        "failed_mail": {
+            "id": 3,
+            "kind": "staff_reply",
+            "to": ["josé@example.com"],
+            "subject": "Re: Échec <script>alert('x')</script>",
+            "message_id": "<mg.1.abc@example.com>",
+            "attempts": 2,
+            "reason": "RCPT TO: 550 5.1.1 <script>alert('x')</script>",
+        },
         "support_address": "support@example.com",
         "language": "xx",
     }

@@ -21,12 +21,18 @@ from mailgate.outbound.outbox import queue_mail
 from mailgate.outbound.templates import TemplateSet
 from mailgate.pipeline.screen import LOOP_HEADER
 from mailgate.store.models import Article, OutboxMail, Ticket
+from mailgate.tickets import repository
 from mailgate.tickets.tokens import Signer, new_nonce
 
 log = logging.getLogger("mailgate.outbound")
 
+FAILURE_NOTICE = "staff_delivery_failed"
 # Customers see acks, rejections and staff replies; notices are for staff only.
-STAFF_ONLY = {"staff_new_ticket", "staff_customer_reply"}
+STAFF_ONLY = {"staff_new_ticket", "staff_customer_reply", FAILURE_NOTICE}
+# Kinds whose failure staff are not told about: their own notices (a failing
+# notice would cause another, and so on) and rejections, which go to senders
+# we do not know and often to forged addresses (backscatter).
+NO_FAILURE_NOTICE = STAFF_ONLY | {"rejection"}
 
 
 @dataclass
@@ -119,3 +125,57 @@ class Mailer:
             ticket_id=ticket.id if ticket else None,
             article_id=article_id,
         )
+
+    def notify_delivery_failure(
+        self,
+        session: Session,
+        row: OutboxMail,
+        undelivered: Sequence[str],
+        reason: str,
+        now: datetime,
+    ) -> OutboxMail | None:
+        """Tell active staff, once, that a customer-facing mail did not reach `undelivered`.
+
+        The outbox calls this in the transaction that records the failure (it
+        is its `notify`); the notice is an internal article on the ticket.
+        None when no notice is due: staff-only mail, rejections, no ticket, no
+        active staff.
+        """
+        ticket = session.get(Ticket, row.ticket_id) if row.ticket_id else None
+        if row.kind in NO_FAILURE_NOTICE or ticket is None:
+            return None
+        staff = [s.email for s in repository.active_staff(session)]
+        if not staff:
+            log.warning("outbox #%s failed and no active staff can be told", row.id)
+            return None
+        article = session.get(Article, row.article_id) if row.article_id else None
+        failed_mail = {
+            "id": row.id,
+            "kind": row.kind,
+            "to": list(undelivered),
+            "subject": article.subject if article else "",
+            "message_id": row.message_id,
+            "attempts": row.attempts,
+            "reason": reason,
+        }
+        return self.queue(
+            session,
+            kind=FAILURE_NOTICE,
+            to=staff,
+            language="en",  # as the other staff notices
+            context={"ticket": _ticket_context(ticket), "failed_mail": failed_mail},
+            now=now,
+            ticket=ticket,
+            references=[row.message_id],
+            auto_submitted="auto-generated",
+        )
+
+
+def _ticket_context(ticket: Ticket) -> dict[str, Any]:
+    return {
+        "number": ticket.number,
+        "subject": ticket.subject,
+        "priority": ticket.priority,
+        "status": ticket.status,
+        "org_name": ticket.organisation.name,
+    }

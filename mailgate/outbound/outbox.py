@@ -5,25 +5,72 @@ Nothing is sent from inside the pipeline. A worker claims due rows, marks them
 after sending but before marking leaves the row `sending`; once its lease has
 expired it is retried with the same bytes and Message-ID, so a receiver can
 recognise the repeat.
+
+Each attempt ends in one result, logged as one line on ``mailgate.outbox``
+with its fields in ``extra["mailgate"]`` (outbox_id, message_id, kind,
+recipients, attempt, result, error, next_attempt_at):
+
+- ``sent``: the relay took it. Recipients it refused with 5xx are reported
+  to staff; recipients it deferred with 4xx while others accepted are
+  retried alone (the row's recipients shrink to them), so nobody gets the
+  mail twice.
+- ``retry``: a temporary failure (4xx, connection or TLS trouble); the row
+  goes back to ``queued`` with exponential backoff and jitter
+  (`RetryPolicy`).
+- ``failed``: a permanent failure (5xx on MAIL, every RCPT or DATA). Never
+  retried by itself; ``mailgate outbox retry`` requeues it.
+- ``dead``: we gave up: ``max_attempts`` temporary failures, or an uncertain
+  delivery (below). Also requeued only by ``mailgate outbox retry``.
+
+A lost reply after the end of data (``TemporaryFailure.maybe_delivered``)
+means the relay may have queued the mail. It is resent with the same
+Message-ID, but the relay must never get more than two copies: after a
+second maybe-delivered failure the row is ``dead`` with a reason starting
+"delivery uncertain". Not ``sent``, because nobody confirmed it, and staff
+must be able to check with the customer; not ``failed``, which means the
+relay refused it. A plain temporary failure in between (4xx: the relay
+kept no copy) does not spend that budget. ``mailgate outbox retry`` starts
+a fresh budget: the operator asks for one more copy on purpose.
+
+When a mail ends ``failed`` or ``dead``, or some recipients were refused,
+the `notify` callback given to `send_due` queues one staff notice in the
+same transaction (`Mailer.notify_delivery_failure`: never for staff-only
+mail, so a failing notice cannot cause another). A broken notice template
+is logged and does not stop the result from being recorded: an unrecorded
+send would be sent again.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailgate.outbound.transports import PermanentFailure, TemporaryFailure, Transport
+from mailgate.outbound.transports import (
+    DeliveryError,
+    PermanentFailure,
+    SendResult,
+    TemporaryFailure,
+    Transport,
+)
 from mailgate.store.models import Article, OutboxMail
 
 log = logging.getLogger("mailgate.outbox")
 
 SENDING_LEASE = timedelta(minutes=10)
+MAX_ERROR_CHARS = 2000
+# Marks `last_error` while the relay may already hold one copy of the mail.
+MAYBE_DELIVERED = "[maybe delivered] "
+
+# Called in the transaction that records a failure: (session, row, recipients
+# that did not get the mail, reason, now).
+Notifier = Callable[[Session, OutboxMail, list[str], str, datetime], object]
 
 
 @dataclass(frozen=True)
@@ -86,62 +133,184 @@ def _claim(session: Session, now: datetime, limit: int) -> list[OutboxMail]:
     return rows
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    envelope_from: str
+    recipients: list[str]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What the transport said about one send."""
+
+    error: DeliveryError | None = None
+    refused: Mapping[str, str] = field(default_factory=dict)
+    deferred: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    result: str  # sent | retry | failed | dead
+    error: str | None = None
+    undelivered: tuple[str, ...] = ()  # recipients staff must hear about
+
+
 def send_due(
     sessions: sessionmaker[Session],
     transport: Transport,
     clock: Callable[[], datetime],
     policy: RetryPolicy = RetryPolicy(),
     limit: int = 50,
+    notify: Notifier | None = None,
 ) -> int:
     """Send what is due; return how many mails were handled (sent or not)."""
     with sessions.begin() as session:
         claimed = [
-            (r.id, r.envelope_from, list(r.recipients), r.data)
+            _Claimed(r.id, r.envelope_from, list(r.recipients), r.data or b"")
             for r in _claim(session, clock(), limit)
         ]
-    for row_id, envelope_from, recipients, data in claimed:
-        error: Exception | None = None
-        refused: list[str] = []
-        try:
-            refused = list(transport.send(envelope_from, recipients, data or b"") or ())
-        except (TemporaryFailure, PermanentFailure) as exc:
-            error = exc
-        except OSError as exc:  # a transport bug or the disk: retry, it may pass
-            error = TemporaryFailure(str(exc))
+    for mail in claimed:
+        attempt = _attempt(transport, mail)
         with sessions.begin() as session:
-            _record_result(session, row_id, error, refused, clock(), policy)
+            _record_result(session, mail, attempt, clock(), policy, notify)
     return len(claimed)
+
+
+def _attempt(transport: Transport, mail: _Claimed) -> _Attempt:
+    try:
+        result = transport.send(mail.envelope_from, mail.recipients, mail.data)
+    except DeliveryError as exc:
+        return _Attempt(error=exc)
+    except OSError as exc:  # a transport bug or the disk: retry, it may pass
+        return _Attempt(error=TemporaryFailure(str(exc)))
+    if not isinstance(result, SendResult):  # a transport that only lists refused recipients
+        return _Attempt(refused={rcpt: "refused" for rcpt in result or ()})
+    return _Attempt(refused=dict(result.refused), deferred=dict(result.deferred))
 
 
 def _record_result(
     session: Session,
-    row_id: int,
-    error: Exception | None,
-    refused: list[str],
+    mail: _Claimed,
+    attempt: _Attempt,
     now: datetime,
     policy: RetryPolicy,
+    notify: Notifier | None,
 ) -> None:
-    row = session.get(OutboxMail, row_id)
+    row = session.get(OutboxMail, mail.id)
     assert row is not None
-    article = session.get(Article, row.article_id) if row.article_id else None
-    if error is None:
+    if attempt.error is None:
+        outcome = _accepted(row, attempt, policy)
+    else:
+        outcome = _not_accepted(row, attempt.error, policy)
+    _apply(session, row, outcome, now, policy)
+    _log_attempt(row, mail.recipients, outcome)
+    if outcome.undelivered and notify is not None:
+        _notify_staff(session, notify, row, outcome, now)
+
+
+def _accepted(row: OutboxMail, attempt: _Attempt, policy: RetryPolicy) -> _Outcome:
+    undelivered = list(attempt.refused)
+    notes = [f"refused: {_listing(attempt.refused)}"] if attempt.refused else []
+    if attempt.deferred and row.attempts < policy.max_attempts:
+        # Those who accepted have it: resending to everyone would give them a second copy.
+        accepted = [r for r in row.recipients
+                    if r not in attempt.deferred and r not in attempt.refused]  # fmt: skip
+        row.recipients = list(attempt.deferred)
+        notes.insert(0, f"accepted for {', '.join(accepted)}; "
+                        f"deferred: {_listing(attempt.deferred)}")  # fmt: skip
+        return _Outcome("retry", "; ".join(notes), tuple(undelivered))
+    if attempt.deferred:
+        undelivered += attempt.deferred
+        notes.append(f"deferred, gave up after {row.attempts} attempts: "
+                     f"{_listing(attempt.deferred)}")  # fmt: skip
+    return _Outcome("sent", "; ".join(notes) or None, tuple(undelivered))
+
+
+def _not_accepted(row: OutboxMail, error: DeliveryError, policy: RetryPolicy) -> _Outcome:
+    text = str(error)
+    if isinstance(error, PermanentFailure):
+        return _Outcome("failed", text, tuple(error.recipients or row.recipients))
+    maybe = isinstance(error, TemporaryFailure) and error.maybe_delivered
+    # `attempts > 1`: a marker left before `mailgate outbox retry` reset the count is stale.
+    held = row.attempts > 1 and (row.last_error or "").startswith(MAYBE_DELIVERED)
+    if maybe and held:
+        return _Outcome("dead", _uncertain(row, text), tuple(row.recipients))
+    if maybe or held:
+        text = MAYBE_DELIVERED + text
+    if row.attempts >= policy.max_attempts:
+        return _Outcome("dead", f"gave up after {row.attempts} attempts; last error: {text}",
+                        tuple(row.recipients))  # fmt: skip
+    return _Outcome("retry", text)
+
+
+def _uncertain(row: OutboxMail, text: str) -> str:
+    return (
+        "delivery uncertain: the relay received the whole message but did not confirm it, "
+        "twice; it may hold up to 2 copies (same Message-ID), so it is not sent again "
+        f"('mailgate outbox retry {row.id}' sends one more); last error: {text}"
+    )
+
+
+def _apply(
+    session: Session, row: OutboxMail, outcome: _Outcome, now: datetime, policy: RetryPolicy
+) -> None:
+    row.last_error = outcome.error[:MAX_ERROR_CHARS] if outcome.error else None
+    if outcome.result == "retry":
+        row.status, row.next_attempt_at = "queued", now + policy.delay(row.attempts)
+    elif outcome.result == "sent":
         row.status, row.sent_at = "sent", now
-        row.last_error = f"refused: {', '.join(refused)}" if refused else None
-        log.info("outbox sent id=%s kind=%s attempts=%s", row.id, row.kind, row.attempts)
-        if article:
-            article.delivery = "failed" if refused else "sent"
-            article.delivery_error = row.last_error
+    else:
+        row.status = outcome.result
+    article = session.get(Article, row.article_id) if row.article_id else None
+    if article is None:
         return
-    row.last_error = str(error)[:2000]
-    if isinstance(error, PermanentFailure) or row.attempts >= policy.max_attempts:
-        row.status = "failed" if isinstance(error, PermanentFailure) else "dead"
-        log.warning("outbox %s id=%s kind=%s: %s", row.status, row.id, row.kind, row.last_error)
-        if article:
-            article.delivery, article.delivery_error = "failed", row.last_error
-        return
-    row.status = "queued"
-    row.next_attempt_at = now + policy.delay(row.attempts)
-    log.info("outbox retry id=%s attempt=%s: %s", row.id, row.attempts, row.last_error)
+    if outcome.undelivered or outcome.result in ("failed", "dead"):
+        article.delivery, article.delivery_error = "failed", row.last_error
+    elif outcome.result == "sent" and article.delivery != "failed":
+        # A refusal of some recipients at an earlier attempt stays visible.
+        article.delivery, article.delivery_error = "sent", None
+
+
+_LEVELS = {"sent": logging.INFO, "retry": logging.WARNING}
+
+
+def _log_attempt(row: OutboxMail, recipients: Sequence[str], outcome: _Outcome) -> None:
+    fields: dict[str, Any] = {
+        "outbox_id": row.id,
+        "message_id": row.message_id,
+        "kind": row.kind,
+        "recipients": list(recipients),
+        "attempt": row.attempts,
+        "result": outcome.result,
+        "error": outcome.error,
+        "next_attempt_at": row.next_attempt_at.isoformat() if outcome.result == "retry" else None,
+    }
+    # Short: the formatters of mailgate.observability append the fields.
+    log.log(
+        _LEVELS.get(outcome.result, logging.ERROR),
+        "outbox #%s %s attempt %s: %s",
+        row.id,
+        row.kind,
+        row.attempts,
+        outcome.result,
+        extra={"mailgate": fields},
+    )
+
+
+def _notify_staff(
+    session: Session, notify: Notifier, row: OutboxMail, outcome: _Outcome, now: datetime
+) -> None:
+    try:
+        with session.begin_nested():
+            notify(session, row, list(outcome.undelivered), row.last_error or "", now)
+    except Exception:  # noqa: BLE001 - e.g. an edited template; the result must still commit
+        log.exception("outbox #%s: could not queue the staff notice about its failure", row.id)
+
+
+def _listing(replies: Mapping[str, str]) -> str:
+    return "; ".join(f"{rcpt}: {reply}" for rcpt, reply in replies.items())
 
 
 def retry(session: Session, ids: list[int] | None, now: datetime) -> int:
@@ -152,4 +321,7 @@ def retry(session: Session, ids: list[int] | None, now: datetime) -> int:
     rows = list(session.scalars(query))
     for row in rows:
         row.status, row.next_attempt_at, row.attempts = "queued", now, 0
+        article = session.get(Article, row.article_id) if row.article_id else None
+        if article is not None:  # staff see it is on its way again
+            article.delivery, article.delivery_error = "queued", None
     return len(rows)

@@ -43,6 +43,9 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     "staff_reply": frozenset(
         {"ticket", "requester_name", "staff_name", "text", "support_address", "language"}
     ),
+    # failed_mail: id (outbox row), kind, to (addresses not reached), subject,
+    # message_id, attempts, reason (the relay's words, untrusted text).
+    "staff_delivery_failed": frozenset({"ticket", "failed_mail", "support_address", "language"}),
 }
 KINDS = tuple(CONTEXT_KEYS)
 ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
@@ -124,6 +127,15 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
         "text": "" if sparse else _SAMPLE_TEXT,
         "attachments": [] if sparse else [{"name": "rapport <b>final</b>.pdf", "size": 123456}],
         "reason": "something_internal" if sparse else "not_admin",
+        "failed_mail": {
+            "id": 7,
+            "kind": "new_kind" if sparse else "ack",
+            "to": [] if sparse else ["josé.müller@example.com", "carol@example.com"],
+            "subject": "" if sparse else "Re: Échec <script>alert(1)</script>",
+            "message_id": "<mg.42.x7@example.com>",
+            "attempts": 1,
+            "reason": "" if sparse else "RCPT TO: 550 5.1.1 <x@example.com>: No such user\r\n",
+        },
         "support_address": "support@example.com",
         "language": "en",
     }
