@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.observability import setup_logging
 from mailgate.store.db import SchemaError
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
@@ -40,10 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EX_USAGE
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    # The daemon logs every decision (INFO) for the journal; one-shot commands
+    # print their results and log only problems unless -v.
+    setup_logging(
+        getattr(args, "log_format", "text"),
+        args.verbose,
+        level=logging.INFO if args.handler is cmd_run else logging.WARNING,
     )
     try:
         return int(args.handler(args) or EX_OK)
@@ -239,12 +242,8 @@ def _print_outcome(args: argparse.Namespace, label: str, result: dict[str, Any])
 
 
 def _send_queued(app: App) -> None:
-    from mailgate.outbound.outbox import send_due
-
     try:
-        transport = app.transport()
-        while send_due(app.sessions, transport, app.clock, app.retry_policy):
-            pass
+        app.send_outbox()
     except Exception as exc:  # noqa: BLE001 - mail stays queued for the daemon
         log.warning("queued mail not sent now (the daemon will retry): %s", exc)
 
@@ -413,13 +412,8 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_send(args: argparse.Namespace) -> int:
-    from mailgate.outbound.outbox import send_due
-
     app = load_app(args, sync_directory=False)
-    transport, total = app.transport(), 0
-    while handled := send_due(app.sessions, transport, app.clock, app.retry_policy):
-        total += handled
-    print(f"{total} mail(s) handled")
+    print(f"{app.send_outbox()} mail(s) handled")
     return EX_OK
 
 

@@ -30,12 +30,13 @@ from mailgate import systemd_notify
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.intake.smtp import SmtpListener
+from mailgate.observability import Metrics
 from mailgate.store.models import OutboxMail
 
 log = logging.getLogger("mailgate.daemon")
 
 OUTBOX_RETRY_SECONDS = 30  # due retries are found at most this late
-HOUSEKEEPING_SECONDS = 300
+HOUSEKEEPING_SECONDS = 60  # outbox gauges and the systemd status line
 
 
 class OutboxSender:
@@ -77,6 +78,7 @@ class Daemon:
         self.app: App | None = None
         self.listener: SmtpListener | None = None
         self.stop_requested = asyncio.Event()
+        self.metrics: Metrics | None = None
 
     def current_app(self) -> App:
         assert self.app is not None
@@ -94,6 +96,7 @@ class Daemon:
             self.listener = SmtpListener(self.current_app, settings.intake.smtp, settings.base_dir)
             for host, port in await self.listener.start():
                 log.info("SMTP listening on %s:%d", host, port)
+        self.metrics = _start_metrics(settings)
         scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
         scheduler.add_job(self.housekeeping, "interval", seconds=HOUSEKEEPING_SECONDS)
@@ -113,6 +116,8 @@ class Daemon:
         systemd_notify.stopping("stopping")
         log.info("stopping: finishing messages in progress")
         scheduler.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.listener is not None:
             await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
         await sender.stop()
@@ -147,6 +152,8 @@ class Daemon:
 
         def depth() -> int:
             with app.sessions() as session:
+                if self.metrics is not None:
+                    self.metrics.refresh(session, app.clock())
                 due = OutboxMail.status.in_(("queued", "sending"))
                 return session.scalar(select(func.count()).where(due)) or 0
 
@@ -186,6 +193,17 @@ def _check_tls_files(settings: Settings) -> None:
             raise ConfigError(
                 [f"intake.smtp.tls_cert_file/tls_key_file: cannot load the certificate: {exc}"]
             ) from None
+
+
+def _start_metrics(settings: Settings) -> Metrics | None:
+    """The Prometheus endpoint, when enabled; counters are fed from the log records."""
+    if not settings.metrics.enabled:
+        return None
+    metrics = Metrics()
+    logging.getLogger("mailgate").addHandler(metrics.log_handler())
+    port = metrics.start(settings.metrics.host, settings.metrics.port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
+    return metrics
 
 
 async def _watchdog(interval: float) -> None:

@@ -305,3 +305,22 @@ def test_noop_flood_is_cut_off_with_421(daemon: RunningDaemon) -> None:
             except smtplib.SMTPServerDisconnected:
                 break
     assert 421 in codes and codes.index(421) <= 20
+
+
+def test_metrics_endpoint_counts_decisions(tmp_path: Path, sink: Sink) -> None:
+    import urllib.request
+
+    from tests.smtp_sink import free_port
+
+    port = free_port()
+    daemon = start_daemon(tmp_path, sink, {"metrics": {"enabled": True, "port": port}})
+    try:
+        send(daemon, make_mail(message_id="m1@acme.example"))
+        send(daemon, make_mail(sender="mallory@evil.example", message_id="m2@evil.example"),
+             sender="mallory@evil.example")  # fmt: skip
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        daemon.stop()
+    assert 'mailgate_messages_total{outcome="created"} 1.0' in text
+    assert 'mailgate_messages_total{outcome="rejected"} 1.0' in text
