@@ -168,3 +168,11 @@ def sink():
     relay = Sink().start()
     yield relay
     relay.stop()
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1; CI installs openssl, so no skip."""
+    from tests.smtp_sink import make_certificate
+
+    return make_certificate(tmp_path_factory.mktemp("tls"))

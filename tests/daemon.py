@@ -103,3 +103,20 @@ def read_reply(sock: socket.socket) -> bytes:
         complete = [line for line in lines[:-1]]
         if complete and len(complete[-1]) >= 4 and complete[-1][3:4] == b" ":
             return data
+
+
+def open_data(port: int) -> socket.socket:
+    """A raw session from alice to support, after `354`: the test writes the DATA."""
+    sock = connect_raw(port)
+    assert read_reply(sock).startswith(b"220")
+    steps = [
+        (b"EHLO c.example", b"250"),
+        (b"MAIL FROM:<alice@acme.example>", b"250"),
+        (b"RCPT TO:<support@example.com>", b"250"),
+        (b"DATA", b"354"),
+    ]
+    for command, code in steps:
+        sock.sendall(command + b"\r\n")
+        reply = read_reply(sock)
+        assert reply.startswith(code), (command, reply)
+    return sock

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from mailgate.store.models import IngestRecord, Ticket
 from tests.conftest import make_mail
-from tests.daemon import RunningDaemon, connect_raw, read_reply, start_daemon
+from tests.daemon import RunningDaemon, open_data, read_reply, start_daemon
 from tests.smtp_sink import Sink
 
 
@@ -201,12 +201,7 @@ def test_locked_database_gets_451_and_the_retry_lands_once(
 def test_sigterm_during_data_never_acknowledges_a_lost_message(
     daemon: RunningDaemon,
 ) -> None:
-    sock = connect_raw(daemon.port)
-    assert read_reply(sock).startswith(b"220")
-    for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
-                    b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
-        sock.sendall(command + b"\r\n")
-        read_reply(sock)
+    sock = open_data(daemon.port)
     raw = make_mail(subject="cut short", message_id="cut@acme.example").as_bytes()
     sock.sendall(raw[: len(raw) // 2])
     daemon.signal(signal.SIGTERM)

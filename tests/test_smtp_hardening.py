@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,23 +13,15 @@ from sqlalchemy import select
 
 from mailgate.store.models import Ticket
 from tests.conftest import make_mail
-from tests.daemon import RunningDaemon, connect_raw, read_reply, start_daemon
+from tests.daemon import RunningDaemon, connect_raw, open_data, read_reply, start_daemon
 from tests.smtp_sink import Sink, free_port
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture
-def tls_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
-    cert, key = make_certificate(tmp_path)
+def tls_daemon(
+    tmp_path: Path, sink: Sink, certificate: tuple[Path, Path]
+) -> Iterator[RunningDaemon]:
+    cert, key = certificate
     users = tmp_path / "smtp-users"
     users.write_text("# trusted relay\nrelay:s3cret\n")
     running = start_daemon(
@@ -120,12 +111,7 @@ def test_idle_connections_beyond_the_cap_get_421_and_idle_ones_time_out(
 
 
 def test_slow_data_transfer_is_cut_off_by_the_timeout(capped_daemon: RunningDaemon) -> None:
-    sock = connect_raw(capped_daemon.port)
-    read_reply(sock)
-    for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
-                    b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
-        sock.sendall(command + b"\r\n")
-        read_reply(sock)
+    sock = open_data(capped_daemon.port)
     started = time.monotonic()
     with pytest.raises(OSError):
         for _ in range(40):  # one line every 0.25 s: never finishes within the timeout
@@ -147,12 +133,7 @@ SMUGGLING = [
 def test_bare_line_ends_never_end_data_early(tmp_path: Path, sink: Sink, separator: bytes) -> None:
     daemon = start_daemon(tmp_path, sink)
     try:
-        sock = connect_raw(daemon.port)
-        read_reply(sock)
-        for command in (b"EHLO c.example", b"MAIL FROM:<alice@acme.example>",
-                        b"RCPT TO:<support@example.com>", b"DATA"):  # fmt: skip
-            sock.sendall(command + b"\r\n")
-            read_reply(sock)
+        sock = open_data(daemon.port)
         first = make_mail(subject="first", message_id="first@acme.example").as_bytes()
         smuggled = (b"MAIL FROM:<alice@acme.example>\r\nRCPT TO:<support@example.com>\r\n"
                     b"DATA\r\n" + make_mail(subject="smuggled", message_id="sm@acme.example")

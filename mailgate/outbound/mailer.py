@@ -163,7 +163,7 @@ class Mailer:
             kind=FAILURE_NOTICE,
             to=staff,
             language="en",  # as the other staff notices
-            context={"ticket": _ticket_context(ticket), "failed_mail": failed_mail},
+            context={"ticket": ticket_context(ticket), "failed_mail": failed_mail},
             now=now,
             ticket=ticket,
             references=[row.message_id],
@@ -171,7 +171,8 @@ class Mailer:
         )
 
 
-def _ticket_context(ticket: Ticket) -> dict[str, Any]:
+def ticket_context(ticket: Ticket) -> dict[str, Any]:
+    """What templates may know about a ticket (see CONTEXT_KEYS in templates.py)."""
     return {
         "number": ticket.number,
         "subject": ticket.subject,

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.bounces import read_bounce
 from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.identify import identify
@@ -397,16 +398,6 @@ def _store_article(
     return article
 
 
-def _ticket_context(ticket: Ticket) -> dict[str, Any]:
-    return {
-        "number": ticket.number,
-        "subject": ticket.subject,
-        "priority": ticket.priority,
-        "status": ticket.status,
-        "org_name": ticket.organisation.name,
-    }
-
-
 def _queue_created_mail(
     app: App,
     session: Session,
@@ -416,7 +407,7 @@ def _queue_created_mail(
     now: datetime,
 ) -> None:
     context = {
-        "ticket": _ticket_context(ticket),
+        "ticket": ticket_context(ticket),
         "requester_name": msg.from_name,
         "text": msg.text[:2000],
         "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
@@ -460,7 +451,7 @@ def _after_threading(
     if decision.reopen:
         ticket.status, ticket.resolved_at = "open", None
     context = {
-        "ticket": _ticket_context(ticket),
+        "ticket": ticket_context(ticket),
         "requester_name": msg.from_name,
         "text": msg.text[:20000],
     }
