@@ -21,6 +21,7 @@ import signal
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -99,7 +100,12 @@ class Daemon:
         self.metrics = _start_metrics(settings)
         scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
-        scheduler.add_job(self.housekeeping, "interval", seconds=HOUSEKEEPING_SECONDS)
+        scheduler.add_job(
+            self.housekeeping,
+            "interval",
+            seconds=HOUSEKEEPING_SECONDS,
+            next_run_time=datetime.now(UTC),  # a first status line right away
+        )
         scheduler.start()
         if (interval := systemd_notify.watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
@@ -158,7 +164,18 @@ class Daemon:
                 return session.scalar(select(func.count()).where(due)) or 0
 
         queued = await asyncio.get_running_loop().run_in_executor(None, depth)
-        systemd_notify.status(f"serving; {queued} mail(s) in the outbox")
+        systemd_notify.status(self.status_line(queued))
+
+    def status_line(self, queued: int) -> str:
+        """`serving; 12 message(s) via SMTP (10 created, 2 rejected); 0 mail(s) queued`."""
+        outcomes = self.listener.runner.outcomes if self.listener else {}
+        detail = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        total = sum(outcomes.values())
+        return (
+            f"serving; {total} message(s) via SMTP"
+            + (f" ({detail})" if detail else "")
+            + f"; {queued} mail(s) queued"
+        )
 
 
 def build_app(settings: Settings, reuse: App | None = None) -> App:

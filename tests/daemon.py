@@ -51,6 +51,7 @@ def start_daemon(
     sink: Sink | None,
     settings: dict[str, Any] | None = None,
     directory: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningDaemon:
     """Install under `root` (relay: `sink`), start `mailgate run`, wait until it listens."""
     port = free_port()
@@ -61,10 +62,10 @@ def start_daemon(
             "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
         }
     inst = install_at(root, Clockwork(), deep_update(base, settings or {}), directory)
-    return launch(inst, port)
+    return launch(inst, port, env)
 
 
-def launch(inst: Installation, port: int) -> RunningDaemon:
+def launch(inst: Installation, port: int, env: dict[str, str] | None = None) -> RunningDaemon:
     """Start `mailgate run` on an installation (again, after a crash) and wait for it."""
     log = inst.root / "daemon.log"
     proc = subprocess.Popen(
@@ -72,7 +73,7 @@ def launch(inst: Installation, port: int) -> RunningDaemon:
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     daemon = RunningDaemon(inst, port, log, proc)
     deadline = time.monotonic() + 20

@@ -69,6 +69,7 @@ class MessageRunner:
         self._reply_timeout = reply_timeout
         self.in_flight: set[asyncio.Future[Result]] = set()
         self.stopping = False
+        self.outcomes: Counter[str] = Counter()  # since start, for the systemd status line
 
     async def run(self, raw: bytes, envelope: MailEnvelope) -> Result:
         loop = asyncio.get_running_loop()
@@ -83,7 +84,9 @@ class MessageRunner:
         # 451 at once; only those already in the pipeline are waited for.
         if self.stopping:
             raise TemporaryFailure("shutting down")
-        return process(self._app(), raw, envelope)
+        result = process(self._app(), raw, envelope)
+        self.outcomes[result.outcome] += 1
+        return result
 
     async def drain(self, timeout: float) -> None:
         self.stopping = True
@@ -262,6 +265,8 @@ class SmtpListener:
         await self.runner.drain(grace)
         for connection in list(self.connections):
             if connection.transport is not None:
+                # RFC 5321 3.8: a server may announce 421 at any time before closing.
+                connection.transport.write(b"421 4.3.2 Service shutting down\r\n")
                 connection.transport.close()
         self.runner.close()
 

@@ -1,0 +1,95 @@
+"""How `mailgate run` talks to systemd and to operators: notify, reload, bad settings."""
+
+from __future__ import annotations
+
+import email.policy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, Clockwork, install_at, make_mail
+from tests.daemon import open_data, read_reply, start_daemon
+from tests.smtp_sink import Sink
+
+
+def notifications(sock: socket.socket, until: str, timeout: float = 15) -> list[str]:
+    """Datagrams from the daemon until one contains `until`."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            got.extend(sock.recv(4096).decode().split("\n"))
+        except TimeoutError:
+            break
+        if any(until in line for line in got):
+            return got
+    raise AssertionError(f"no {until!r} from the daemon; got {got}")
+
+
+def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
+    tmp_path: Path, sink: Sink
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        daemon = start_daemon(
+            tmp_path, sink, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+        )
+        try:
+            got = notifications(sock, "READY=1")
+            got += notifications(sock, "STATUS=serving; 0 message(s) via SMTP")
+            got += notifications(sock, "WATCHDOG=1")
+            got += notifications(sock, "WATCHDOG=1")  # again: pinged from the running loop
+        finally:
+            daemon.signal(signal.SIGTERM)
+            got += notifications(sock, "STOPPING=1")
+            assert daemon.proc.wait(30) == 0
+    assert got.index("READY=1") < max(i for i, line in enumerate(got) if line == "STOPPING=1")
+
+
+def test_invalid_settings_refuse_to_start_with_one_line_errors(tmp_path: Path) -> None:
+    inst = install_at(tmp_path, Clockwork())
+    data = yaml.safe_load(inst.settings_file.read_text())
+    data["intake"]["smtp"]["port"] = "twenty-five"
+    data["intake"]["smtp"]["max_recipent"] = 5
+    inst.settings_file.write_text(yaml.safe_dump(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert any("intake.smtp.port" in line and "settings.yaml" in line for line in lines)
+    assert any("intake.smtp.max_recipent" in line for line in lines)
+
+
+def test_sigterm_says_421_to_an_open_session(tmp_path: Path, sink: Sink) -> None:
+    daemon = start_daemon(tmp_path, sink)
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    assert read_reply(sock).startswith(b"220")
+    daemon.signal(signal.SIGTERM)
+    assert read_reply(sock).startswith(b"421 4.3.2")
+    sock.close()
+    assert daemon.proc.wait(30) == 0
+
+
+def test_sighup_keeps_an_open_session_going(tmp_path: Path, sink: Sink) -> None:
+    daemon = start_daemon(tmp_path, sink)
+    try:
+        raw = make_mail(subject="half way").as_bytes(policy=email.policy.SMTP)
+        sock = open_data(daemon.port)
+        sock.sendall(raw[:200])
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("reloaded settings")
+        sock.sendall(raw[200:] + b".\r\n")
+        assert read_reply(sock).startswith(b"250 2.0.0 Ok: created")
+        sock.close()
+    finally:
+        daemon.stop()
