@@ -28,6 +28,7 @@ from mailgate.outbound.transports import (
     TemporaryFailure,
     Transport,
 )
+from tests.smtp_sink import free_port
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 BOUNCES = "bounces+t0k3n@support.example.com"
@@ -77,13 +78,6 @@ class Sink:
         if self.hang_up_after_data:
             server.transport.close()
         return self.data_reply
-
-
-def free_port() -> int:
-    # Controller(port=0) is not supported by every aiosmtpd version.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from mailgate.outbound.compose import check_envelope_address
+from mailgate.store.durable import write_durably
 
 
 class DeliveryError(Exception):
@@ -135,17 +136,7 @@ class MaildirTransport:
             (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         name = self._unique_name()
         tmp, new = self.path / "tmp" / name, self.path / "new" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, new)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path / "new")
+        write_durably(tmp, new, content)
 
     def _unique_name(self) -> str:
         # time.M<usec>P<pid>Q<counter>R<random>.<host>, as Dovecot and qmail do.
@@ -154,14 +145,6 @@ class MaildirTransport:
         # Zero-padded microseconds keep names in delivery order when sorted.
         return (f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
                 f"Q{next(self._counter)}R{os.urandom(8).hex()}.{host}")  # fmt: skip
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- SMTP ----------------------------------------------------------------------

@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from mailgate.store.durable import write_durably
+
 
 class BlobStore:
     def __init__(self, root: Path, *, fsync: bool = True):
@@ -28,15 +30,10 @@ class BlobStore:
         if path.exists():
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{digest}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        if self.fsync:
-            _fsync_dir(path.parent)
+        # A name of its own per write: two threads storing the same mail at
+        # once must not write into one temporary file.
+        tmp = path.with_name(f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        write_durably(tmp, path, data, fsync=self.fsync)
         return digest
 
     def get(self, sha256: str) -> bytes:
@@ -44,11 +41,3 @@ class BlobStore:
 
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
