@@ -23,6 +23,7 @@ messages are processed at once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import ssl
 from collections import Counter
@@ -153,6 +154,8 @@ class Connection(SMTP):
         await super().push(status)
 
     async def _handle_client(self) -> None:
+        # aiosmtpd's per-session coroutine (private, but the one place that
+        # runs once per connection before the greeting): admit or refuse here.
         peer = self.session.peer if self.session else None
         self.client = peer[0] if isinstance(peer, tuple) else str(peer)
         refusal = self.intake.admit(self)
@@ -272,9 +275,7 @@ class SmtpListener:
 
 
 def _same(a: str, b: str) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(a.encode(), b.encode())  # no timing hint about the password
 
 
 def _tls_context(settings: SmtpSettings, base_dir: Path) -> ssl.SSLContext | None:
