@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.clock import Clock, system_clock
 from mailgate.config import Settings, read_secret
-from mailgate.outbound.mailer import Mailer
+from mailgate.outbound.mailer import STAFF_ONLY, Mailer
 from mailgate.outbound.outbox import RetryPolicy
 from mailgate.outbound.templates import TemplateSet
 from mailgate.outbound.transports import MaildirTransport, SmtpTransport, Transport
@@ -103,6 +103,7 @@ class App:
                 self.clock,
                 self.retry_policy,
                 notify=self.mailer.notify_delivery_failure,
+                later=STAFF_ONLY,
             ):
                 total += handled
         finally:

@@ -22,6 +22,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from mailgate.checks import run_checks
+from mailgate.outbound.mailer import STAFF_ONLY
 from mailgate.outbound.outbox import send_due
 from mailgate.store.models import Article, OutboxMail, Ticket
 from tests.conftest import ROOT, Installation, make_mail
@@ -435,3 +436,18 @@ def test_check_starttls(
     assert problem.startswith("outbound.smtp:") and "certificate" in problem
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # now the system trusts it
     assert run_checks(inst.settings_file) == []
+
+
+def test_under_a_backlog_customers_acks_go_before_staff_notices(
+    install: Callable[..., Installation], sink: Sink
+) -> None:
+    inst = install(settings=relay(sink.port))
+    for n in range(3):
+        mail = make_mail(message_id=f"backlog-{n}@acme.example", subject=f"Problem {n}")
+        assert inst.ingest(mail).outcome == "created"
+    # Six mails are due, queued ack, notice, ack, notice...; a round of three takes the acks.
+    app = inst.app
+    handled = send_due(app.sessions, app.transport(), inst.clock, limit=3, later=STAFF_ONLY)
+    assert handled == 3
+    assert [r.message["To"] for r in sink.received] == ["alice@acme.example"] * 3
+    assert {r.kind for r in rows(inst) if r.status == "queued"} == {"staff_new_ticket"}

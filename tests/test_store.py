@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -143,3 +145,55 @@ def test_two_processes_ingesting_at_once_get_unique_numbers(
     assert sorted(numbers) == [f"SUP-{year}-{i:06d}" for i in range(1, 31)]
     with inst.app.engine.connect() as conn:
         assert conn.execute(text("SELECT last FROM ticket_sequences")).scalar() == 30
+
+
+def test_a_failed_transaction_hands_the_database_to_the_next_writer(tmp_path: Path) -> None:
+    """The in-process writer lock is released by rollback, whatever ended the transaction."""
+    engine = make_engine(f"sqlite:///{tmp_path}/w.db", busy_timeout_ms=500)
+    ensure_schema(engine)
+
+    def fail_inside_a_transaction() -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+            raise RuntimeError("bug in the unit of work")
+
+    errors: list[BaseException] = []
+    for _ in range(3):
+        worker = threading.Thread(target=lambda: _capture(errors, fail_inside_a_transaction))
+        worker.start()
+        worker.join()
+    assert [str(e) for e in errors] == ["bug in the unit of work"] * 3
+    with engine.begin() as conn:  # would wait 0.5 s, then fail "database is locked"
+        assert conn.exec_driver_sql("SELECT count(*) FROM tickets").scalar() == 0
+        tables = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE name='t'")
+        assert tables.all() == []  # rolled back
+
+
+def test_writers_wait_for_each_other_instead_of_failing(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/w.db", busy_timeout_ms=5000)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE counter (n INTEGER)")
+        conn.exec_driver_sql("INSERT INTO counter VALUES (0)")
+
+    def increment() -> None:
+        for _ in range(50):
+            with engine.begin() as conn:
+                n = conn.exec_driver_sql("SELECT n FROM counter").scalar()
+                conn.exec_driver_sql("UPDATE counter SET n = ?", (n + 1,))
+
+    errors: list[BaseException] = []
+    workers = [threading.Thread(target=lambda: _capture(errors, increment)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql("SELECT n FROM counter").scalar() == 400  # no lost update
+
+
+def _capture(errors: list[BaseException], work: Callable[[], None]) -> None:
+    try:
+        work()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        errors.append(exc)

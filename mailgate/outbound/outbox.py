@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import case, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.outbound.transports import (
@@ -117,12 +117,13 @@ def queue_mail(
     return row
 
 
-def _claim(session: Session, now: datetime, limit: int) -> list[OutboxMail]:
+def _claim(session: Session, now: datetime, limit: int, later: Collection[str]) -> list[OutboxMail]:
     due = or_(
         (OutboxMail.status == "queued") & (OutboxMail.next_attempt_at <= now),
         (OutboxMail.status == "sending") & (OutboxMail.next_attempt_at <= now - SENDING_LEASE),
     )
-    query = select(OutboxMail).where(due).order_by(OutboxMail.id).limit(limit)
+    order = [case((OutboxMail.kind.in_(later), 1), else_=0)] if later else []
+    query = select(OutboxMail).where(due).order_by(*order, OutboxMail.id).limit(limit)
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = list(session.scalars(query))
@@ -162,19 +163,29 @@ def send_due(
     transport: Transport,
     clock: Callable[[], datetime],
     policy: RetryPolicy = RetryPolicy(),
-    limit: int = 50,
+    limit: int = 20,
     notify: Notifier | None = None,
+    later: Collection[str] = (),
 ) -> int:
-    """Send what is due; return how many mails were handled (sent or not)."""
+    """Send what is due; return how many mails were handled (sent or not).
+
+    Kinds in `later` wait behind the others when both are due: under a
+    backlog, customers' acknowledgements go before staff notices.
+    """
     with sessions.begin() as session:
         claimed = [
             _Claimed(r.id, r.envelope_from, list(r.recipients), r.data or b"")
-            for r in _claim(session, clock(), limit)
+            for r in _claim(session, clock(), limit, later)
         ]
-    for mail in claimed:
-        attempt = _attempt(transport, mail)
+    # One transaction records the whole batch: under load each write waits its
+    # turn behind the intake, and one wait per mail made the sender fall
+    # behind. A crash before it commits leaves the batch `sending`, to be sent
+    # once more after the lease: still within "at most two copies".
+    attempts = [(mail, _attempt(transport, mail)) for mail in claimed]
+    if attempts:
         with sessions.begin() as session:
-            _record_result(session, mail, attempt, clock(), policy, notify)
+            for mail, attempt in attempts:
+                _record_result(session, mail, attempt, clock(), policy, notify)
     return len(claimed)
 
 

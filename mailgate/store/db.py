@@ -3,10 +3,18 @@
 SQLite runs in WAL mode with foreign keys on, and every transaction starts
 with BEGIN IMMEDIATE: writers queue on the database lock at the start of the
 unit of work instead of failing half-way when a read lock cannot be upgraded.
+
+Within one process, writers also queue on a lock of their own before asking
+SQLite. SQLite's busy handler polls with growing sleeps (up to 100 ms), so
+under load a waiting writer keeps losing the lock to threads that happen to
+ask at the right moment: the outbox sender, recording one sent mail, waited
+seconds behind the SMTP intake threads. A thread lock hands over at once.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +37,64 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000}, **kwargs)
-        _configure_sqlite(engine, busy_timeout_ms)
+        gate = _WriterGate(busy_timeout_ms / 1000)
+        connect_args = {"timeout": busy_timeout_ms / 1000, "factory": gate.connection_class()}
+        engine = create_engine(url, connect_args=connect_args, **kwargs)
+        _configure_sqlite(engine, busy_timeout_ms, gate)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+class _WriterGate:
+    """One writer at a time in this process, handed over without polling.
+
+    Taken before BEGIN IMMEDIATE, released when the DBAPI connection commits,
+    rolls back or closes (the pool rolls back every connection it gets back,
+    so a transaction cannot leave the gate held).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+
+    def enter(self, connection: Any) -> None:
+        if not self._lock.acquire(timeout=self.timeout):
+            raise sqlite3.OperationalError("database is locked (waited for another writer)")
+        connection.holds_gate = True
+
+    def leave(self, connection: Any) -> None:
+        if connection.holds_gate:
+            connection.holds_gate = False
+            self._lock.release()
+
+    def connection_class(self) -> type[sqlite3.Connection]:
+        gate = self
+
+        class GatedConnection(sqlite3.Connection):
+            holds_gate = False
+
+            def commit(self) -> None:
+                try:
+                    super().commit()
+                finally:
+                    gate.leave(self)
+
+            def rollback(self) -> None:
+                try:
+                    super().rollback()
+                finally:
+                    gate.leave(self)
+
+            def close(self) -> None:
+                try:
+                    super().close()
+                finally:
+                    gate.leave(self)
+
+        return GatedConnection
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, gate: _WriterGate) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is deferred).
@@ -50,7 +109,13 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = conn.connection.dbapi_connection
+        gate.enter(dbapi_connection)
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            gate.leave(dbapi_connection)
+            raise
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
