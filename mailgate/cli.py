@@ -23,6 +23,7 @@ from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.observability import setup_logging
 from mailgate.store.db import SchemaError
+from mailgate.tickets import repository as repo
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
 
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     ts = command("show", cmd_tickets_show, "one ticket and its articles", tickets)
     ts.add_argument("number")
     ts.add_argument("--json", action="store_true")
+    sweep = command(
+        "sweep", cmd_tickets_sweep,
+        "send due waiting reminders, resolve and close tickets (the daemon does it every 5 min)",
+        tickets,
+    )  # fmt: skip
+    sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a time zone)")
 
     directory = sub.add_parser("directory", help="organisations, contacts, staff")
     dsub = directory.add_subparsers(metavar="ACTION")
@@ -298,6 +305,8 @@ def _ticket_summary(ticket: Any) -> dict[str, Any]:
         "status": ticket.status,
         "priority": ticket.priority,
         "urgent": ticket.urgent,
+        "level": ticket.level,
+        "assignee": ticket.assignee.email if ticket.assignee else None,
         "organisation": ticket.organisation_id,
         "requester": ticket.requester.email if ticket.requester else None,
         "cc": list(ticket.cc),
@@ -317,12 +326,21 @@ def cmd_tickets_show(args: argparse.Namespace) -> int:
             raise CommandError(f"no ticket {args.number}")
         data = _ticket_summary(ticket)
         data["articles"] = [_article_summary(a) for a in ticket.articles]
+        data["history"] = [_event_summary(e) for e in repo.events_of(session, ticket.id)]
+        data["time_spent"] = [_time_summary(t) for t in repo.time_entries_of(session, ticket.id)]
     if args.json:
         print_json(data)
         return EX_OK
-    for key in ("number", "subject", "status", "priority", "organisation", "requester", "cc",
-                "created_at"):  # fmt: skip
+    for key in ("number", "subject", "status", "priority", "urgent", "level", "assignee",
+                "organisation", "requester", "cc", "created_at"):  # fmt: skip
         print(f"{key:13} {data[key]}")
+    if data["time_spent"]:
+        total = sum(t["minutes"] for t in data["time_spent"])
+        print(f"{'time spent':13} {total} min in {len(data['time_spent'])} entries")
+    for event in data["history"]:
+        who = event["actor"] or event["actor_kind"]
+        print(f"  {event['at'][:16]} {event['field']}: {event['old'] or '-'} -> {event['new']}"
+              f"  by {who}: {event['reason']}")  # fmt: skip
     for article in data["articles"]:
         print(f"\n--- #{article['id']} {article['created_at'][:16]} {article['direction']} "
               f"{article['author_kind']} {article['visibility']} {article['author'] or ''}"
@@ -332,6 +350,27 @@ def cmd_tickets_show(args: argparse.Namespace) -> int:
             print(f"Attachment: {name}")
         print(article["text"].rstrip()[:4000])
     return EX_OK
+
+
+def _event_summary(event: Any) -> dict[str, Any]:
+    return {
+        "at": event.at.isoformat(),
+        "actor_kind": event.actor_kind,
+        "actor": event.actor,
+        "field": event.field,
+        "old": event.old,
+        "new": event.new,
+        "reason": event.reason,
+    }
+
+
+def _time_summary(entry: Any) -> dict[str, Any]:
+    return {
+        "staff": entry.staff_email,
+        "minutes": entry.minutes,
+        "urgent": entry.urgent,
+        "at": entry.created_at.isoformat(),
+    }
 
 
 def _article_summary(article: Any) -> dict[str, Any]:
@@ -348,6 +387,16 @@ def _article_summary(article: Any) -> dict[str, Any]:
         "attachments": [a.filename for a in article.attachments],
         "created_at": article.created_at.isoformat(),
     }
+
+
+def cmd_tickets_sweep(args: argparse.Namespace) -> int:
+    from mailgate.tickets.sweep import sweep
+
+    app = load_app(args, sync_directory=False)
+    report = sweep(app, parse_now(args.now) or app.clock())
+    print(f"{report.reminded} reminded, {report.auto_resolved} resolved, {report.closed} closed")
+    _send_queued(app)
+    return EX_OK
 
 
 def cmd_directory_sync(args: argparse.Namespace) -> int:

@@ -15,7 +15,14 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 DEFAULT_CONFIG = "settings.yaml"
 
@@ -129,6 +136,25 @@ class Tickets(Strict):
     reject_notice_hours: int = Field(24, ge=0)
     reopen_days: int = Field(14, ge=0)
     default_priority: Literal["P1", "P2", "P3"] = "P3"
+    # Staff replies: what is cut before the relay, and what a reply does to the status.
+    trim_quoted: bool = True
+    strip_signature: bool = True
+    reply_markers: list[str] = []  # extra regexes: a matching line starts the quoted part
+    status_after_staff_reply: Literal["open", "waiting_customer"] = "open"
+    # A ticket waiting on the customer: reminder after N business days, then
+    # resolved automatically after M more (0 turns either off).
+    waiting_reminder_days: int = Field(3, ge=0)
+    waiting_resolve_days: int = Field(4, ge=0)
+
+    @field_validator("reply_markers")
+    @classmethod
+    def _markers_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return value
 
 
 class Metrics(Strict):

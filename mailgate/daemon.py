@@ -33,11 +33,13 @@ from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.intake.smtp import SmtpListener
 from mailgate.observability import Metrics
 from mailgate.store.models import OutboxMail
+from mailgate.tickets.sweep import sweep
 
 log = logging.getLogger("mailgate.daemon")
 
 OUTBOX_RETRY_SECONDS = 30  # due retries are found at most this late
 HOUSEKEEPING_SECONDS = 60  # outbox gauges and the systemd status line
+LIFECYCLE_SECONDS = 300  # reminders, automatic resolution and closing: day-scale deadlines
 
 
 class OutboxSender:
@@ -106,6 +108,12 @@ class Daemon:
             seconds=HOUSEKEEPING_SECONDS,
             next_run_time=datetime.now(UTC),  # a first status line right away
         )
+        scheduler.add_job(
+            self.lifecycle_sweep,
+            "interval",
+            seconds=LIFECYCLE_SECONDS,
+            next_run_time=datetime.now(UTC),  # what fell due while we were down
+        )
         scheduler.start()
         if (interval := systemd_notify.watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
@@ -152,6 +160,13 @@ class Daemon:
         self.app = app
         log.info("reloaded settings, directory and templates")
         systemd_notify.ready("serving")
+
+    async def lifecycle_sweep(self) -> None:
+        app = self.current_app()
+        try:
+            await asyncio.to_thread(sweep, app, app.clock())
+        except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
+            log.exception("lifecycle sweep failed")
 
     async def housekeeping(self) -> None:
         app = self.current_app()

@@ -49,6 +49,17 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
             "attempts": 2,
             "reason": "RCPT TO: 550 5.1.1 <script>alert('x')</script>",
         },
+        "reopen_days": 14,
+        "auto_resolved": False,
+        "resolve_after_days": 4,
+        "problems": [
+            {
+                "line": 1,
+                "text": "/statuss <script>alert('x')</script>",
+                "reason": "unknown command",
+            },
+            {"line": 3, "text": "/spend <b>lots</b> & more", "reason": "/spend: not a duration"},
+        ],
         "support_address": "support@example.com",
         "language": "xx",
     }
@@ -114,6 +125,89 @@ def test_rejection_reveals_no_detail(shipped: TemplateSet, language: str) -> Non
     assert "<script" not in generic.text
     for code in REJECTION_REASONS:
         assert shipped.render("rejection", language, context("rejection", reason=code)) != generic
+
+
+# How each language writes day counts and the line number of a refused command.
+DAYS = {"en": "{} days", "fr": "{} jours", "es": "{} días"}
+DAY = {"en": "1 day", "fr": "1 jour", "es": "1 día"}
+BUSINESS_DAYS = {"en": "{} business days", "fr": "{} jours ouvrés", "es": "{} días hábiles"}
+BUSINESS_DAY = {"en": "1 business day", "fr": "1 jour ouvré", "es": "1 día hábil"}
+LINE = {"en": "line {}: ", "fr": "ligne {} : ", "es": "línea {}: "}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_resolved_tells_how_to_reopen(shipped: TemplateSet, language: str) -> None:
+    rendered = shipped.render("resolved", language, context("resolved", reopen_days=21))
+    assert rendered.subject.startswith("[SUP-2026-000042] ")
+    assert "José Müller" in rendered.text
+    for part in (rendered.text, rendered.html):
+        assert DAYS[language].format(21) in part
+        assert "[SUP-2026-000042]" in part  # keep the tag, or the reply opens a new ticket
+    one = shipped.render("resolved", language, context("resolved", reopen_days=1))
+    assert DAY[language] in one.text and DAYS[language].format(1) not in one.text
+    # 0 turns reopening off: no "within 0 days", a reply opens a new ticket.
+    never = shipped.render("resolved", language, context("resolved", reopen_days=0))
+    assert DAYS[language].format(0) not in never.text + never.html
+    assert "[SUP-2026-000042]" in never.text
+    assert never.text != rendered.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_resolved_says_when_it_was_automatic(shipped: TemplateSet, language: str) -> None:
+    by_staff = shipped.render("resolved", language, context("resolved"))
+    automatic = shipped.render("resolved", language, context("resolved", auto_resolved=True))
+    assert automatic.text != by_staff.text and automatic.html != by_staff.html
+    assert automatic.subject == by_staff.subject
+    assert DAYS[language].format(14) in automatic.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_waiting_reminder_says_what_happens_next(shipped: TemplateSet, language: str) -> None:
+    kind = "waiting_reminder"
+    rendered = shipped.render(kind, language, context(kind, resolve_after_days=7))
+    assert rendered.subject.startswith("[SUP-2026-000042] ")
+    assert "José Müller" in rendered.text
+    for part in (rendered.text, rendered.html):
+        assert BUSINESS_DAYS[language].format(7) in part
+        assert "[SUP-2026-000042]" in part
+    one = shipped.render(kind, language, context(kind, resolve_after_days=1))
+    assert BUSINESS_DAY[language] in one.text
+    assert BUSINESS_DAYS[language].format(1) not in one.text
+    # 0: never resolved automatically, so the mail must not threaten it.
+    never = shipped.render(kind, language, context(kind, resolve_after_days=0))
+    assert BUSINESS_DAYS[language].format(0) not in never.text + never.html
+    assert len(never.text) < len(rendered.text)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_staff_command_refused_lists_problems(shipped: TemplateSet, language: str) -> None:
+    kind = "staff_command_refused"
+    rendered = shipped.render(kind, language, context(kind))
+    assert rendered.subject.startswith("[SUP-2026-000042] ")
+    text, html = rendered.text, rendered.html
+    line = LINE[language]
+    assert f"{line.format(1)}`/statuss <script>alert('x')</script>` — unknown command" in text
+    assert f"{line.format(3)}`/spend <b>lots</b> & more` — /spend: not a duration" in text
+    # The lines are the staff member's words: text in the HTML part, never markup.
+    assert "<code>/statuss &lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</code>" in html
+    assert "<code>/spend &lt;b&gt;lots&lt;/b&gt; &amp; more</code>" in html
+    assert "<b>lots" not in html
+    assert line.format(1) in html and line.format(3) in html
+    for command in ("/status open|waiting|resolved|closed", "/priority P1|P2|P3", "/urgent",
+                    "/assign me|EMAIL", "/level L1|L2|L3", "/spend 45m|1h30", "/cc EMAIL",
+                    "/close", "/reopen", "/internal", "/bug"):  # fmt: skip
+        assert command in text and command in html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_staff_command_refused_odd_problems(shipped: TemplateSet, language: str) -> None:
+    kind = "staff_command_refused"
+    long_line = {"line": 2, "text": "/cc " + "x" * 5000, "reason": "too long"}
+    rendered = shipped.render(kind, language, context(kind, problems=[long_line]))
+    assert "x" * 100 in rendered.text and "x" * 500 not in rendered.text  # shortened
+    assert LINE[language].format(2) in rendered.text
+    empty = shipped.render(kind, language, context(kind, problems=[]))
+    assert empty.text.strip() and "<ul>" in empty.html
 
 
 def test_sparse_values_render(shipped: TemplateSet) -> None:

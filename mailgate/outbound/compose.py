@@ -28,6 +28,9 @@ MAX_ADDRESS_HEADER_CHARS = 500
 MAX_HEADER_CHARS = 900  # under SMTP's 998-octet line limit, whatever the folding
 KEEP_LAST_REFERENCES = 10
 
+# (file name, content type, bytes); the name is already safe (no path, no controls).
+Attachment = tuple[str, str, bytes]
+
 AUTO_SUBMITTED_VALUES = frozenset({"no", "auto-generated", "auto-replied", "auto-notified"})
 
 # Headers build_message owns; extra_headers may not set them a second time.
@@ -100,6 +103,7 @@ def build_message(
     loop_marker: tuple[str, str] | None,
     date: datetime,
     extra_headers: Mapping[str, str] | None = None,
+    attachments: Sequence[Attachment] = (),
 ) -> bytes:
     """The mail as CRLF bytes: multipart/alternative when `html` is given, else text/plain.
 
@@ -152,7 +156,14 @@ def build_message(
     msg.set_content(_lf(text), subtype="plain", charset="utf-8", cte="quoted-printable")
     if html is not None:
         msg.add_alternative(_lf(html), subtype="html", charset="utf-8", cte="quoted-printable")
-        for part in msg.iter_parts():
+    for filename, content_type, payload in attachments:
+        maintype, _, subtype = content_type.partition("/")
+        if not (maintype and subtype) or maintype in ("multipart", "message"):
+            maintype, subtype = "application", "octet-stream"  # never a structure we did not build
+        msg.add_attachment(payload, maintype=maintype, subtype=subtype,
+                           filename=header_text(filename, 255) or "attachment")  # fmt: skip
+    for part in msg.walk():
+        if part is not msg:
             del part["MIME-Version"]  # belongs on the top level only
     data = msg.as_bytes(policy=SMTP_POLICY)
     _verify_header_block(msg, data)

@@ -11,12 +11,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from mailgate.config import Settings
-from mailgate.outbound.compose import build_message, check_envelope_address
+from mailgate.outbound.compose import (
+    Attachment,
+    build_message,
+    check_envelope_address,
+    format_address,
+)
 from mailgate.outbound.outbox import queue_mail
 from mailgate.outbound.templates import TemplateSet
 from mailgate.pipeline.screen import LOOP_HEADER
@@ -28,7 +34,12 @@ log = logging.getLogger("mailgate.outbound")
 
 FAILURE_NOTICE = "staff_delivery_failed"
 # Customers see acks, rejections and staff replies; notices are for staff only.
-STAFF_ONLY = {"staff_new_ticket", "staff_customer_reply", FAILURE_NOTICE}
+STAFF_ONLY = {
+    "staff_new_ticket",
+    "staff_customer_reply",
+    "staff_command_refused",
+    FAILURE_NOTICE,
+}
 # Kinds whose failure staff are not told about: their own notices (a failing
 # notice would cause another, and so on) and rejections, which go to senders
 # we do not know and often to forged addresses (backscatter).
@@ -56,8 +67,14 @@ class Mailer:
         auto_submitted: str | None = "auto-replied",
         author_kind: str = "system",
         author: tuple[str, str] | None = None,
+        from_name: str | None = None,
+        attachments: Sequence[Attachment] = (),
     ) -> OutboxMail | None:
-        """Queue one mail; None (and a log line) when no recipient is deliverable."""
+        """Queue one mail; None (and a log line) when no recipient is deliverable.
+
+        `from_name` shows a person (the staff member who wrote a relayed
+        reply) in front of the support address.
+        """
         recipients = []
         for address in dict.fromkeys(to):
             try:
@@ -75,8 +92,11 @@ class Mailer:
             kind, language, {"support_address": support, "language": language, **context}
         )
         refs = [*references, answers] if answers and answers not in references else [*references]
+        sender = self.settings.outbound.from_
+        if from_name:
+            sender = format_address(from_name, parseaddr(sender)[1])
         data = build_message(
-            from_=self.settings.outbound.from_,
+            from_=sender,
             to=recipients,
             subject=rendered.subject,
             text=rendered.text,
@@ -91,6 +111,7 @@ class Mailer:
                 self.signer.loop_marker(self.settings.instance_id, message_id),
             ),
             date=now,
+            attachments=attachments,
         )
         article_id = None
         if ticket is not None:

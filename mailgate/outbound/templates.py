@@ -46,6 +46,18 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # failed_mail: id (outbox row), kind, to (addresses not reached), subject,
     # message_id, attempts, reason (the relay's words, untrusted text).
     "staff_delivery_failed": frozenset({"ticket", "failed_mail", "support_address", "language"}),
+    # reopen_days: a reply within that many days reopens the ticket (0: never);
+    # auto_resolved: resolved because the customer did not answer our question.
+    "resolved": frozenset(
+        {"ticket", "requester_name", "reopen_days", "auto_resolved", "support_address", "language"}
+    ),
+    # resolve_after_days: business days until it is resolved automatically (0: never).
+    "waiting_reminder": frozenset(
+        {"ticket", "requester_name", "resolve_after_days", "support_address", "language"}
+    ),
+    # problems: list of dicts: line (1-based), text (the line as written, untrusted
+    # text), reason (an English sentence). The whole mail was refused.
+    "staff_command_refused": frozenset({"ticket", "problems", "support_address", "language"}),
 }
 KINDS = tuple(CONTEXT_KEYS)
 ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
@@ -107,12 +119,30 @@ _SAMPLE_TEXT = "Bonjour,\nl'export échoue : <script>alert(1)</script>\r\n" + "\
     f"ligne {n} — ü ñ ç" for n in range(25)
 )
 
+# A refused /commands block: the first is the degenerate one (sparse), the
+# others quote what the staff member wrote, markup and all.
+_SAMPLE_PROBLEMS = (
+    {"line": 1, "text": "/", "reason": "a line at the top that starts with / must be a command"},
+    {
+        "line": 1,
+        "text": "/statut résolu <script>alert(1)</script>",
+        "reason": "unknown command /statut; did you mean /status?",
+    },
+    {
+        "line": 3,
+        "text": "/cc <b>josé.müller@example.com</b> & carol",
+        "reason": "/cc needs one email address, not '<b>josé.müller@example.com</b> & …'",
+    },
+    {"line": 4, "text": "/spend " + "9" * 300, "reason": "/spend: not a duration"},
+)
+
 
 def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
     """Data shaped like the daemon's, hostile on purpose (non-ASCII, markup, CR/LF).
 
     `sparse` gives the degenerate values the daemon may also pass: no names,
-    an empty subject and text.
+    an empty subject and text, day counts of 0 (a setting turned off), one
+    bare refused command.
     """
     full: dict[str, Any] = {
         "ticket": {
@@ -136,6 +166,10 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
             "attempts": 1,
             "reason": "" if sparse else "RCPT TO: 550 5.1.1 <x@example.com>: No such user\r\n",
         },
+        "reopen_days": 0 if sparse else 14,
+        "auto_resolved": not sparse,
+        "resolve_after_days": 0 if sparse else 4,
+        "problems": [dict(p) for p in (_SAMPLE_PROBLEMS[:1] if sparse else _SAMPLE_PROBLEMS[1:])],
         "support_address": "support@example.com",
         "language": "en",
     }

@@ -15,7 +15,7 @@ from mailgate.pipeline.thread import ThreadMatch, TicketView
 
 @dataclass(frozen=True)
 class Decision:
-    outcome: str  # created | threaded | rejected | ignored | bounce | quarantined
+    outcome: str  # created | threaded | command | rejected | ignored | bounce | quarantined
     reason: str
     ticket: TicketView | None = None  # threaded: the ticket; created: the ticket it follows
     matched_by: str | None = None

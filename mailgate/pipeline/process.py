@@ -28,16 +28,19 @@ from mailgate.pipeline.identify import identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.pipeline.screen import ScreenContext, Screening, screen
-from mailgate.pipeline.thread import ThreadMatch, find_ticket_for
+from mailgate.pipeline.staff import handle_staff_mail
+from mailgate.pipeline.thread import find_ticket_for
 from mailgate.store.models import (
     Article,
-    AttachmentRow,
     Contact,
     IngestRecord,
     OutboxMail,
     Ticket,
 )
 from mailgate.tickets import repository as repo
+from mailgate.tickets.articles import store_inbound
+from mailgate.tickets.changes import set_status
+from mailgate.tickets.lifecycle import status_after_customer_reply
 from mailgate.tickets.numbers import format_number, next_sequence
 
 log = logging.getLogger("mailgate.pipeline")
@@ -131,7 +134,7 @@ def process(
             }
         },
     )
-    if not dry_run and result.outcome in ("created", "threaded", "rejected"):
+    if not dry_run and result.outcome in ("created", "threaded", "command", "rejected"):
         app.notify_outbox()
     return result
 
@@ -243,7 +246,8 @@ def _decide_and_apply(
 
     if decision.outcome == "created":
         ticket = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
-        article = _store_article(app, session, ticket, msg, raw_sha, "customer", now, dry_run)
+        article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
+                                author_kind="customer", now=now)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
         _queue_created_mail(app, session, ticket, msg, decision, now)
         return _record(session, record, decision, ticket.number)
@@ -251,11 +255,18 @@ def _decide_and_apply(
         assert decision.ticket is not None
         ticket = session.get(Ticket, decision.ticket.id)
         assert ticket is not None
-        article = _store_article(
-            app, session, ticket, msg, raw_sha, decision.author_kind, now, dry_run
-        )
-        _after_threading(app, session, ticket, msg, decision, match, now)
-        record.ticket_id, record.article_id = ticket.id, article.id
+        record.ticket_id = ticket.id
+        if decision.author_kind == "staff":
+            staff = handle_staff_mail(app, session, ticket, msg, raw_sha, envelope, screening,
+                                      now, dry_run=dry_run)  # fmt: skip
+            record.article_id = staff.article_id
+            decision = replace(decision, outcome=staff.outcome,
+                               reason=f"{staff.reason}, {decision.reason}")  # fmt: skip
+            return _record(session, record, decision, ticket.number, decision.matched_by)
+        article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
+                                author_kind="customer", now=now)  # fmt: skip
+        record.article_id = article.id
+        _after_customer_reply(app, session, ticket, msg, decision, article.id, now)
         return _record(session, record, decision, ticket.number, decision.matched_by)
     if decision.outcome == "rejected" and decision.send_rejection:
         language = identity.person.language if identity.person else "en"
@@ -354,50 +365,6 @@ def _create_ticket(
     return ticket
 
 
-def _store_article(
-    app: App,
-    session: Session,
-    ticket: Ticket,
-    msg: ParsedMessage,
-    raw_sha: str | None,
-    author_kind: str,
-    now: datetime,
-    dry_run: bool,
-) -> Article:
-    article = Article(
-        ticket=ticket,
-        direction="in",
-        author_kind=author_kind,
-        author_email=msg.sender,
-        author_name=msg.from_name[:200],
-        visibility="public",
-        message_id=msg.message_id,
-        in_reply_to=msg.in_reply_to[0] if msg.in_reply_to else None,
-        references=list(msg.references[-50:]),
-        subject=msg.subject,
-        text=msg.text,
-        html=msg.html,
-        raw_sha256=raw_sha,
-        created_at=now,
-    )
-    session.add(article)
-    for part in msg.attachments:
-        sha = hashlib.sha256(part.payload).hexdigest() if dry_run else app.blobs.put(part.payload)
-        article.attachments.append(
-            AttachmentRow(
-                filename=part.filename,
-                content_type=part.content_type[:255],
-                size=len(part.payload),
-                sha256=sha,
-                content_id=part.content_id,
-                inline=part.inline,
-            )
-        )
-    ticket.updated_at = now
-    session.flush()
-    return article
-
-
 def _queue_created_mail(
     app: App,
     session: Session,
@@ -439,71 +406,43 @@ def _queue_created_mail(
         )
 
 
-def _after_threading(
+def _after_customer_reply(
     app: App,
     session: Session,
     ticket: Ticket,
     msg: ParsedMessage,
     decision: Decision,
-    match: ThreadMatch,
+    article_id: int,
     now: datetime,
 ) -> None:
-    if decision.reopen:
-        ticket.status, ticket.resolved_at = "open", None
-    context = {
-        "ticket": ticket_context(ticket),
-        "requester_name": msg.from_name,
-        "text": msg.text[:20000],
-    }
-    if decision.author_kind == "customer":
-        requester = ticket.requester.email if ticket.requester else None
-        if msg.sender and msg.sender != requester and msg.sender not in ticket.cc:
-            ticket.cc = [*ticket.cc, msg.sender]  # a colleague joined the conversation
-        staff = [s.email for s in repo.active_staff(session)]
-        if ticket.assignee_id:
-            staff = [a for a in staff if a == repo.staff_email(session, ticket.assignee_id)]
-        if staff:
-            app.mailer.queue(
-                session,
-                kind="staff_customer_reply",
-                to=staff,
-                language="en",
-                context=context,
-                now=now,
-                ticket=ticket,
-                answers=msg.message_id,
-                auto_submitted="auto-generated",
-            )
-        return
-    # A staff member's reply is relayed to the customer from the support address.
-    if ticket.status == "new":
-        ticket.status = "open"
-    recipients = [ticket.requester.email] if ticket.requester else []
-    recipients += [a for a in ticket.cc if a not in recipients]
-    if recipients:
-        staff_name = repo.staff_name(session, msg.sender or "")
+    """Back in front of staff: reopened or no longer waiting, and staff are told."""
+    status = status_after_customer_reply(ticket.status)
+    if status:
+        why = "customer replied within the reopen window" if decision.reopen else "customer replied"
+        set_status(session, ticket, status, now=now, actor_kind="customer", actor=msg.sender,
+                   reason=why, article_id=article_id)  # fmt: skip
+    requester = ticket.requester.email if ticket.requester else None
+    if msg.sender and msg.sender != requester and msg.sender not in ticket.cc:
+        ticket.cc = [*ticket.cc, msg.sender]  # a colleague joined the conversation
+    staff = [s.email for s in repo.active_staff(session)]
+    if ticket.assignee_id:
+        staff = [a for a in staff if a == repo.staff_email(session, ticket.assignee_id)]
+    if staff:
         app.mailer.queue(
             session,
-            kind="staff_reply",
-            to=recipients,
-            language=ticket.language,
-            context={**context, "staff_name": staff_name},
+            kind="staff_customer_reply",
+            to=staff,
+            language="en",
+            context={
+                "ticket": ticket_context(ticket),
+                "requester_name": msg.from_name,
+                "text": msg.text[:20000],
+            },
             now=now,
             ticket=ticket,
-            answers=_customer_message_id(ticket),
-            references=msg.references,
-            auto_submitted=None,
-            author_kind="staff",
-            author=(msg.sender or "", staff_name),
+            answers=msg.message_id,
+            auto_submitted="auto-generated",
         )
-
-
-def _customer_message_id(ticket: Ticket) -> str | None:
-    """The customer's latest mail, so their client threads our relay under it."""
-    for article in reversed(ticket.articles):
-        if article.direction == "in" and article.author_kind == "customer" and article.message_id:
-            return article.message_id
-    return None
 
 
 def _handle_bounce(

@@ -29,6 +29,9 @@ class Screening:
     reason: str
     suppress_ack: bool = False
     bounce: BounceInfo | None = None
+    # Did the sender's domain vouch for this mail (DKIM/DMARC)? None: not
+    # checked. False refuses staff /commands; sender authentication fills it.
+    sender_authenticated: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,13 @@ class Ticket(Base):
     updated_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
+    # waiting_customer: since when, and when the customer was last reminded.
+    waiting_since: Mapped[datetime | None]
+    reminded_at: Mapped[datetime | None]
 
     organisation: Mapped[Organisation] = relationship()
     requester: Mapped[Contact | None] = relationship()
+    assignee: Mapped[Staff | None] = relationship()
     articles: Mapped[list[Article]] = relationship(
         back_populates="ticket", order_by="Article.id", foreign_keys="Article.ticket_id"
     )
@@ -161,6 +165,37 @@ class Article(Base):
 
     ticket: Mapped[Ticket] = relationship(back_populates="articles", foreign_keys=[ticket_id])
     attachments: Mapped[list[AttachmentRow]] = relationship(back_populates="article")
+
+
+class TicketEvent(Base):
+    """One change to a ticket: who, when, what and why (`tickets show` lists them)."""
+
+    __tablename__ = "ticket_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    at: Mapped[datetime]
+    actor_kind: Mapped[str] = mapped_column(String(10))  # customer | staff | system
+    actor: Mapped[str | None] = mapped_column(String(320))  # the address; None for system
+    field: Mapped[str] = mapped_column(String(20))  # status | priority | urgent | level | ...
+    old: Mapped[str | None] = mapped_column(String(320))
+    new: Mapped[str | None] = mapped_column(String(320))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+
+
+class TimeEntry(Base):
+    """Time a staff member spent on a ticket (`/spend`), as written: minutes, not credits."""
+
+    __tablename__ = "time_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    staff_email: Mapped[str] = mapped_column(String(320))
+    minutes: Mapped[int] = mapped_column(Integer)
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)  # the ticket's, when spent
+    article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+    created_at: Mapped[datetime]
 
 
 class AttachmentRow(Base):

@@ -18,6 +18,8 @@ from mailgate.store.models import (
     OutboxMail,
     Staff,
     Ticket,
+    TicketEvent,
+    TimeEntry,
 )
 
 
@@ -146,3 +148,13 @@ def outbox_for_bounce(
             select(OutboxMail).where(OutboxMail.message_id == returned_message_id)
         )
     return None
+
+
+def events_of(session: Session, ticket_id: int) -> list[TicketEvent]:
+    query = select(TicketEvent).where(TicketEvent.ticket_id == ticket_id)
+    return list(session.scalars(query.order_by(TicketEvent.id)))
+
+
+def time_entries_of(session: Session, ticket_id: int) -> list[TimeEntry]:
+    query = select(TimeEntry).where(TimeEntry.ticket_id == ticket_id)
+    return list(session.scalars(query.order_by(TimeEntry.id)))

@@ -1,0 +1,77 @@
+"""Mail to the customer about their ticket's state: resolved, waiting for them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from mailgate.app import App
+from mailgate.outbound.mailer import ticket_context
+from mailgate.store.models import Article, Ticket
+
+
+def queue_resolution_notice(
+    app: App, session: Session, ticket: Ticket, now: datetime, *, auto_resolved: bool
+) -> None:
+    """Tell the customer the ticket is resolved, and how long a reply reopens it."""
+    if ticket.requester is None:
+        return
+    app.mailer.queue(
+        session,
+        kind="resolved",
+        to=[ticket.requester.email, *ticket.cc],
+        language=ticket.language,
+        context={
+            "ticket": ticket_context(ticket),
+            "requester_name": ticket.requester.name or None,
+            "reopen_days": app.settings.tickets.reopen_days,
+            "auto_resolved": auto_resolved,
+        },
+        now=now,
+        ticket=ticket,
+        answers=latest_customer_message_id(ticket),
+        references=public_thread(ticket),
+        auto_submitted="auto-generated",
+    )
+
+
+def latest_customer_message_id(ticket: Ticket) -> str | None:
+    """The customer's latest mail, so their client threads our mail under it."""
+    for article in reversed(ticket.articles):
+        if article.direction == "in" and article.author_kind == "customer" and article.message_id:
+            return article.message_id
+    return None
+
+
+def public_thread(ticket: Ticket) -> list[str]:
+    """Message-IDs the customer has seen, oldest first; internal notes never appear."""
+    return [a.message_id for a in ticket.articles if _customer_saw(a) and a.message_id]
+
+
+def _customer_saw(article: Article) -> bool:
+    return article.visibility == "public" and (
+        article.direction == "out" or article.author_kind == "customer"
+    )
+
+
+def queue_waiting_reminder(app: App, session: Session, ticket: Ticket, now: datetime) -> None:
+    """Remind the customer that we wait for their answer, and when we stop waiting."""
+    if ticket.requester is None:
+        return
+    app.mailer.queue(
+        session,
+        kind="waiting_reminder",
+        to=[ticket.requester.email, *ticket.cc],
+        language=ticket.language,
+        context={
+            "ticket": ticket_context(ticket),
+            "requester_name": ticket.requester.name or None,
+            "resolve_after_days": app.settings.tickets.waiting_resolve_days,
+        },
+        now=now,
+        ticket=ticket,
+        answers=latest_customer_message_id(ticket),
+        references=public_thread(ticket),
+        auto_submitted="auto-generated",
+    )

@@ -1,0 +1,78 @@
+"""The scheduled lifecycle sweep: remind customers, resolve and close tickets nobody answers.
+
+The database is the clock's memory: due times are computed from the ticket's
+own timestamps (`waiting_since`, `reminded_at`, `resolved_at`), so a daemon
+that was down sends what became due meanwhile, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgate.app import App
+from mailgate.store.models import Ticket
+from mailgate.tickets.changes import set_status
+from mailgate.tickets.lifecycle import add_business_days
+from mailgate.tickets.notices import queue_resolution_notice, queue_waiting_reminder
+
+log = logging.getLogger("mailgate.lifecycle")
+
+BATCH = 500  # tickets per kind and run: a long backlog drains over several runs
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    reminded: int = 0
+    auto_resolved: int = 0
+    closed: int = 0
+
+
+def sweep(app: App, now: datetime) -> SweepReport:
+    with app.sessions() as session, session.begin():
+        reminded, resolved = _waiting(app, session, now)
+        closed = _close_resolved(app, session, now)
+    report = SweepReport(reminded, resolved, closed)
+    if reminded or resolved or closed:
+        log.info("lifecycle sweep: %s reminded, %s resolved, %s closed", reminded, resolved, closed)
+        app.notify_outbox()
+    return report
+
+
+def _close_resolved(app: App, session: Session, now: datetime) -> int:
+    days = app.settings.tickets.reopen_days
+    cutoff = now - timedelta(days=days)
+    due = select(Ticket).where(Ticket.status == "resolved", Ticket.resolved_at <= cutoff)
+    tickets = list(session.scalars(due.order_by(Ticket.id).limit(BATCH)))
+    for ticket in tickets:
+        set_status(session, ticket, "closed", now=now, actor_kind="system", actor=None,
+                   reason=f"no reply within {days} days of resolution")  # fmt: skip
+    return len(tickets)
+
+
+def _waiting(app: App, session: Session, now: datetime) -> tuple[int, int]:
+    settings = app.settings.tickets
+    remind, resolve = settings.waiting_reminder_days, settings.waiting_resolve_days
+    reminded = resolved = 0
+    waiting = select(Ticket).where(Ticket.status == "waiting_customer").order_by(Ticket.id)
+    for ticket in session.scalars(waiting.limit(BATCH * 4)):
+        since = ticket.waiting_since or ticket.updated_at
+        zone = ticket.organisation.timezone
+        if remind and ticket.reminded_at is None:
+            if add_business_days(since, remind, zone) <= now:
+                queue_waiting_reminder(app, session, ticket, now)
+                ticket.reminded_at = now
+                reminded += 1
+            continue
+        start = ticket.reminded_at or since
+        if resolve and add_business_days(start, resolve, zone) <= now:
+            why = f"no answer from the customer for {remind + resolve} business days"
+            set_status(session, ticket, "resolved", now=now, actor_kind="system", actor=None,
+                       reason=why)  # fmt: skip
+            queue_resolution_notice(app, session, ticket, now, auto_resolved=True)
+            resolved += 1
+    return reminded, resolved

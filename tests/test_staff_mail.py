@@ -1,0 +1,338 @@
+"""Support staff run a ticket by email: replies relayed, internal notes, /commands, lifecycle.
+
+The mail goes in through the daemon's SMTP listener (in this process, so the
+test clock drives it) and out to an aiosmtpd relay sink; what the customer
+and staff see is read from the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from email.message import EmailMessage
+
+import pytest
+from sqlalchemy import select
+
+from mailgate.intake.smtp import SmtpListener
+from mailgate.store.models import Article, OutboxMail, Ticket, TicketEvent, TimeEntry
+from tests.conftest import Installation, make_mail, reply_to
+from tests.smtp_sink import Received, Sink
+
+SUPPORT = "support@example.com"
+ALICE = "Alice Martin <alice@acme.example>"  # admin of ACME (shipped directory.yaml)
+CAROL = "carol@acme.example"  # a member of ACME
+BOB = "Bob Durand <bob@support.example>"  # the staff member
+QUOTE_AND_SIGNATURE = (
+    "\n\nOn Mon, 23 Nov 2026 at 09:15, Alice Martin <alice@acme.example> wrote:\n"
+    "> nobody can log in since this morning.\n"
+    "\n-- \nBob Durand | Tier 2 support | +33 1 23 45 67 89\n"
+)
+
+
+class Desk:
+    """One installation, its SMTP listener on loopback and the relay sink it sends to."""
+
+    def __init__(self, inst: Installation, sink: Sink, port: int) -> None:
+        self.inst, self.sink, self.port = inst, sink, port
+
+    def send(self, msg: EmailMessage, rcpt: str = SUPPORT) -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            refused = client.send_message(msg, to_addrs=[rcpt])
+        assert refused == {}
+        self.inst.send_outbox()
+
+    def send_raw(self, data: bytes) -> None:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.sendmail("someone@example.net", [SUPPORT], data)
+        self.inst.send_outbox()
+
+    def mails_to(self, address: str) -> list[EmailMessage]:
+        return [r.message for r in self.sink.received if address in r.rcpt_tos]
+
+    def received_by(self, address: str) -> list[Received]:
+        return [r for r in self.sink.received if address in r.rcpt_tos]
+
+    def ticket(self) -> Ticket:
+        with self.inst.session() as session:
+            (ticket,) = session.scalars(select(Ticket))
+            return ticket
+
+    def rows(self, model: type, **where: object) -> list:  # type: ignore[type-arg]
+        with self.inst.session() as session:
+            return list(session.scalars(select(model).filter_by(**where)))
+
+    def later(self, delta: timedelta) -> None:
+        self.inst.clock.now += delta  # type: ignore[attr-defined]
+
+    def sweep(self) -> None:
+        from mailgate.tickets.sweep import sweep
+
+        sweep(self.inst.app, self.inst.clock())
+        self.inst.send_outbox()
+
+
+@pytest.fixture
+def desk(install: Callable[..., Installation], sink: Sink) -> Iterator[Desk]:
+    relay = {"host": "127.0.0.1", "port": sink.port, "tls": "none", "timeout_seconds": 5}
+    inst = install(
+        settings={
+            "outbound": {"transport": "smtp", "smtp": relay},
+            "intake": {"smtp": {"port": 0}},
+        }
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    listener = SmtpListener(lambda: inst.app, inst.app.settings.intake.smtp, inst.root)
+    ((_, port),) = asyncio.run_coroutine_threadsafe(listener.start(), loop).result(10)
+    yield Desk(inst, sink, port)
+    asyncio.run_coroutine_threadsafe(listener.stop(1), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def staff_notice(desk: Desk) -> EmailMessage:
+    """The latest notice staff got: what Bob replies to in his mail client."""
+    return desk.mails_to("bob@support.example")[-1]
+
+
+def staff_answer(desk: Desk, body: str, mid: str, **kw: object) -> EmailMessage:
+    notice = staff_notice(desk)
+    return reply_to(notice, sender=BOB, body=body, message_id=mid, to=SUPPORT, **kw)  # type: ignore[arg-type]
+
+
+def open_ticket(desk: Desk) -> EmailMessage:
+    original = make_mail(sender=ALICE, message_id="req-1@acme.example")
+    desk.send(original)
+    assert [m["Subject"] for m in desk.mails_to("alice@acme.example")][0].startswith(
+        "[SUP-"
+    )  # the acknowledgement
+    return original
+
+
+def test_a_whole_conversation_by_mail(desk: Desk) -> None:
+    open_ticket(desk)
+    number = desk.ticket().number
+    ack = desk.mails_to("alice@acme.example")[0]
+
+    # Staff reply from Bob's own mail client: quoted history and signature trimmed, relayed once.
+    answer = staff_answer(desk, "Hello Alice,\nplease clear your browser cache." +
+                          QUOTE_AND_SIGNATURE, "bob-1@support.example")  # fmt: skip
+    answer.add_attachment(b"%PDF-1.4 guide", maintype="application", subtype="pdf",
+                          filename="cache-guide.pdf")  # fmt: skip
+    desk.send(answer)
+    relays = [r for r in desk.received_by("alice@acme.example") if "cache" in r.data.decode()]
+    assert len(relays) == 1
+    relay = relays[0].message
+    assert relay["From"] == f"Bob Durand <{SUPPORT}>"
+    assert f"[{number}]" in relay["Subject"]
+    assert relay["In-Reply-To"] == "<req-1@acme.example>"
+    assert (
+        "<req-1@acme.example>" in relay["References"] and ack["Message-ID"] in relay["References"]
+    )
+    assert relay["Reply-To"].startswith("support+t")
+    assert desk.inst.app.signer.ticket_from_message_id(relay["Message-ID"].strip("<>")) == (
+        desk.ticket().id
+    )
+    body = relay.get_body(("plain",)).get_content()
+    assert "please clear your browser cache" in body
+    assert "wrote:" not in body and "nobody can log in" not in body and "Tier 2" not in body
+    (attachment,) = relay.iter_attachments()
+    assert attachment.get_filename() == "cache-guide.pdf"
+    assert attachment.get_content() == b"%PDF-1.4 guide"
+    assert desk.ticket().status == "open"
+
+    # The customer answers with a changed subject: threaded by In-Reply-To.
+    answer_back = reply_to(relay, sender=ALICE, body="Still broken after clearing it.\n",
+                           message_id="req-2@acme.example", subject="New error now")  # fmt: skip
+    desk.send(answer_back)
+    (record,) = [
+        a for a in desk.rows(Article, direction="in") if a.message_id == "req-2@acme.example"
+    ]
+    assert record.ticket_id == desk.ticket().id
+
+    # An internal note, sent to support+internal@: stored internal, never reaches Alice.
+    before = len(desk.mails_to("alice@acme.example"))
+    note = staff_answer(desk, "Looks like the SSO certificate expired.\n", "bob-2@support.example")
+    desk.send(note, rcpt="support+internal@example.com")
+    assert len(desk.mails_to("alice@acme.example")) == before
+    (stored,) = [a for a in desk.rows(Article) if a.message_id == "bob-2@support.example"]
+    assert stored.visibility == "internal" and "SSO certificate" in stored.text
+
+    # Commands only: applied, nothing relayed; the customer is told the ticket is resolved.
+    desk.send(staff_answer(desk, "/status resolved\n/spend 30m\n", "bob-3@support.example"))
+    ticket = desk.ticket()
+    assert ticket.status == "resolved"
+    assert [(t.minutes, t.staff_email) for t in desk.rows(TimeEntry)] == [
+        (30, "bob@support.example")
+    ]
+    staff_replies = desk.rows(OutboxMail, kind="staff_reply")
+    assert len(staff_replies) == 1  # still only the first reply
+    resolved = desk.mails_to("alice@acme.example")[-1]
+    assert (
+        f"[{number}]" in resolved["Subject"] and "14" in resolved.get_body(("plain",)).get_content()
+    )
+    assert len(desk.mails_to("alice@acme.example")) == before + 1
+
+    # Alice reopens within the window.
+    desk.later(timedelta(days=3))
+    desk.send(reply_to(resolved, sender=ALICE, body="It happened again.\n",
+                       message_id="req-3@acme.example"))  # fmt: skip
+    assert desk.ticket().status == "open"
+
+    # Resolved again, then closed automatically when the window passes without a reply.
+    desk.send(staff_answer(desk, "/resolve\n", "bob-4@support.example"))
+    assert desk.ticket().status == "resolved"
+    desk.later(timedelta(days=13))
+    desk.sweep()
+    assert desk.ticket().status == "resolved"
+    desk.later(timedelta(days=1, minutes=1))
+    desk.sweep()
+    assert desk.ticket().status == "closed"
+
+    # Every transition with who, when and why.
+    history = [(e.field, e.old, e.new, e.actor_kind) for e in desk.rows(TicketEvent)]
+    assert history == [
+        ("status", "new", "open", "staff"),
+        ("status", "open", "resolved", "staff"),
+        ("status", "resolved", "open", "customer"),
+        ("status", "open", "resolved", "staff"),
+        ("status", "resolved", "closed", "system"),
+    ]
+    # A later reply opens a new ticket that references the closed one.
+    desk.send(
+        reply_to(resolved, sender=ALICE, body="Back again.\n", message_id="req-4@acme.example")
+    )
+    with desk.inst.session() as session:
+        tickets = list(session.scalars(select(Ticket).order_by(Ticket.id)))
+    assert len(tickets) == 2 and tickets[1].follows_ticket_id == tickets[0].id
+
+
+def test_an_invalid_command_is_refused_whole_with_an_explanation(desk: Desk) -> None:
+    open_ticket(desk)
+    to_alice = len(desk.mails_to("alice@acme.example"))
+    mail = staff_answer(desk, "/priority P1\n/status done\n\nI will look at it.\n",
+                        "bob-1@support.example")  # fmt: skip
+    desk.send(mail)
+    ticket = desk.ticket()
+    assert (ticket.priority, ticket.status) == ("P3", "new")  # /priority P1 not applied either
+    assert desk.rows(TicketEvent) == []
+    assert len(desk.mails_to("alice@acme.example")) == to_alice  # nothing relayed
+    refusal = staff_notice(desk)
+    assert refusal["In-Reply-To"] == "<bob-1@support.example>"
+    text = refusal.get_body(("plain",)).get_content()
+    assert "line 2" in text and "/status done" in text
+    assert [a.message_id for a in desk.rows(Article, direction="in")] == ["req-1@acme.example"]
+
+
+def test_commands_change_the_ticket_and_are_listed_in_its_history(desk: Desk) -> None:
+    open_ticket(desk)
+    commands = f"/priority P1\n/urgent\n/level L2\n/assign me\n/cc {CAROL}\n/status waiting\n"
+    desk.send(staff_answer(desk, commands, "bob-1@support.example"))
+    ticket = desk.ticket()
+    assert (ticket.priority, ticket.urgent, ticket.level, ticket.status) == (
+        "P1", True, "L2", "waiting_customer"
+    )  # fmt: skip
+    assert ticket.cc == [CAROL]
+    assert {e.field for e in desk.rows(TicketEvent)} == {
+        "priority", "urgent", "level", "assignee", "cc", "status"
+    }  # fmt: skip
+    assert all(e.actor == "bob@support.example" for e in desk.rows(TicketEvent))
+
+
+def test_cc_of_a_stranger_is_refused(desk: Desk) -> None:
+    """Copying someone outside the organisation would show them the ticket."""
+    open_ticket(desk)
+    desk.send(staff_answer(desk, "/cc hank@globex.example\n", "bob-1@support.example"))
+    assert desk.ticket().cc == []
+    assert "not an active contact" in staff_notice(desk).get_body(("plain",)).get_content()
+
+
+def test_commands_in_a_customers_mail_are_plain_text(desk: Desk) -> None:
+    original = open_ticket(desk)
+    desk.send(reply_to(original, sender=ALICE, body="/status closed\n/priority P1\nplease\n",
+                       message_id="req-2@acme.example"))  # fmt: skip
+    ticket = desk.ticket()
+    assert (ticket.status, ticket.priority) == ("new", "P3")
+
+
+def test_a_mail_claiming_a_staff_name_is_a_customer_mail(desk: Desk) -> None:
+    """Identity is the address, never the display name."""
+    original = open_ticket(desk)
+    forged = reply_to(original, sender="Bob Durand <alice@acme.example>",
+                      body="/status resolved\n", message_id="req-2@acme.example")  # fmt: skip
+    desk.send(forged)
+    assert desk.ticket().status == "new"
+    (article,) = [a for a in desk.rows(Article) if a.message_id == "req-2@acme.example"]
+    assert article.author_kind == "customer"
+
+
+def test_waiting_ticket_reminds_then_resolves_in_business_days(desk: Desk) -> None:
+    open_ticket(desk)
+    desk.send(staff_answer(desk, "/status waiting\nCould you send us the log file?\n",
+                           "bob-1@support.example"))  # fmt: skip
+    assert desk.ticket().status == "waiting_customer"
+    count = len(desk.mails_to("alice@acme.example"))
+    # NOW is Monday 23 Nov 2026: 3 business days later is Thursday.
+    desk.later(timedelta(days=2, hours=23))
+    desk.sweep()
+    assert len(desk.mails_to("alice@acme.example")) == count
+    desk.later(timedelta(hours=2))
+    desk.sweep()
+    desk.sweep()  # once only
+    reminder = desk.mails_to("alice@acme.example")[-1]
+    assert len(desk.mails_to("alice@acme.example")) == count + 1
+    assert reminder["Auto-Submitted"] == "auto-generated"
+    # 4 more business days from Thursday: Wednesday of the next week (the weekend skipped).
+    desk.later(timedelta(days=6, hours=-1))
+    desk.sweep()
+    assert desk.ticket().status == "waiting_customer"
+    desk.later(timedelta(hours=2))
+    desk.sweep()
+    assert desk.ticket().status == "resolved"
+    assert len(desk.mails_to("alice@acme.example")) == count + 2
+
+
+def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:
+    original = open_ticket(desk)
+    desk.send(staff_answer(desk, "/status waiting\nWhich browser?\n", "bob-1@support.example"))
+    desk.send(reply_to(original, sender=ALICE, body="Firefox.\n", message_id="req-2@acme.example"))
+    assert desk.ticket().status == "open"
+    assert desk.ticket().waiting_since is None
+
+
+@pytest.mark.parametrize(
+    "filename",
+    ["=?utf-8?q?guide=0D=0ABcc:_evil@example.net?=.pdf", "guide.pdf\r\nBcc: evil@example.net"],
+)
+def test_relayed_mail_headers_cannot_be_injected(desk: Desk, filename: str) -> None:
+    """Checklist 30 and 3 for a relayed reply: CR/LF in a name never makes a header."""
+    desk.send_raw(
+        b"From: Alice Martin <alice@acme.example>\r\n"
+        b"To: support@example.com\r\nSubject: =?utf-8?q?Login=0D=0ABcc:_evil@example.net?=\r\n"
+        b"Message-ID: <req-1@acme.example>\r\nDate: Mon, 23 Nov 2026 09:15:00 +0100\r\n\r\n"
+        b"Nobody can log in.\r\n"
+    )
+    notice = staff_notice(desk)["Message-ID"]
+    desk.send_raw(
+        f"From: {BOB}\r\nTo: {SUPPORT}\r\nSubject: Re: login\r\nIn-Reply-To: {notice}\r\n"
+        "Message-ID: <bob-1@support.example>\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nFixed.\r\n--b\r\n"
+        f'Content-Type: application/pdf\r\nContent-Disposition: attachment; filename="{filename}"'
+        "\r\nContent-Transfer-Encoding: base64\r\n\r\nZGF0YQ==\r\n--b--\r\n".encode()
+    )
+    (relayed,) = [r for r in desk.received_by("alice@acme.example") if b"Fixed." in r.data]
+    assert b"\nBcc" not in relayed.data
+    assert "evil@example.net" not in relayed.rcpt_tos
+    assert [p.get_content() for p in relayed.message.iter_attachments()] == [b"data"]
+    # Checklist 3: every relayed mail is marked, ours, and has the VERP sender.
+    message = relayed.message
+    assert message["Auto-Submitted"] == "no"
+    assert message["Precedence"] == "bulk" and message["X-Auto-Response-Suppress"] == "All"
+    assert message["Message-ID"].endswith("@example.com>")
+    assert relayed.mail_from.startswith("support+b")
