@@ -9,7 +9,9 @@ import smtplib
 import sqlite3
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -18,9 +20,9 @@ import yaml
 from sqlalchemy import func, select
 
 from mailgate.store.models import IngestRecord, Ticket
-from tests.conftest import make_mail
-from tests.daemon import RunningDaemon, open_data, read_reply, start_daemon
-from tests.smtp_sink import Sink
+from tests.conftest import Clockwork, install_at, make_mail
+from tests.daemon import RunningDaemon, launch, open_data, read_reply, start_daemon
+from tests.smtp_sink import Sink, free_port
 
 
 @pytest.fixture
@@ -319,3 +321,24 @@ def test_metrics_endpoint_counts_decisions(tmp_path: Path, sink: Sink) -> None:
         daemon.stop()
     assert 'mailgate_messages_total{outcome="created"} 1.0' in text
     assert 'mailgate_messages_total{outcome="rejected"} 1.0' in text
+
+
+def test_the_daemon_sweeps_the_lifecycle_on_start(tmp_path: Path, sink: Sink) -> None:
+    """A resolved ticket whose reopen window passed while the daemon was down gets closed."""
+    port = free_port()
+    relay = {"transport": "smtp", "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"}}
+    inst = install_at(tmp_path, Clockwork(), {"intake": {"smtp": {"port": port}},
+                                              "outbound": relay})  # fmt: skip
+    assert inst.ingest(make_mail()).outcome == "created"
+    with inst.session() as session, session.begin():
+        ticket = session.scalars(select(Ticket)).one()
+        ticket.status, ticket.resolved_at = "resolved", datetime.now(UTC) - timedelta(days=15)
+    running = launch(inst, port)
+    try:
+        deadline = time.monotonic() + 15
+        while tickets(running)[0].status != "closed" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tickets(running)[0].status == "closed"
+        running.wait_for_log("lifecycle sweep: 0 reminded, 0 resolved, 1 closed")
+    finally:
+        running.stop()

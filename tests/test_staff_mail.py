@@ -8,18 +8,22 @@ and staff see is read from the sink.
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from email.message import EmailMessage
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from mailgate.intake.smtp import SmtpListener
 from mailgate.store.models import Article, OutboxMail, Ticket, TicketEvent, TimeEntry
-from tests.conftest import Installation, make_mail, reply_to
+from tests.conftest import ROOT, Installation, make_mail, reply_to
 from tests.smtp_sink import Received, Sink
 
 SUPPORT = "support@example.com"
@@ -336,3 +340,58 @@ def test_relayed_mail_headers_cannot_be_injected(desk: Desk, filename: str) -> N
     assert message["Precedence"] == "bulk" and message["X-Auto-Response-Suppress"] == "All"
     assert message["Message-ID"].endswith("@example.com>")
     assert relayed.mail_from.startswith("support+b")
+
+
+def test_internal_first_line_keeps_the_note_from_the_customer(desk: Desk) -> None:
+    open_ticket(desk)
+    before = len(desk.mails_to("alice@acme.example"))
+    desk.send(
+        staff_answer(desk, "/internal\nCustomer is on the legacy SSO.\n", "bob-1@support.example")
+    )
+    assert len(desk.mails_to("alice@acme.example")) == before
+    (note,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert note.visibility == "internal" and note.text == "Customer is on the legacy SSO."
+    assert desk.ticket().status == "new"  # a note is not an answer to the customer
+
+
+def test_customer_replies_go_to_the_assignee_only(
+    install: Callable[..., Installation], sink: Sink
+) -> None:
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["staff"].append({"email": "zoe@support.example", "name": "Zoé Dupré"})
+    inst = install(settings={"outbound": {"transport": "smtp", "smtp": {
+        "host": "127.0.0.1", "port": sink.port, "tls": "none"}}}, directory=directory)  # fmt: skip
+    original = make_mail(sender=ALICE)
+    inst.ingest(original)
+    inst.send_outbox()
+    notice = next(r.message for r in sink.received if "zoe@support.example" in r.rcpt_tos)
+    zoe = "Zoé Dupré <zoe@support.example>"
+    inst.ingest(reply_to(notice, sender=zoe, body="/assign me\n", message_id="zoe-1@support"))
+    sink.received.clear()
+    inst.ingest(reply_to(original, sender=ALICE, body="Any news?\n", message_id="req-2@acme"))
+    inst.send_outbox()
+    assert [r.rcpt_tos for r in sink.received] == [("zoe@support.example",)]
+
+
+def test_tickets_show_lists_history_and_time_and_sweep_runs_by_hand(desk: Desk) -> None:
+    open_ticket(desk)
+    desk.send(staff_answer(desk, "/status resolved\n/spend 1h\n", "bob-1@support.example"))
+    number = desk.ticket().number
+    config = ["--config", str(desk.inst.settings_file)]
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "mailgate", *config, *args],
+                              capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
+        return proc.stdout
+
+    shown = json.loads(cli("tickets", "show", number, "--json"))
+    assert [(e["field"], e["old"], e["new"], e["actor"]) for e in shown["history"]] == [
+        ("status", "new", "resolved", "bob@support.example")
+    ]
+    assert [t["minutes"] for t in shown["time_spent"]] == [60]
+    text = cli("tickets", "show", number)
+    assert "status: new -> resolved  by bob@support.example" in text
+    assert "60 min in 1 entries" in text
+    later = (desk.inst.clock() + timedelta(days=15)).isoformat()
+    assert cli("tickets", "sweep", "--now", later).startswith("0 reminded, 0 resolved, 1 closed")
+    assert desk.ticket().status == "closed"
