@@ -18,6 +18,7 @@ from mailgate.outbound.mailer import STAFF_ONLY, Mailer
 from mailgate.outbound.outbox import RetryPolicy
 from mailgate.outbound.templates import TemplateSet
 from mailgate.outbound.transports import MaildirTransport, SmtpTransport, Transport
+from mailgate.pipeline.rules import RuleSet, load_rules
 from mailgate.pipeline.thread import tag_pattern
 from mailgate.store.blobs import BlobStore
 from mailgate.store.db import ensure_schema, make_engine, session_factory
@@ -55,6 +56,11 @@ class App:
     @cached_property
     def templates(self) -> TemplateSet:
         return TemplateSet(self.settings.path(self.settings.templates_dir))
+
+    @cached_property
+    def rules(self) -> RuleSet:
+        """The priority rules; RulesError (file:line problems) when a file is broken."""
+        return load_rules(self.settings.path(self.settings.rules_dir))
 
     @cached_property
     def mailer(self) -> Mailer:

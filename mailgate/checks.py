@@ -16,7 +16,8 @@ def run_checks(settings_file: Path) -> list[str]:
     except ConfigError as exc:
         return exc.problems  # nothing else can be checked without valid settings
     problems: list[str] = []
-    checks = (check_directory, check_templates, check_database, check_paths, check_relay)
+    checks = (check_directory, check_rules, check_templates, check_database, check_paths,
+              check_relay)  # fmt: skip
     for check in checks:
         try:
             problems += check(settings)
@@ -31,6 +32,16 @@ def check_directory(settings: Settings) -> list[str]:
     if settings.directory is None:
         return []
     load_directory(settings.path(settings.directory))
+    return []
+
+
+def check_rules(settings: Settings) -> list[str]:
+    from mailgate.pipeline.rules import RulesError, load_rules
+
+    try:
+        load_rules(settings.path(settings.rules_dir))
+    except RulesError as exc:
+        return exc.problems
     return []
 
 

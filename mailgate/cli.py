@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
     ingest.add_argument("--json", action="store_true", help="one JSON object per message")
 
+    rules = sub.add_parser("rules", help="priority rules").add_subparsers(metavar="ACTION")
+    rules_test = command("test", cmd_rules_test, "which rules match a mail, and what they set",
+                         rules)  # fmt: skip
+    rules_test.add_argument("file", metavar="FILE.eml")
+    rules_test.add_argument("--json", action="store_true")
+
     explain = command("explain", cmd_explain, "dry run: what would happen to this mail")
     explain.add_argument("file", metavar="FILE.eml")
     explain.add_argument("--json", action="store_true")
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
     settings = load_settings(args.config)
     app = App(settings)
+    app.rules  # noqa: B018 - a broken rule file stops here, listed, before any mail is touched
     if sync_directory:
         sync_directory_if_changed(app)
     return app
@@ -253,6 +260,57 @@ def _send_queued(app: App) -> None:
         app.send_outbox()
     except Exception as exc:  # noqa: BLE001 - mail stays queued for the daemon
         log.warning("queued mail not sent now (the daemon will retry): %s", exc)
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from mailgate.pipeline.parse import parse_message
+    from mailgate.pipeline.process import facts_for
+    from mailgate.pipeline.rules import Facts, classify, customer_importance, evaluate
+    from mailgate.store.models import Contact
+
+    app = load_app(args, sync_directory=False)
+    try:
+        msg = parse_message(Path(args.file).read_bytes())
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    now = msg.date or app.clock()
+    with app.sessions() as session:
+        contact = session.scalar(select(Contact).where(Contact.email == msg.sender))
+        if contact is not None:
+            facts = facts_for(msg, contact.organisation, contact.role, now)
+            plan = contact.organisation.plan
+        else:  # a stranger gets no ticket, but the rules can still be tried on the text
+            facts = Facts(subject=msg.subject, body=msg.text, headers=msg.headers)
+            plan = None
+    tickets = app.settings.tickets
+    evaluation = evaluate(app.rules, facts)
+    result = classify(
+        evaluation,
+        default_priority=tickets.plan_priority.get(plan or "", tickets.default_priority),
+        customer_importance=customer_importance(msg.headers),
+        header_policy=tickets.customer_priority_header,
+    )
+    sources = {rule.name: rule.source for rule in app.rules.rules}
+    data = {
+        "matched": [{"rule": name, "source": sources[name]} for name in evaluation.matched],
+        "priority": result.priority,
+        "urgent": result.urgent,
+        "level": result.level,
+        "assignee": result.assignee,
+        "tags": list(result.tags),
+        "why": result.why,
+        "organisation": facts.organisation,
+    }
+    if args.json:
+        print_json(data)
+        return EX_OK
+    for n, match in enumerate(data["matched"], 1):
+        print(f"{n}. {match['rule']}  ({match['source']})")
+    if not data["matched"]:
+        print("no rule matched")
+    for key in ("priority", "urgent", "level", "assignee", "tags", "why"):
+        print(f"{key:9} {data[key] if data[key] not in (None, []) else '-'}")
+    return EX_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -136,6 +136,11 @@ class Tickets(Strict):
     reject_notice_hours: int = Field(24, ge=0)
     reopen_days: int = Field(14, ge=0)
     default_priority: Literal["P1", "P2", "P3"] = "P3"
+    # The priority when no rule sets one, per plan (else default_priority).
+    plan_priority: dict[str, Literal["P1", "P2", "P3"]] = {}
+    # A customer's X-Priority/Importance: `lower` lets "low" lower an unset
+    # priority to P3; "high" never raises it (the rules decide). `ignore`.
+    customer_priority_header: Literal["lower", "ignore"] = "lower"
     # Staff replies: what is cut before the relay, and what a reply does to the status.
     trim_quoted: bool = True
     strip_signature: bool = True

@@ -201,6 +201,10 @@ def build_app(settings: Settings, reuse: App | None = None) -> App:
     if reuse is not None and reuse.settings.database_url == settings.database_url:
         app.engine = reuse.engine  # type: ignore[misc] - keep the pool across reloads
     problems = app.templates.check()
+    try:
+        app.rules  # noqa: B018 - loaded now, so a broken file refuses the reload
+    except ConfigError as exc:
+        problems = exc.problems + problems
     if problems:
         raise ConfigError(problems)
     sync_directory_if_changed(app)

@@ -116,7 +116,9 @@ def test_ingest_verbose_logs_the_decision(
     config = str(inst.settings_file)
     assert main(["--config", config, "-v", "ingest", "--no-send", str(mail)]) == 0
     out, err = capsys.readouterr()
-    assert out.strip().endswith("created SUP-2026-000001 new ticket")
+    assert out.strip().endswith(
+        "created SUP-2026-000001 new ticket; priority P1 by rule 'critical outage'"
+    )
     decided = [line for line in err.splitlines() if "message decided" in line]
     assert len(decided) == 1
     assert "outcome=created" in decided[0] and "ticket=SUP-2026-000001" in decided[0]

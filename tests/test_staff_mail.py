@@ -200,7 +200,7 @@ def test_a_whole_conversation_by_mail(desk: Desk) -> None:
 
     # Every transition with who, when and why.
     history = [(e.field, e.old, e.new, e.actor_kind) for e in desk.rows(TicketEvent)]
-    assert history == [
+    assert history[1:] == [
         ("status", "new", "open", "staff"),
         ("status", "open", "resolved", "staff"),
         ("status", "resolved", "open", "customer"),
@@ -219,12 +219,12 @@ def test_a_whole_conversation_by_mail(desk: Desk) -> None:
 def test_an_invalid_command_is_refused_whole_with_an_explanation(desk: Desk) -> None:
     open_ticket(desk)
     to_alice = len(desk.mails_to("alice@acme.example"))
-    mail = staff_answer(desk, "/priority P1\n/status done\n\nI will look at it.\n",
+    mail = staff_answer(desk, "/priority P3\n/status done\n\nI will look at it.\n",
                         "bob-1@support.example")  # fmt: skip
     desk.send(mail)
     ticket = desk.ticket()
-    assert (ticket.priority, ticket.status) == ("P3", "new")  # /priority P1 not applied either
-    assert desk.rows(TicketEvent) == []
+    assert (ticket.priority, ticket.status) == ("P1", "new")  # /priority P3 not applied either
+    assert [e.field for e in desk.rows(TicketEvent)] == ["priority"]  # set at creation only
     assert len(desk.mails_to("alice@acme.example")) == to_alice  # nothing relayed
     refusal = staff_notice(desk)
     assert refusal["In-Reply-To"] == "<bob-1@support.example>"
@@ -235,17 +235,17 @@ def test_an_invalid_command_is_refused_whole_with_an_explanation(desk: Desk) -> 
 
 def test_commands_change_the_ticket_and_are_listed_in_its_history(desk: Desk) -> None:
     open_ticket(desk)
-    commands = f"/priority P1\n/urgent\n/level L2\n/assign me\n/cc {CAROL}\n/status waiting\n"
+    commands = f"/priority P2\n/urgent\n/level L2\n/assign me\n/cc {CAROL}\n/status waiting\n"
     desk.send(staff_answer(desk, commands, "bob-1@support.example"))
     ticket = desk.ticket()
     assert (ticket.priority, ticket.urgent, ticket.level, ticket.status) == (
-        "P1", True, "L2", "waiting_customer"
+        "P2", True, "L2", "waiting_customer"
     )  # fmt: skip
     assert ticket.cc == [CAROL]
-    assert {e.field for e in desk.rows(TicketEvent)} == {
+    assert {e.field for e in desk.rows(TicketEvent, actor_kind="staff")} == {
         "priority", "urgent", "level", "assignee", "cc", "status"
     }  # fmt: skip
-    assert all(e.actor == "bob@support.example" for e in desk.rows(TicketEvent))
+    assert all(e.actor == "bob@support.example" for e in desk.rows(TicketEvent, actor_kind="staff"))
 
 
 def test_cc_of_a_stranger_is_refused(desk: Desk) -> None:
@@ -261,7 +261,7 @@ def test_commands_in_a_customers_mail_are_plain_text(desk: Desk) -> None:
     desk.send(reply_to(original, sender=ALICE, body="/status closed\n/priority P1\nplease\n",
                        message_id="req-2@acme.example"))  # fmt: skip
     ticket = desk.ticket()
-    assert (ticket.status, ticket.priority) == ("new", "P3")
+    assert (ticket.status, ticket.priority) == ("new", "P1")  # as the rules set it
 
 
 def test_a_mail_claiming_a_staff_name_is_a_customer_mail(desk: Desk) -> None:
@@ -385,7 +385,7 @@ def test_tickets_show_lists_history_and_time_and_sweep_runs_by_hand(desk: Desk) 
         return proc.stdout
 
     shown = json.loads(cli("tickets", "show", number, "--json"))
-    assert [(e["field"], e["old"], e["new"], e["actor"]) for e in shown["history"]] == [
+    assert [(e["field"], e["old"], e["new"], e["actor"]) for e in shown["history"]][1:] == [
         ("status", "new", "resolved", "bob@support.example")
     ]
     assert [t["minutes"] for t in shown["time_spent"]] == [60]

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -27,6 +28,7 @@ from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.identify import identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
+from mailgate.pipeline.rules import Classification, Facts, classify, customer_importance, evaluate
 from mailgate.pipeline.screen import ScreenContext, Screening, screen
 from mailgate.pipeline.staff import handle_staff_mail
 from mailgate.pipeline.thread import find_ticket_for
@@ -34,8 +36,10 @@ from mailgate.store.models import (
     Article,
     Contact,
     IngestRecord,
+    Organisation,
     OutboxMail,
     Ticket,
+    TicketEvent,
 )
 from mailgate.tickets import repository as repo
 from mailgate.tickets.articles import store_inbound
@@ -245,7 +249,9 @@ def _decide_and_apply(
     )
 
     if decision.outcome == "created":
-        ticket = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
+        ticket, found = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
+        if found.why:
+            decision = replace(decision, reason=f"{decision.reason}; {found.why}")
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
                                 author_kind="customer", now=now)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
@@ -338,23 +344,32 @@ def _create_ticket(
     contact_id: int,
     decision: Decision,
     now: datetime,
-) -> Ticket:
+) -> tuple[Ticket, Classification]:
     contact = session.get(Contact, contact_id)
     assert contact is not None
     org = contact.organisation
     copied = [a for a in (*msg.to, *msg.cc) if a != contact.email]
     cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
+    tickets = app.settings.tickets
+    found = classify(
+        evaluate(app.rules, facts_for(msg, org, contact.role, now)),
+        default_priority=tickets.plan_priority.get(org.plan, tickets.default_priority),
+        customer_importance=customer_importance(msg.headers),
+        header_policy=tickets.customer_priority_header,
+    )
     seq = next_sequence(session, now.year)
     ticket = Ticket(
-        number=format_number(app.settings.tickets.number_format, now.year, seq),
+        number=format_number(tickets.number_format, now.year, seq),
         organisation=org,
         requester=contact,
         subject=msg.subject or "(no subject)",
         status="new",
-        priority=app.settings.tickets.default_priority,
-        urgent=False,
-        level="L1",
+        priority=found.priority,
+        urgent=found.urgent,
+        level=found.level,
+        assignee_id=repo.staff_id(session, found.assignee) if found.assignee else None,
         cc=cc_contacts,
+        tags=list(found.tags),
         language=org.language,
         follows_ticket_id=decision.ticket.id if decision.ticket else None,
         created_at=now,
@@ -362,7 +377,32 @@ def _create_ticket(
     )
     session.add(ticket)
     session.flush()
-    return ticket
+    # The rules' decision, in the ticket's history from the start.
+    event = TicketEvent(
+        ticket_id=ticket.id, at=now, actor_kind="system", field="priority",
+        old=None, new=found.priority, reason=found.why or "no rule set it: the default",
+    )  # fmt: skip
+    session.add(event)
+    return ticket, found
+
+
+def facts_for(msg: ParsedMessage, org: Organisation, role: str, now: datetime) -> Facts:
+    """What the rules may look at: the mail, and who sent it from which organisation when."""
+    try:
+        local = now.astimezone(ZoneInfo(org.timezone))
+    except (KeyError, ValueError):
+        local = now
+    return Facts(
+        subject=msg.subject,
+        body=msg.text,
+        organisation=org.id,
+        plan=org.plan,
+        role=role,
+        language=org.language,
+        has_attachment=any(not a.inline for a in msg.attachments),
+        headers=msg.headers,
+        local_time=local,
+    )
 
 
 def _queue_created_mail(

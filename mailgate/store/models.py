@@ -120,6 +120,7 @@ class Ticket(Base):
     assignee_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"))
     # Lower-cased addresses of the organisation's contacts copied on the ticket.
     cc: Mapped[list[str]] = mapped_column(default=list)
+    tags: Mapped[list[str]] = mapped_column(default=list)  # from the rules
     language: Mapped[str] = mapped_column(String(5), default="en")
     # A follow-up to a closed ticket opens a new one that links back here.
     follows_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))

@@ -131,6 +131,12 @@ def staff_email(session: Session, staff_id: int) -> str | None:
     return session.scalar(select(Staff.email).where(Staff.id == staff_id))
 
 
+def staff_id(session: Session, address: str) -> int | None:
+    """An active staff member's id (a rule may name someone who has left: None)."""
+    query = select(Staff.id).where(Staff.email == address.lower(), Staff.active.is_(True))
+    return session.scalar(query)
+
+
 def staff_name(session: Session, address: str) -> str:
     return session.scalar(select(Staff.name).where(Staff.email == address)) or address
 
