@@ -264,8 +264,7 @@ def _send_queued(app: App) -> None:
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from mailgate.pipeline.parse import parse_message
-    from mailgate.pipeline.process import facts_for
-    from mailgate.pipeline.rules import Facts, classify, customer_importance, evaluate
+    from mailgate.pipeline.process import classify_mail
     from mailgate.store.models import Contact
 
     app = load_app(args, sync_directory=False)
@@ -273,33 +272,22 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         msg = parse_message(Path(args.file).read_bytes())
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
-    now = msg.date or app.clock()
     with app.sessions() as session:
+        # A stranger gets no ticket, but the rules can still be tried on the text.
         contact = session.scalar(select(Contact).where(Contact.email == msg.sender))
-        if contact is not None:
-            facts = facts_for(msg, contact.organisation, contact.role, now)
-            plan = contact.organisation.plan
-        else:  # a stranger gets no ticket, but the rules can still be tried on the text
-            facts = Facts(subject=msg.subject, body=msg.text, headers=msg.headers)
-            plan = None
-    tickets = app.settings.tickets
-    evaluation = evaluate(app.rules, facts)
-    result = classify(
-        evaluation,
-        default_priority=tickets.plan_priority.get(plan or "", tickets.default_priority),
-        customer_importance=customer_importance(msg.headers),
-        header_policy=tickets.customer_priority_header,
-    )
+        org = contact.organisation if contact else None
+        result = classify_mail(app, msg, org, contact.role if contact else None,
+                               msg.date or app.clock())  # fmt: skip
     sources = {rule.name: rule.source for rule in app.rules.rules}
     data = {
-        "matched": [{"rule": name, "source": sources[name]} for name in evaluation.matched],
+        "matched": [{"rule": name, "source": sources[name]} for name in result.matched],
         "priority": result.priority,
         "urgent": result.urgent,
         "level": result.level,
         "assignee": result.assignee,
         "tags": list(result.tags),
         "why": result.why,
-        "organisation": facts.organisation,
+        "organisation": org.id if org else None,
     }
     if args.json:
         print_json(data)

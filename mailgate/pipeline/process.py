@@ -351,12 +351,7 @@ def _create_ticket(
     copied = [a for a in (*msg.to, *msg.cc) if a != contact.email]
     cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
     tickets = app.settings.tickets
-    found = classify(
-        evaluate(app.rules, facts_for(msg, org, contact.role, now)),
-        default_priority=tickets.plan_priority.get(org.plan, tickets.default_priority),
-        customer_importance=customer_importance(msg.headers),
-        header_policy=tickets.customer_priority_header,
-    )
+    found = classify_mail(app, msg, org, contact.role, now)
     seq = next_sequence(session, now.year)
     ticket = Ticket(
         number=format_number(tickets.number_format, now.year, seq),
@@ -386,8 +381,27 @@ def _create_ticket(
     return ticket, found
 
 
-def facts_for(msg: ParsedMessage, org: Organisation, role: str, now: datetime) -> Facts:
+def classify_mail(
+    app: App, msg: ParsedMessage, org: Organisation | None, role: str | None, now: datetime
+) -> Classification:
+    """Priority, urgency, level, assignee and tags of the ticket this mail opens.
+
+    `org` None (a stranger, for `rules test`): the rules see the text only.
+    """
+    tickets = app.settings.tickets
+    plan = org.plan if org else ""
+    return classify(
+        evaluate(app.rules, _facts(msg, org, role, now)),
+        default_priority=tickets.plan_priority.get(plan, tickets.default_priority),
+        customer_importance=customer_importance(msg.headers),
+        header_policy=tickets.customer_priority_header,
+    )
+
+
+def _facts(msg: ParsedMessage, org: Organisation | None, role: str | None, now: datetime) -> Facts:
     """What the rules may look at: the mail, and who sent it from which organisation when."""
+    if org is None:
+        return Facts(subject=msg.subject, body=msg.text, headers=msg.headers)
     try:
         local = now.astimezone(ZoneInfo(org.timezone))
     except (KeyError, ValueError):

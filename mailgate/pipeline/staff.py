@@ -104,7 +104,7 @@ def handle_staff_mail(
 def _plan(session: Session, ticket: Ticket, mail: StaffMail, sender: str) -> Plan:
     copied = [str(c.value) for c in mail.commands if c.name == "cc"]
     return plan_commands(
-        state_of(session, ticket),
+        state_of(ticket),
         mail.commands,
         actor=sender,
         staff={s.email for s in repo.active_staff(session)},

@@ -5,21 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailgate.store.models import Staff, Ticket, TicketEvent, TimeEntry
+from mailgate.store.models import Ticket, TicketEvent, TimeEntry
+from mailgate.tickets import repository as repo
 from mailgate.tickets.lifecycle import Change, TicketState
 
 
-def state_of(session: Session, ticket: Ticket) -> TicketState:
-    assignee = session.get(Staff, ticket.assignee_id) if ticket.assignee_id else None
+def state_of(ticket: Ticket) -> TicketState:
     return TicketState(
         status=ticket.status,
         priority=ticket.priority,
         urgent=ticket.urgent,
         level=ticket.level,
-        assignee=assignee.email if assignee else None,
+        assignee=ticket.assignee.email if ticket.assignee else None,
         cc=tuple(ticket.cc),
     )
 
@@ -91,8 +90,7 @@ def _set_field(session: Session, ticket: Ticket, change: Change, now: datetime) 
         case "level":
             ticket.level = str(change.new)
         case "assignee":
-            staff = session.scalar(select(Staff).where(Staff.email == change.new))
-            ticket.assignee_id = staff.id if staff else None
+            ticket.assignee_id = repo.staff_id(session, change.new) if change.new else None
         case "cc":
             ticket.cc = [*ticket.cc, str(change.new)]
         case _:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -15,25 +16,8 @@ def queue_resolution_notice(
     app: App, session: Session, ticket: Ticket, now: datetime, *, auto_resolved: bool
 ) -> None:
     """Tell the customer the ticket is resolved, and how long a reply reopens it."""
-    if ticket.requester is None:
-        return
-    app.mailer.queue(
-        session,
-        kind="resolved",
-        to=[ticket.requester.email, *ticket.cc],
-        language=ticket.language,
-        context={
-            "ticket": ticket_context(ticket),
-            "requester_name": ticket.requester.name or None,
-            "reopen_days": app.settings.tickets.reopen_days,
-            "auto_resolved": auto_resolved,
-        },
-        now=now,
-        ticket=ticket,
-        answers=latest_customer_message_id(ticket),
-        references=public_thread(ticket),
-        auto_submitted="auto-generated",
-    )
+    context = {"reopen_days": app.settings.tickets.reopen_days, "auto_resolved": auto_resolved}
+    _to_customer(app, session, ticket, "resolved", context, now)
 
 
 def latest_customer_message_id(ticket: Ticket) -> str | None:
@@ -57,17 +41,30 @@ def _customer_saw(article: Article) -> bool:
 
 def queue_waiting_reminder(app: App, session: Session, ticket: Ticket, now: datetime) -> None:
     """Remind the customer that we wait for their answer, and when we stop waiting."""
+    context = {"resolve_after_days": app.settings.tickets.waiting_resolve_days}
+    _to_customer(app, session, ticket, "waiting_reminder", context, now)
+
+
+def _to_customer(
+    app: App,
+    session: Session,
+    ticket: Ticket,
+    kind: str,
+    context: dict[str, Any],
+    now: datetime,
+) -> None:
+    """An automatic mail to the requester and copied contacts, threaded under their mail."""
     if ticket.requester is None:
         return
     app.mailer.queue(
         session,
-        kind="waiting_reminder",
+        kind=kind,
         to=[ticket.requester.email, *ticket.cc],
         language=ticket.language,
         context={
             "ticket": ticket_context(ticket),
             "requester_name": ticket.requester.name or None,
-            "resolve_after_days": app.settings.tickets.waiting_resolve_days,
+            **context,
         },
         now=now,
         ticket=ticket,
