@@ -20,6 +20,7 @@ from mailgate.outbound.templates import TemplateSet
 from mailgate.outbound.transports import MaildirTransport, SmtpTransport, Transport
 from mailgate.pipeline.rules import RuleSet, load_rules
 from mailgate.pipeline.thread import tag_pattern
+from mailgate.sla.policy import SlaPolicy
 from mailgate.store.blobs import BlobStore
 from mailgate.store.db import ensure_schema, make_engine, session_factory
 from mailgate.tickets.tokens import Signer, load_or_create_secret
@@ -61,6 +62,10 @@ class App:
     def rules(self) -> RuleSet:
         """The priority rules; RulesError (file:line problems) when a file is broken."""
         return load_rules(self.settings.path(self.settings.rules_dir))
+
+    @cached_property
+    def sla(self) -> SlaPolicy:
+        return SlaPolicy(self.settings.sla)
 
     @cached_property
     def mailer(self) -> Mailer:

@@ -16,8 +16,8 @@ def run_checks(settings_file: Path) -> list[str]:
     except ConfigError as exc:
         return exc.problems  # nothing else can be checked without valid settings
     problems: list[str] = []
-    checks = (check_directory, check_rules, check_templates, check_database, check_paths,
-              check_relay)  # fmt: skip
+    checks = (check_directory, check_calendars, check_rules, check_templates, check_database,
+              check_paths, check_relay)  # fmt: skip
     for check in checks:
         try:
             problems += check(settings)
@@ -33,6 +33,29 @@ def check_directory(settings: Settings) -> list[str]:
         return []
     load_directory(settings.path(settings.directory))
     return []
+
+
+def check_calendars(settings: Settings) -> list[str]:
+    """Every organisation's country must have public holidays where a calendar uses them."""
+    from mailgate.directory import load_directory
+    from mailgate.sla.calendar import holiday_checker
+
+    if settings.directory is None:
+        return []
+    path = settings.path(settings.directory)
+    problems = []
+    for org in load_directory(path).organisations:
+        for name, calendar in settings.sla.calendars.items():
+            if not calendar.holidays or calendar.country is not None:
+                continue
+            try:
+                holiday_checker(org.country, calendar.subdivision)
+            except ValueError as exc:
+                problems.append(
+                    f"{path}: organisation {org.id}: country: {exc} (calendar {name} counts "
+                    "its public holidays; fix the country or set holidays: false)"
+                )
+    return problems
 
 
 def check_rules(settings: Settings) -> list[str]:

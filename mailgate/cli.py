@@ -131,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a time zone)")
 
+    sla = sub.add_parser("sla", help="SLA clocks").add_subparsers(metavar="ACTION")
+    sla_sweep = command(
+        "sweep", cmd_sla_sweep,
+        "send due SLA reminders and breach notices (the daemon does it every minute)", sla,
+    )  # fmt: skip
+    sla_sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+    report = command("report", cmd_sla_report, "targets met and breached, per priority", sla)
+    report.add_argument("--org", help="one organisation's tickets")
+    report.add_argument("--from", dest="start", metavar="DATE", help="tickets created from (ISO)")
+    report.add_argument("--to", dest="end", metavar="DATE", help="...until before (ISO)")
+    report.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
+    report.add_argument("--json", action="store_true")
+
     directory = sub.add_parser("directory", help="organisations, contacts, staff")
     dsub = directory.add_subparsers(metavar="ACTION")
     ds = command("sync", cmd_directory_sync, "upsert the directory from YAML or CSV", dsub)
@@ -162,6 +175,7 @@ def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
 def sync_directory_if_changed(app: App) -> str | None:
     """Sync the settings' directory file when its content changed since the last sync."""
     from mailgate.directory import load_directory, sync_directory
+    from mailgate.sla.clocks import retarget
     from mailgate.store.state import get_state, set_state
 
     if app.settings.directory is None:
@@ -176,6 +190,7 @@ def sync_directory_if_changed(app: App) -> str | None:
         if get_state(session, "directory.sha256") == digest:
             return None
         report = sync_directory(session, load_directory(path))
+        retarget(app.sla, session, report.replanned, app.clock())
         set_state(session, "directory.sha256", digest)
     log.info("directory %s: %s", path, report)
     return str(report)
@@ -445,8 +460,51 @@ def cmd_tickets_sweep(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_sla_sweep(args: argparse.Namespace) -> int:
+    from mailgate.sla.sweep import sweep
+
+    app = load_app(args, sync_directory=False)
+    report = sweep(app, parse_now(args.now) or app.clock())
+    print(f"{report.reminders} reminders, {report.breaches} breaches")
+    _send_queued(app)
+    return EX_OK
+
+
+def cmd_sla_report(args: argparse.Namespace) -> int:
+    from mailgate.sla.report import REPORTED, sla_report
+
+    app = load_app(args, sync_directory=False)
+    with app.sessions() as session:
+        rows = sla_report(
+            session,
+            parse_now(args.now) or app.clock(),
+            organisation=args.org,
+            start=parse_day(args.start, "--from"),
+            end=parse_day(args.end, "--to"),
+        )
+    if args.json:
+        print_json([row.as_dict() for row in rows])
+        return EX_OK
+
+    def median(value: float | None) -> str:
+        return "-" if value is None else f"{value:g} min"
+
+    table = []
+    for row in rows:
+        line = [row.priority, str(row.tickets)]
+        for kind in REPORTED:
+            c = getattr(row, kind)
+            line += [f"{c.met}/{c.breached}/{c.running}", median(c.median_minutes)]
+        table.append(line)
+    headers = ["priority", "tickets", "response met/breached/running", "median",
+               "resolution met/breached/running", "median"]  # fmt: skip
+    print_table(table, headers)
+    return EX_OK
+
+
 def cmd_directory_sync(args: argparse.Namespace) -> int:
     from mailgate.directory import load_directory, sync_directory
+    from mailgate.sla.clocks import retarget
 
     app = load_app(args, sync_directory=False)
     if args.file:
@@ -458,6 +516,7 @@ def cmd_directory_sync(args: argparse.Namespace) -> int:
     directory = load_directory(path)
     with app.sessions.begin() as session:
         report = sync_directory(session, directory)
+        retarget(app.sla, session, report.replanned, app.clock())
     print(f"{path}: {report}")
     return EX_OK
 
@@ -512,13 +571,24 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def parse_now(value: str | None) -> datetime | None:
+def parse_now(value: str | None, option: str = "--now") -> datetime | None:
     if value is None:
         return None
-    moment = datetime.fromisoformat(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        example = "2026-11-23T09:00+01:00"
+        raise CommandError(f"{option} {value}: not an ISO 8601 time, e.g. {example}") from None
     if moment.tzinfo is None:
-        raise CommandError(f"--now {value}: give a time zone, e.g. {value}+00:00")
+        raise CommandError(f"{option} {value}: give a time zone, e.g. {value}+00:00")
     return moment
+
+
+def parse_day(value: str | None, option: str) -> datetime | None:
+    """A report bound: a date (midnight UTC) or a time with its zone."""
+    if value is not None and len(value) == 10:
+        value += "T00:00+00:00"
+    return parse_now(value, option)
 
 
 __all__ = ["main", "Settings"]

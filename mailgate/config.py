@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from email_validator import EmailNotValidError, validate_email
@@ -22,7 +24,10 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from mailgate.sla.calendar import holiday_checker, parse_hours
 
 DEFAULT_CONFIG = "settings.yaml"
 
@@ -162,6 +167,164 @@ class Tickets(Strict):
         return value
 
 
+_SPAN = re.compile(
+    r"^\s*(?:(?P<d>[0-9]+)\s*d)?\s*(?:(?P<h>[0-9]+)\s*h)?\s*(?:(?P<m>[0-9]+)\s*m)?\s*$"
+)
+
+
+def _span(value: str) -> str:
+    match = _SPAN.match(str(value))
+    if not match or not any(match.groupdict().values()):
+        raise ValueError(
+            f"{value!r} is not a duration; write minutes, hours or business days: "
+            "15m, 4h, 1h30m, 2d"
+        )
+    return str(value)
+
+
+# An SLA target: "15m", "8h", "1h30m", "2d"; a `d` is one business day of the
+# calendar it is measured in (9 h for 09:00-18:00, 24 h for 24/7).
+Span = Annotated[str, AfterValidator(_span)]
+
+
+def span_parts(value: str) -> tuple[int, int]:
+    """(business days, minutes) of a validated Span."""
+    match = _SPAN.match(value)
+    assert match is not None
+    days, hours, minutes = (int(match.group(k) or 0) for k in ("d", "h", "m"))
+    return days, hours * 60 + minutes
+
+
+class SlaTargets(Strict):
+    """Targets of one priority; `workaround` is optional."""
+
+    first_response: Span
+    workaround: Span | None = None
+    resolution: Span
+    calendar: str | None = None  # else the plan's
+
+
+class SlaPlan(Strict):
+    calendar: str = "business"
+    P1: SlaTargets
+    P2: SlaTargets
+    P3: SlaTargets
+
+
+class SlaTargetsOverride(Strict):
+    first_response: Span | None = None
+    workaround: Span | None = None
+    resolution: Span | None = None
+    calendar: str | None = None
+
+
+class SlaOverride(Strict):
+    """Per organisation: any key of a plan, the rest from the organisation's plan."""
+
+    calendar: str | None = None
+    P1: SlaTargetsOverride = SlaTargetsOverride()
+    P2: SlaTargetsOverride = SlaTargetsOverride()
+    P3: SlaTargetsOverride = SlaTargetsOverride()
+
+
+class SlaCalendar(Strict):
+    # "24/7", or weekday keys (mon, mon-fri) to "09:00-18:00" / "09:00-12:00, 13:00-18:00" / closed.
+    hours: str | dict[str, str | list[str] | None]
+    timezone: str | None = None  # else the organisation's
+    holidays: bool = True  # public holidays of `country` (else the organisation's)
+    country: str | None = None
+    subdivision: str | None = None
+    dates: list[date] = []  # closed on these days too
+
+    @field_validator("hours")
+    @classmethod
+    def _hours_parse(cls, value: Any) -> Any:
+        parse_hours(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str | None) -> str | None:
+        if value is not None:
+            valid_timezone(value)
+        return value
+
+    @model_validator(mode="after")
+    def _country_known(self) -> SlaCalendar:
+        # Without a country of its own, the organisation's is checked by `mailgate check`.
+        if self.holidays and self.country is not None:
+            holiday_checker(self.country, self.subdivision)
+        return self
+
+
+def valid_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}, e.g. Europe/Brussels") from None
+    return value
+
+
+_BUSINESS_TARGETS = {
+    "P1": {"first_response": "1h", "workaround": "2h", "resolution": "8h"},
+    "P2": {"first_response": "1h", "workaround": "4h", "resolution": "2d"},
+    "P3": {"first_response": "4h", "resolution": "5d"},
+}
+
+
+def _default_plans() -> dict[str, SlaPlan]:
+    """DESIGN.md's table: business hours, except enterprise P1 answered within 15 min, 24/7."""
+    plain = SlaPlan.model_validate(_BUSINESS_TARGETS)
+    enterprise_p1 = {**_BUSINESS_TARGETS["P1"], "first_response": "15m", "calendar": "24/7"}
+    enterprise = SlaPlan.model_validate({**_BUSINESS_TARGETS, "P1": enterprise_p1})
+    return {"basic": plain, "pro": plain, "enterprise": enterprise}
+
+
+def _default_calendars() -> dict[str, SlaCalendar]:
+    return {
+        "business": SlaCalendar(hours={"mon-fri": "09:00-18:00"}),
+        "24/7": SlaCalendar(hours="24/7", holidays=False),
+    }
+
+
+class Sla(Strict):
+    enabled: bool = True
+    sweep_seconds: int = Field(60, gt=0)  # how often the daemon looks for due reminders
+    # Staff are reminded at these fractions of each target; at 1 the target is breached.
+    reminders: list[float] = [0.5, 0.8]
+    escalation_to: list[Address] = []  # told of every breach, with the assignee or staff
+    calendars: dict[str, SlaCalendar] = Field(default_factory=_default_calendars)
+    plans: dict[str, SlaPlan] = Field(default_factory=_default_plans)
+    default_plan: str = "basic"  # for organisations whose plan has no targets here
+    organisations: dict[str, SlaOverride] = {}
+
+    @field_validator("reminders")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value):
+            raise ValueError("reminders are fractions of the target between 0 and 1, e.g. 0.5")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> Sla:
+        problems = []
+        if self.default_plan not in self.plans:
+            problems.append(f"default_plan {self.default_plan!r} is not one of sla.plans")
+        for where, plan in [
+            *((f"plans.{n}", p) for n, p in self.plans.items()),
+            *((f"organisations.{n}", p) for n, p in self.organisations.items()),
+        ]:
+            for priority in ("", "P1", "P2", "P3"):
+                part = getattr(plan, priority) if priority else plan
+                name = part.calendar
+                if name is not None and name not in self.calendars:
+                    key = f"{where}.{priority}.calendar" if priority else f"{where}.calendar"
+                    problems.append(f"{key}: no calendar {name!r} in sla.calendars")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Metrics(Strict):
     enabled: bool = False  # Prometheus /metrics, served by `mailgate run`
     host: str = "127.0.0.1"
@@ -180,7 +343,7 @@ class Settings(Strict):
     metrics: Metrics = Metrics()
     rules_dir: Path = Path("rules/")
     templates_dir: Path = Path("templates/")
-    sla: dict[str, Any] = {}
+    sla: Sla = Sla()
     # Where relative paths were resolved from; not a key operators write.
     base_dir: Path = Field(Path("."), exclude=True)
 

@@ -32,6 +32,7 @@ from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.intake.smtp import SmtpListener
 from mailgate.observability import Metrics
+from mailgate.sla.sweep import sweep as sla_sweep
 from mailgate.store.models import OutboxMail
 from mailgate.tickets.sweep import sweep
 
@@ -114,6 +115,15 @@ class Daemon:
             seconds=LIFECYCLE_SECONDS,
             next_run_time=datetime.now(UTC),  # what fell due while we were down
         )
+        if settings.sla.enabled:
+            scheduler.add_job(
+                self.sla_sweep,
+                "interval",
+                seconds=settings.sla.sweep_seconds,
+                next_run_time=datetime.now(UTC),
+                max_instances=1,  # a slow sweep is not run twice at once
+                coalesce=True,
+            )
         scheduler.start()
         if (interval := systemd_notify.watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
@@ -162,11 +172,17 @@ class Daemon:
         systemd_notify.ready("serving")
 
     async def lifecycle_sweep(self) -> None:
+        await self._sweep("lifecycle", sweep)
+
+    async def sla_sweep(self) -> None:
+        await self._sweep("sla", sla_sweep)
+
+    async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         app = self.current_app()
         try:
-            await asyncio.to_thread(sweep, app, app.clock())
+            await asyncio.to_thread(job, app, app.clock())
         except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
-            log.exception("lifecycle sweep failed")
+            log.exception("%s sweep failed", name)
 
     async def housekeeping(self) -> None:
         app = self.current_app()

@@ -12,22 +12,19 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from mailgate.config import Address, ConfigError, format_validation_errors, load_yaml
+from mailgate.config import (
+    Address,
+    ConfigError,
+    format_validation_errors,
+    load_yaml,
+    valid_timezone,
+)
 from mailgate.store.models import Contact, Organisation, Staff
-
-
-def _timezone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r}, e.g. Europe/Brussels") from None
-    return value
 
 
 class _Strict(BaseModel):
@@ -48,7 +45,7 @@ class OrganisationEntry(_Strict):
     contract_from: date | None = None
     contract_until: date | None = None
     language: Literal["fr", "en", "es"] = "en"
-    timezone: Annotated[str, AfterValidator(_timezone)] = "UTC"
+    timezone: Annotated[str, AfterValidator(valid_timezone)] = "UTC"
     country: str | None = Field(None, pattern=r"^[A-Z]{2}$")
     referents: list[Address] = []
     contacts: list[ContactEntry] = []
@@ -72,6 +69,9 @@ class SyncReport:
     contacts: int
     staff: int
     deactivated: int
+    # Organisations whose plan, time zone or country changed: their tickets' SLA
+    # deadlines must be computed again.
+    replanned: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return (
@@ -178,9 +178,16 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
     listed_orgs: set[str] = set()
     listed_contacts: set[str] = set()
     listed_staff: set[str] = set()
+    replanned: list[str] = []
 
     for entry in directory.organisations:
         org = orgs.get(entry.id) or Organisation(id=entry.id)
+        if entry.id in orgs and (org.plan, org.timezone, org.country) != (
+            entry.plan,
+            entry.timezone,
+            entry.country,
+        ):
+            replanned.append(entry.id)
         org.name, org.plan = entry.name, entry.plan
         org.contract_from, org.contract_until = entry.contract_from, entry.contract_until
         org.language, org.timezone, org.country = entry.language, entry.timezone, entry.country
@@ -208,4 +215,6 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
                 row.active = False
                 deactivated += 1
     session.flush()
-    return SyncReport(len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated)
+    return SyncReport(
+        len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated, tuple(replanned)
+    )

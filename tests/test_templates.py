@@ -34,6 +34,7 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
             "priority": "P1",
             "status": "waiting_customer",
             "org_name": "Société & Fils",
+            "level": "L2",
         },
         "requester_name": "José Müller",
         "staff_name": "Zoé Dupré",
@@ -60,6 +61,16 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
             },
             {"line": 3, "text": "/spend <b>lots</b> & more", "reason": "/spend: not a duration"},
         ],
+        "targets": [
+            {"kind": "first_response", "due": "Monday 24 November at 11:00"},
+            {"kind": "resolution", "due": "Friday 28 November at 17:00"},
+        ],
+        "clock": {
+            "kind": "first_response",
+            "percent": 80,
+            "due": "Tuesday 24 November at 11:00 (Europe/Brussels)",
+            "target_minutes": 90,
+        },
         "support_address": "support@example.com",
         "language": "xx",
     }
@@ -208,6 +219,149 @@ def test_staff_command_refused_odd_problems(shipped: TemplateSet, language: str)
     assert LINE[language].format(2) in rendered.text
     empty = shipped.render(kind, language, context(kind, problems=[]))
     assert empty.text.strip() and "<ul>" in empty.html
+
+
+# SLA deadlines as the daemon formats them for the customer, and the labels the ack gives them.
+DUE = {
+    "en": ("Monday 24 November at 11:00", "Tuesday 25 November at 09:30",
+           "Friday 28 November at 17:00"),
+    "fr": ("lundi 24 novembre à 11:00", "mardi 25 novembre à 09:30",
+           "vendredi 28 novembre à 17:00"),
+    "es": ("lunes 24 de noviembre a las 11:00", "martes 25 de noviembre a las 09:30",
+           "viernes 28 de noviembre a las 17:00"),
+}  # fmt: skip
+SLA_KINDS = ("first_response", "workaround", "resolution")
+TARGET_LABELS = {
+    "en": ("First response by", "Workaround by", "Resolution target"),
+    "fr": ("Première réponse au plus tard", "Solution de contournement au plus tard",
+           "Résolution visée au plus tard"),
+    "es": ("Primera respuesta a más tardar", "Solución provisional a más tardar",
+           "Resolución prevista a más tardar"),
+}  # fmt: skip
+
+
+def targets(language: str) -> list[dict[str, str]]:
+    return [{"kind": k, "due": d} for k, d in zip(SLA_KINDS, DUE[language], strict=True)]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_ack_lists_the_sla_deadlines(shipped: TemplateSet, language: str) -> None:
+    rendered = shipped.render("ack", language, context("ack", targets=targets(language)))
+    for label, due in zip(TARGET_LABELS[language], DUE[language], strict=True):
+        assert f"{label}: {due}" in rendered.text or f"{label} : {due}" in rendered.text
+        assert f">{label}</td><td>{due}</td>" in rendered.html
+    # Only the targets the ticket has: no workaround target on this one.
+    first_and_last = [targets(language)[0], targets(language)[2]]
+    two = shipped.render("ack", language, context("ack", targets=first_and_last))
+    assert TARGET_LABELS[language][1] not in two.text + two.html
+    assert DUE[language][1] not in two.text + two.html
+    assert TARGET_LABELS[language][2] in two.text and TARGET_LABELS[language][2] in two.html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_ack_without_targets_keeps_the_contract_wording(
+    shipped: TemplateSet, language: str
+) -> None:
+    with_targets = shipped.render("ack", language, context("ack", targets=targets(language)))
+    sla_off = shipped.render("ack", language, context("ack", targets=[]))
+    for label in TARGET_LABELS[language]:
+        assert label not in sla_off.text and label not in sla_off.html
+    assert sla_off.text != with_targets.text
+    assert "José Müller" in sla_off.text and "[SUP-2026-000042]" in sla_off.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_ack_deadline_markup_is_escaped(shipped: TemplateSet, language: str) -> None:
+    hostile = [{"kind": "first_response", "due": "<b>lundi</b> 24\r\nnovembre"}]
+    rendered = shipped.render("ack", language, context("ack", targets=hostile))
+    assert "<b>" not in rendered.html
+    assert "&lt;b&gt;lundi&lt;/b&gt; 24 novembre" in rendered.html
+    assert "<b>lundi</b> 24 novembre" in rendered.text  # the line break does not split the line
+    # A kind this version does not know is shown with a neutral label, never its code.
+    unknown = shipped.render("ack", language, context("ack", targets=[{"kind": "x_y", "due": "1"}]))
+    assert "x_y" not in unknown.text and "x y" not in unknown.text
+
+
+# How each language names the SLA targets in staff notices, and writes a percentage.
+CLOCK = {
+    "en": ("first response", "workaround", "resolution"),
+    "fr": ("première réponse", "solution de contournement", "résolution"),
+    "es": ("primera respuesta", "solución provisional", "resolución"),
+}
+PERCENT = {"en": "{}%", "fr": "{} %", "es": "{} %"}
+STAFF_DUE = "Tuesday 24 November at 11:00 (Europe/Brussels)"
+
+
+def clock(kind: str = "first_response", percent: int = 80, minutes: int = 90) -> dict[str, object]:
+    return {"kind": kind, "percent": percent, "due": STAFF_DUE, "target_minutes": minutes}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_sla_reminder_content(shipped: TemplateSet, language: str) -> None:
+    rendered = shipped.render("sla_reminder", language, context("sla_reminder", clock=clock()))
+    percent = PERCENT[language].format(80)
+    assert rendered.subject.startswith("[SUP-2026-000042] SLA ")
+    assert percent in rendered.subject and STAFF_DUE in rendered.subject
+    assert CLOCK[language][0] in rendered.subject
+    for part in (rendered.text, rendered.html):
+        assert percent in part
+        assert CLOCK[language][0] in part
+        assert STAFF_DUE in part
+        assert "1 h 30 min" in part
+        assert "support@example.com" in part  # replies go to the customer from there
+    for kind, name in zip(SLA_KINDS[1:], CLOCK[language][1:], strict=True):
+        other = shipped.render("sla_reminder", language, context("sla_reminder", clock=clock(kind)))
+        assert name in other.subject and name in other.text and name in other.html
+        assert CLOCK[language][0] not in other.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize(
+    ("minutes", "shown"),
+    [(15, "15 min"), (60, "1 h"), (90, "1 h 30 min"), (150, "2 h 30 min"), (1080, "18 h")],
+)
+def test_sla_target_durations(
+    shipped: TemplateSet, language: str, minutes: int, shown: str
+) -> None:
+    values = context("sla_reminder", clock=clock(minutes=minutes))
+    rendered = shipped.render("sla_reminder", language, values)
+    assert f"({shown})" in rendered.text and f"({shown})" in rendered.html
+
+
+# How each language says that a target was missed.
+BREACHED = {"en": ("SLA breached", "was missed"), "fr": ("SLA dépassé", "n'a pas été respecté"),
+            "es": ("SLA incumplido", "no se ha cumplido")}  # fmt: skip
+ESCALATED = {"en": "escalated to level {}", "fr": "escaladé au niveau {}",
+             "es": "escalado al nivel {}"}  # fmt: skip
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_sla_breach_content(shipped: TemplateSet, language: str) -> None:
+    ticket = {**context("sla_breach")["ticket"], "level": "L3"}  # type: ignore[dict-item]
+    values = context("sla_breach", ticket=ticket, clock=clock("resolution", 100, 1080))
+    rendered = shipped.render("sla_breach", language, values)
+    headline, missed = BREACHED[language]
+    assert rendered.subject.startswith(f"[SUP-2026-000042] {headline}")
+    assert CLOCK[language][2] in rendered.subject and "Société & Fils" in rendered.subject
+    for part in (rendered.text, rendered.html):
+        assert missed in part
+        assert ESCALATED[language].format("L3") in part
+        assert CLOCK[language][2] in part
+        assert STAFF_DUE in part
+        assert "(18 h)" in part
+        assert "support@example.com" in part
+        assert "/assign EMAIL" in part  # what to do if someone else should take it
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", ["sla_reminder", "sla_breach"])
+def test_sla_due_markup_is_escaped(shipped: TemplateSet, kind: str, language: str) -> None:
+    hostile = {**clock(), "due": "<b>Tuesday</b> 24\r\nNovember <i>at</i> 11:00"}
+    rendered = shipped.render(kind, language, context(kind, clock=hostile))
+    assert "<b>" not in rendered.html and "<i>" not in rendered.html
+    assert "&lt;b&gt;Tuesday&lt;/b&gt; 24 November &lt;i&gt;at&lt;/i&gt; 11:00" in rendered.html
+    assert "<b>Tuesday</b> 24 November <i>at</i> 11:00" in rendered.text
+    assert "\n" not in rendered.subject
 
 
 def test_sparse_values_render(shipped: TemplateSet) -> None:

@@ -38,6 +38,8 @@ STAFF_ONLY = {
     "staff_new_ticket",
     "staff_customer_reply",
     "staff_command_refused",
+    "sla_reminder",
+    "sla_breach",
     FAILURE_NOTICE,
 }
 # Kinds whose failure staff are not told about: their own notices (a failing

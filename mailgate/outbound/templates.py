@@ -32,7 +32,10 @@ PARTS = ("subject", "txt", "html")
 # kind with exactly these variables, so a template that uses one the daemon
 # does not pass for that kind is reported before it fails on a real mail.
 CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
-    "ack": frozenset({"ticket", "requester_name", "support_address", "language"}),
+    # targets: list of dicts: kind ("first_response" | "workaround" | "resolution"),
+    # due (a string already in the customer's language and time zone); empty when
+    # the SLA is off.
+    "ack": frozenset({"ticket", "requester_name", "targets", "support_address", "language"}),
     "rejection": frozenset({"requester_name", "reason", "support_address", "language"}),
     "staff_new_ticket": frozenset(
         {"ticket", "requester_name", "text", "attachments", "support_address", "language"}
@@ -58,6 +61,13 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # problems: list of dicts: line (1-based), text (the line as written, untrusted
     # text), reason (an English sentence). The whole mail was refused.
     "staff_command_refused": frozenset({"ticket", "problems", "support_address", "language"}),
+    # SLA notices: ticket also has level (after the escalation, for a breach);
+    # clock: dict: kind ("first_response" | "workaround" | "resolution"),
+    # percent (int: share of the target used, for a reminder), due (a string
+    # already formatted, with its time zone), target_minutes (int: the target's
+    # length in business minutes).
+    "sla_reminder": frozenset({"ticket", "clock", "support_address", "language"}),
+    "sla_breach": frozenset({"ticket", "clock", "support_address", "language"}),
 }
 KINDS = tuple(CONTEXT_KEYS)
 ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
@@ -95,6 +105,11 @@ def nl2br(value: object) -> Markup:
     return Markup("<br>\n").join(escape(line) for line in str(value).splitlines())
 
 
+def oneline(value: object) -> str:
+    """A value on one line, runs of whitespace (CR/LF included) as one space."""
+    return " ".join(str(value).split())
+
+
 def _environment(path: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         loader=FileSystemLoader(path, encoding="utf-8"),
@@ -108,6 +123,7 @@ def _environment(path: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
     )
     env.filters["excerpt"] = excerpt
     env.filters["nl2br"] = nl2br
+    env.filters["oneline"] = oneline
     return env
 
 
@@ -136,13 +152,23 @@ _SAMPLE_PROBLEMS = (
     {"line": 4, "text": "/spend " + "9" * 300, "reason": "/spend: not a duration"},
 )
 
+# SLA deadlines as the ack shows them: the last two are a due string with
+# markup and a line break, and a kind the templates do not know yet.
+_SAMPLE_TARGETS = (
+    {"kind": "first_response", "due": "lundi 24 novembre à 11:00"},
+    {"kind": "workaround", "due": "mardi 25 novembre à 09:30"},
+    {"kind": "resolution", "due": "<b>vendredi</b> 28 novembre à 17:00\r\n"},
+    {"kind": "new_target", "due": "lundi 1 décembre à 08:00"},
+)
+
 
 def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
     """Data shaped like the daemon's, hostile on purpose (non-ASCII, markup, CR/LF).
 
     `sparse` gives the degenerate values the daemon may also pass: no names,
     an empty subject and text, day counts of 0 (a setting turned off), one
-    bare refused command.
+    bare refused command, no SLA targets (SLA off), an SLA clock of an unknown
+    kind with a 0-minute target.
     """
     full: dict[str, Any] = {
         "ticket": {
@@ -151,6 +177,7 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
             "priority": "P2",
             "status": "open",
             "org_name": "Société Générale d'Équipement & Cie",
+            "level": "L3" if sparse else "L2",
         },
         "requester_name": None if sparse else "José Müller-Łukasz",
         "staff_name": "Zoé Dupré" if not sparse else "Bob",
@@ -170,6 +197,15 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
         "auto_resolved": not sparse,
         "resolve_after_days": 0 if sparse else 4,
         "problems": [dict(p) for p in (_SAMPLE_PROBLEMS[:1] if sparse else _SAMPLE_PROBLEMS[1:])],
+        "targets": [] if sparse else [dict(t) for t in _SAMPLE_TARGETS],
+        "clock": {
+            "kind": "new_clock" if sparse else "workaround",
+            "percent": 100 if sparse else 80,
+            "due": "<b>mardi</b>\r\n24 novembre"
+            if sparse
+            else "Tuesday 24 November at 11:00 (Europe/Brussels) <script>alert(1)</script>",
+            "target_minutes": 0 if sparse else 150,
+        },
         "support_address": "support@example.com",
         "language": "en",
     }

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.outbound.dates import format_when
 from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.bounces import read_bounce
 from mailgate.pipeline.decide import Decision, decide
@@ -32,12 +34,14 @@ from mailgate.pipeline.rules import Classification, Facts, classify, customer_im
 from mailgate.pipeline.screen import ScreenContext, Screening, screen
 from mailgate.pipeline.staff import handle_staff_mail
 from mailgate.pipeline.thread import find_ticket_for
+from mailgate.sla.clocks import track
 from mailgate.store.models import (
     Article,
     Contact,
     IngestRecord,
     Organisation,
     OutboxMail,
+    SlaClock,
     Ticket,
     TicketEvent,
 )
@@ -255,7 +259,8 @@ def _decide_and_apply(
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
                                 author_kind="customer", now=now)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
-        _queue_created_mail(app, session, ticket, msg, decision, now)
+        clocks = track(app.sla, session, ticket, now)
+        _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
         return _record(session, record, decision, ticket.number)
     if decision.outcome == "threaded":
         assert decision.ticket is not None
@@ -425,10 +430,15 @@ def _queue_created_mail(
     ticket: Ticket,
     msg: ParsedMessage,
     decision: Decision,
+    clocks: Sequence[SlaClock],
     now: datetime,
 ) -> None:
+    zone = ticket.organisation.timezone or "UTC"
     context = {
         "ticket": ticket_context(ticket),
+        "targets": [
+            {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
+        ],
         "requester_name": msg.from_name,
         "text": msg.text[:2000],
         "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
@@ -475,12 +485,11 @@ def _after_customer_reply(
         why = "customer replied within the reopen window" if decision.reopen else "customer replied"
         set_status(session, ticket, status, now=now, actor_kind="customer", actor=msg.sender,
                    reason=why, article_id=article_id)  # fmt: skip
+    track(app.sla, session, ticket, now)  # the clock runs again
     requester = ticket.requester.email if ticket.requester else None
     if msg.sender and msg.sender != requester and msg.sender not in ticket.cc:
         ticket.cc = [*ticket.cc, msg.sender]  # a colleague joined the conversation
-    staff = [s.email for s in repo.active_staff(session)]
-    if ticket.assignee_id:
-        staff = [a for a in staff if a == repo.staff_email(session, ticket.assignee_id)]
+    staff = repo.ticket_staff(session, ticket)
     if staff:
         app.mailer.queue(
             session,

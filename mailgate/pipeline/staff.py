@@ -17,6 +17,7 @@ from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.message import Envelope, ParsedMessage
 from mailgate.pipeline.screen import Screening
 from mailgate.pipeline.trim import trim_reply
+from mailgate.sla.clocks import track
 from mailgate.store.models import Ticket
 from mailgate.tickets import repository as repo
 from mailgate.tickets.articles import store_inbound
@@ -95,6 +96,10 @@ def handle_staff_mail(
                        reason="public reply", article_id=article.id)  # fmt: skip
     if any(c.field == "status" and c.new == "resolved" for c in plan.changes):
         queue_resolution_notice(app, session, ticket, now, auto_resolved=False)
+    answered = {"first_response"} if public else set()
+    if any(c.name == "workaround" for c in mail.commands):
+        answered.add("workaround")
+    track(app.sla, session, ticket, now, stop=answered)
     return StaffOutcome(
         "threaded" if not only_commands else "command", _describe(plan, public, internal),
         article.id,

@@ -185,6 +185,33 @@ class TicketEvent(Base):
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
 
 
+class SlaClock(Base):
+    """One SLA target of a ticket and where its clock stands (see `mailgate/sla/clocks.py`).
+
+    Running: `next_alert_at` is the next reminder or the breach; paused (the
+    ticket waits on the customer) or stopped: NULL, so the sweep's indexed
+    `next_alert_at <= now` reads only what is due.
+    """
+
+    __tablename__ = "sla_clocks"
+    __table_args__ = (UniqueConstraint("ticket_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"))
+    kind: Mapped[str] = mapped_column(String(20))  # first_response | workaround | resolution
+    calendar: Mapped[str] = mapped_column(String(64))  # a name in settings sla.calendars
+    target_seconds: Mapped[int] = mapped_column(Integer)  # business time allowed
+    started_at: Mapped[datetime]
+    due_at: Mapped[datetime]
+    paused_at: Mapped[datetime | None]
+    paused_seconds: Mapped[int] = mapped_column(Integer, default=0)  # business time paused
+    stopped_at: Mapped[datetime | None]
+    elapsed_seconds: Mapped[int | None] = mapped_column(Integer)  # business time used, once stopped
+    alerts_sent: Mapped[int] = mapped_column(Integer, default=0)  # reminders and breach so far
+    next_alert_at: Mapped[datetime | None] = mapped_column(index=True)
+    breached_at: Mapped[datetime | None]
+
+
 class TimeEntry(Base):
     """Time a staff member spent on a ticket (`/spend`), as written: minutes, not credits."""
 

@@ -249,6 +249,8 @@ _HANDLERS: dict[str, Handler] = {
     "cc": _cc,
     "internal": _flag("internal", True),
     "bug": _flag("bug", True),
+    # A workaround was given: stops the workaround SLA clock.
+    "workaround": _flag("workaround", True),
 }
 
 

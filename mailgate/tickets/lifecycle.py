@@ -117,7 +117,7 @@ def _apply(
             if address in state.cc:
                 return state, None
             return replace(state, cc=(*state.cc, address)), None
-        case _:  # spend, internal, bug: no field of the ticket changes
+        case _:  # spend, internal, bug, workaround: no field of the ticket changes
             return state, None
 
 

@@ -112,6 +112,14 @@ def active_staff(session: Session) -> list[Staff]:
     return list(session.scalars(select(Staff).where(Staff.active.is_(True)).order_by(Staff.id)))
 
 
+def ticket_staff(session: Session, ticket: Ticket) -> list[str]:
+    """Who hears about a ticket: its assignee while active, else every active staff member."""
+    staff = [s.email for s in active_staff(session)]
+    if ticket.assignee is not None and ticket.assignee.email in staff:
+        return [ticket.assignee.email]
+    return staff
+
+
 def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]) -> list[Contact]:
     """Active contacts of one organisation among `addresses` (strangers are never copied)."""
     if not addresses:
@@ -125,10 +133,6 @@ def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]
             )
         )
     )
-
-
-def staff_email(session: Session, staff_id: int) -> str | None:
-    return session.scalar(select(Staff.email).where(Staff.id == staff_id))
 
 
 def staff_id(session: Session, address: str) -> int | None:

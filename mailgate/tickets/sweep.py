@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.sla.clocks import track
 from mailgate.store.models import Ticket
 from mailgate.tickets.changes import set_status
 from mailgate.tickets.lifecycle import add_business_days
@@ -51,6 +52,7 @@ def _close_resolved(app: App, session: Session, now: datetime) -> int:
     for ticket in tickets:
         set_status(session, ticket, "closed", now=now, actor_kind="system", actor=None,
                    reason=f"no reply within {days} days of resolution")  # fmt: skip
+        track(app.sla, session, ticket, now)
     return len(tickets)
 
 
@@ -73,6 +75,7 @@ def _waiting(app: App, session: Session, now: datetime) -> tuple[int, int]:
             why = f"no answer from the customer for {remind + resolve} business days"
             set_status(session, ticket, "resolved", now=now, actor_kind="system", actor=None,
                        reason=why)  # fmt: skip
+            track(app.sla, session, ticket, now)
             queue_resolution_notice(app, session, ticket, now, auto_resolved=True)
             resolved += 1
     return reminded, resolved

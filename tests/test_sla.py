@@ -1,0 +1,389 @@
+"""SLA clocks through the pipeline: deadlines, pauses, reminders, breaches, the report.
+
+The shipped settings and directory: ACME (plan pro, Europe/Brussels, BE) on the
+business calendar Mon-Fri 09:00-18:00. The test clock starts on Monday
+23 November 2026 at 09:30 UTC, 10:30 in Brussels; "Cannot log in" is P1:
+first response 1 h, workaround 2 h, resolution 8 business hours.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from mailgate.app import App
+from mailgate.cli import sync_directory_if_changed
+from mailgate.config import load_settings
+from mailgate.sla.sweep import SlaSweepReport, sweep
+from mailgate.store.models import OutboxMail, SlaClock, Ticket, TicketEvent
+from tests.conftest import Clockwork, Installation, make_mail, reply_to
+
+BOB = "Bob Durand <bob@support.example>"
+LEAD = "lead@support.example"
+
+
+def utc(day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2026, 11, day, hour, minute, tzinfo=UTC)
+
+
+def clocks(inst: Installation, number: str) -> dict[str, SlaClock]:
+    with inst.session() as s:
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        assert ticket is not None
+        rows = s.scalars(select(SlaClock).where(SlaClock.ticket_id == ticket.id))
+        return {c.kind: c for c in rows}
+
+
+def ticket(inst: Installation, number: str) -> Ticket:
+    with inst.session() as s:
+        found = s.scalar(select(Ticket).where(Ticket.number == number))
+        assert found is not None
+        return found
+
+
+def staff_mail(inst: Installation) -> list[EmailMessage]:
+    return [m for m in inst.sent() if "bob@support.example" in str(m["To"])]
+
+
+def sla_mail(inst: Installation, kind: str) -> list[OutboxMail]:
+    with inst.session() as s:
+        return list(s.scalars(select(OutboxMail).where(OutboxMail.kind == kind)))
+
+
+def bob_says(inst: Installation, body: str, message_id: str) -> None:
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    result = inst.ingest(reply_to(notice, sender=BOB, body=body, message_id=message_id))
+    assert result.outcome in ("threaded", "command"), result
+
+
+@pytest.fixture
+def escalating(install) -> Installation:  # noqa: ANN001 - the conftest factory
+    return install({"sla": {"escalation_to": [LEAD]}})
+
+
+def test_deadlines_are_computed_at_creation_in_business_hours(inst: Installation) -> None:
+    number = inst.ingest(make_mail()).ticket
+    got = clocks(inst, number)
+    # 10:30 Brussels + 1 h; + 2 h; + 8 business hours = 7 h 30 on Monday, 30 min on Tuesday
+    assert got["first_response"].due_at == utc(23, 10, 30)
+    assert got["workaround"].due_at == utc(23, 11, 30)
+    assert got["resolution"].due_at == utc(24, 8, 30)
+    assert {c.calendar for c in got.values()} == {"business"}
+
+
+def test_the_ack_states_the_targets_in_the_customers_language_and_zone(
+    inst: Installation,
+) -> None:
+    inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    text = ack.get_body(("plain",)).get_content()
+    assert "lundi 23 novembre à 11:30" in text  # first response, Brussels time, in French
+    assert "mardi 24 novembre à 09:30" in text  # resolution
+    html = ack.get_body(("html",)).get_content()
+    assert "lundi 23 novembre à 11:30" in html
+
+
+def test_enterprise_p1_is_answered_within_15_minutes_around_the_clock(
+    inst: Installation, clock: Clockwork
+) -> None:
+    clock.now = datetime(2026, 11, 28, 22, 0, tzinfo=UTC)  # Saturday night
+    mail = make_mail(sender="Hank Scorpio <hank@globex.example>", message_id="g1@globex.example")
+    got = clocks(inst, inst.ingest(mail).ticket)
+    assert got["first_response"].due_at == datetime(2026, 11, 28, 22, 15, tzinfo=UTC)
+    assert got["first_response"].calendar == "24/7"
+
+
+def test_reminders_at_50_and_80_percent_then_breach_and_escalation(
+    escalating: Installation, clock: Clockwork
+) -> None:
+    inst = escalating
+    number = inst.ingest(make_mail()).ticket
+    inst.sent()
+    before = len(staff_mail(inst))
+
+    def run(at: datetime) -> tuple[int, int]:
+        clock.now = at  # the mail it queues is due at once
+        report = sweep(inst.app, at)
+        return report.reminders, report.breaches
+
+    assert run(utc(23, 9, 59)) == (0, 0)  # before 50 % of the first response
+    assert run(utc(23, 10, 0)) == (1, 0)  # 50 %: 30 min of 1 h
+    assert run(utc(23, 10, 0)) == (0, 0)  # once
+    assert run(utc(23, 10, 18)) == (1, 0)  # 80 %
+    assert run(utc(23, 10, 30)) == (1, 1)  # first response breached; workaround at 50 %
+    reminders = [m for m in staff_mail(inst)[before:] if "SLA" in str(m["Subject"])]
+    assert len(reminders) == 4
+    breach = next(m for m in reminders if "breach" in str(m["Subject"]).lower())
+    assert number in str(breach["Subject"])
+    assert breach["Auto-Submitted"] == "auto-generated"
+    assert LEAD in str(breach["To"]), "the escalation list is told"
+    assert ticket(inst, number).level == "L2"
+    with inst.session() as s:
+        event = s.scalar(select(TicketEvent).where(TicketEvent.field == "level"))
+        assert event is not None and event.new == "L2" and "SLA breach" in event.reason
+    assert clocks(inst, number)["first_response"].breached_at == utc(23, 10, 30)
+    # the customer never hears about reminders
+    assert not [m for m in inst.sent() if "SLA" in str(m["Subject"]) and "acme" in str(m["To"])]
+
+
+def test_a_sweep_after_downtime_sends_only_the_most_serious_alert(inst: Installation) -> None:
+    number = inst.ingest(make_mail()).ticket
+    report = sweep(inst.app, utc(23, 10, 45))  # past 50 %, 80 % and 100 % of the first response
+    assert report.breaches == 1
+    kinds = [m.kind for m in sla_mail(inst, "sla_reminder") + sla_mail(inst, "sla_breach")]
+    # the first response's breach, and the workaround's 50 % (1 h of 2 h at 10:30)
+    assert sorted(kinds) == ["sla_breach", "sla_reminder"]
+    assert clocks(inst, number)["first_response"].alerts_sent == 3
+
+
+def test_the_first_public_staff_reply_stops_the_first_response_clock(
+    inst: Installation, clock: Clockwork
+) -> None:
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 9, 50)
+    bob_says(inst, "/internal\nLooking into it.\n", "note@support.example")
+    assert clocks(inst, number)["first_response"].stopped_at is None  # an internal note
+    clock.now = utc(23, 10, 0)
+    bob_says(inst, "Please clear your cache.\n", "b1@support.example")
+    first = clocks(inst, number)["first_response"]
+    assert first.stopped_at == utc(23, 10, 0)
+    assert first.elapsed_seconds == 30 * 60
+    assert first.next_alert_at is None
+    assert sweep(inst.app, utc(23, 12, 0)).breaches == 1  # the workaround, not the response
+    assert clocks(inst, number)["first_response"].breached_at is None
+
+
+def test_workaround_command_stops_the_workaround_clock(
+    inst: Installation, clock: Clockwork
+) -> None:
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 10, 15)
+    bob_says(inst, "/workaround\nUse the backup login page meanwhile.\n", "w1@support.example")
+    got = clocks(inst, number)
+    assert got["workaround"].stopped_at == utc(23, 10, 15)
+    assert got["resolution"].stopped_at is None
+
+
+def test_waiting_on_the_customer_pauses_the_clock_and_extends_the_deadline(
+    inst: Installation, clock: Clockwork
+) -> None:
+    original = make_mail()
+    number = inst.ingest(original).ticket
+    clock.now = utc(23, 11, 0)  # 12:00 Brussels: 1 h 30 of business time used
+    bob_says(inst, "/status waiting\nWhich browser do you use?\n", "b1@support.example")
+    resolution = clocks(inst, number)["resolution"]
+    assert resolution.paused_at == utc(23, 11, 0)
+    assert resolution.next_alert_at is None  # nothing is due while paused
+    assert sweep(inst.app, utc(24, 8, 45)) == SlaSweepReport(0, 0)  # old deadline: quiet
+    clock.now = utc(24, 9, 0)  # Tuesday 10:00 Brussels: the customer answers
+    answer = reply_to(original, sender="Alice Martin <alice@acme.example>", message_id="a2@acme")
+    answer.replace_header("To", "support@example.com")
+    answer.replace_header("Subject", f"Re: [{number}] Cannot log in")
+    assert inst.ingest(answer).outcome == "threaded"
+    resolution = clocks(inst, number)["resolution"]
+    assert resolution.paused_at is None
+    # paused Monday 12:00-18:00 and Tuesday 09:00-10:00: 7 business hours
+    assert resolution.paused_seconds == 7 * 3600
+    # started Monday 10:30; 8 h + 7 h of business time: Tuesday 16:30 Brussels
+    assert resolution.due_at == utc(24, 15, 30)
+
+
+def test_resolution_stops_at_resolved_and_a_reopening_resumes_it(
+    inst: Installation, clock: Clockwork
+) -> None:
+    original = make_mail()
+    number = inst.ingest(original).ticket
+    clock.now = utc(23, 11, 30)  # 12:30 Brussels: 2 business hours used
+    bob_says(inst, "/resolve\nFixed: the certificate was renewed.\n", "b1@support.example")
+    resolution = clocks(inst, number)["resolution"]
+    assert (resolution.stopped_at, resolution.elapsed_seconds) == (utc(23, 11, 30), 2 * 3600)
+    clock.now = utc(23, 13, 30)  # 14:30: it broke again
+    answer = reply_to(original, sender="Alice Martin <alice@acme.example>", message_id="a2@acme")
+    answer.replace_header("Subject", f"Re: [{number}] Cannot log in")
+    answer.replace_header("To", "support@example.com")
+    assert inst.ingest(answer).outcome == "threaded"
+    assert ticket(inst, number).status == "open"
+    resolution = clocks(inst, number)["resolution"]
+    assert resolution.stopped_at is None and resolution.elapsed_seconds is None
+    assert resolution.paused_seconds == 2 * 3600  # the two hours it stayed resolved
+    assert resolution.due_at == utc(24, 10, 30)  # Tuesday 09:30 + 2 h, Brussels
+    assert clocks(inst, number)["first_response"].stopped_at == utc(23, 11, 30)  # stays stopped
+
+
+def test_a_new_priority_recomputes_the_deadlines(inst: Installation, clock: Clockwork) -> None:
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 9, 40)
+    bob_says(inst, "/priority P3\n", "b1@support.example")  # commands only: not a reply
+    got = clocks(inst, number)
+    assert got["first_response"].due_at == utc(23, 13, 30)  # 4 h from 10:30 Brussels
+    assert "workaround" not in got  # P3 has no workaround target
+    # 5 business days of 9 h from Monday 10:30: the next Monday 10:30
+    assert got["resolution"].due_at == utc(30, 9, 30)
+
+
+def test_a_new_plan_in_the_directory_retargets_open_tickets(
+    inst: Installation, clock: Clockwork
+) -> None:
+    number = inst.ingest(make_mail()).ticket
+    directory = yaml.safe_load((inst.root / "directory.yaml").read_text())
+    directory["organisations"][0]["plan"] = "enterprise"
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    clock.now = utc(23, 9, 35)
+    sync_directory_if_changed(inst.app)
+    first = clocks(inst, number)["first_response"]
+    assert (first.calendar, first.due_at) == ("24/7", utc(23, 9, 45))
+
+
+def test_per_organisation_override(install) -> None:  # noqa: ANN001
+    inst = install({"sla": {"organisations": {"acme": {"P1": {"first_response": "30m"}}}}})
+    got = clocks(inst, inst.ingest(make_mail()).ticket)
+    assert got["first_response"].due_at == utc(23, 10, 0)
+    assert got["resolution"].due_at == utc(24, 8, 30)  # not overridden: the plan's
+
+
+def test_sla_off_starts_no_clock_and_the_ack_says_no_deadline(install) -> None:  # noqa: ANN001
+    inst = install({"sla": {"enabled": False}})
+    number = inst.ingest(make_mail()).ticket
+    assert clocks(inst, number) == {}
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    assert "novembre à" not in ack.get_body(("plain",)).get_content()
+
+
+def test_a_restarted_daemon_sends_no_reminder_twice(inst: Installation, clock: Clockwork) -> None:
+    inst.ingest(make_mail())
+    assert sweep(inst.app, utc(23, 10, 0)).reminders == 1
+    restarted = App(load_settings(inst.settings_file), clock=clock)
+    assert sweep(restarted, utc(23, 10, 0)).reminders == 0
+    assert sweep(restarted, utc(23, 10, 18)).reminders == 1  # the next one, once
+    assert len(sla_mail(inst, "sla_reminder")) == 2
+
+
+def test_two_racing_sweeps_send_each_reminder_once(inst: Installation) -> None:
+    """Checklist 27 on SQLite: two sweeps over the same due reminders at once."""
+    for n in range(60):
+        inst.ingest(make_mail(message_id=f"race-{n}@acme.example", subject=f"Cannot log in {n}"))
+    apps = [App(load_settings(inst.settings_file)) for _ in range(2)]
+    go = threading.Barrier(2)
+    totals: list[int] = []
+
+    def run(app: App) -> None:
+        go.wait()
+        totals.append(sweep(app, utc(23, 10, 0)).reminders)
+
+    threads = [threading.Thread(target=run, args=(app,)) for app in apps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(totals) == 60
+    with inst.session() as s:
+        per_ticket = s.execute(
+            select(OutboxMail.ticket_id, func.count())
+            .where(OutboxMail.kind == "sla_reminder")
+            .group_by(OutboxMail.ticket_id)
+        ).all()
+    assert len(per_ticket) == 60 and {n for _, n in per_ticket} == {1}
+
+
+def mailgate(inst: Installation, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_sla_sweep_command_in_two_racing_processes(inst: Installation) -> None:
+    for n in range(30):
+        inst.ingest(make_mail(message_id=f"cli-{n}@acme.example", subject=f"Cannot log in {n}"))
+    now = "2026-11-23T10:18:00+00:00"  # past 80 %: one reminder per ticket
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailgate",
+                "--config",
+                str(inst.settings_file),
+                "sla",
+                "sweep",
+                "--now",
+                now,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    sent = sum(int(out.split()[0]) for out in outputs)  # "N reminders, M breaches"
+    assert sent == 30, outputs
+    assert len(sla_mail(inst, "sla_reminder")) == 30
+
+
+def test_sla_report(inst: Installation, clock: Clockwork) -> None:
+    first = make_mail(message_id="r1@acme.example", subject="Cannot log in")
+    inst.ingest(first)
+    inst.ingest(make_mail(message_id="r2@acme.example", subject="Cannot log in again"))
+    clock.now = utc(23, 9, 50)
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    inst.ingest(reply_to(notice, sender=BOB, body="Looking.\n", message_id="b1@support.example"))
+    out = mailgate(inst, "sla", "report", "--json", "--now", "2026-11-23T12:00:00+00:00")
+    assert out.returncode == 0, out.stderr
+    rows = {r["priority"]: r for r in json.loads(out.stdout)}
+    p1 = rows["P1"]
+    assert p1["tickets"] == 2
+    assert (p1["first_response"]["met"], p1["first_response"]["breached"]) == (1, 1)
+    assert p1["first_response"]["median_minutes"] == 20.0
+    assert p1["resolution"]["running"] == 2
+    text = mailgate(inst, "sla", "report", "--org", "globex")
+    assert text.returncode == 0 and "P1" in text.stdout
+    bad = mailgate(inst, "sla", "report", "--from", "yesterday")
+    assert bad.returncode != 0 and "--from yesterday" in bad.stderr
+
+
+def test_sla_settings_errors_name_the_key(tmp_path: Path) -> None:
+    from mailgate.config import ConfigError, settings_from_mapping
+
+    bad = {
+        "sla": {
+            "plans": {
+                "basic": {
+                    "calendar": "nope",
+                    "P1": {"first_response": "soon", "resolution": "8h"},
+                    "P2": {"first_response": "1h", "resolution": "2d"},
+                    "P3": {"first_response": "4h", "resolution": "5d"},
+                }
+            },
+            "calendars": {
+                "x": {"hours": {"mun": "09:00-18:00"}},
+                "y": {"hours": "24/7", "country": "ZZ"},
+            },
+        }
+    }
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(bad, source="settings.yaml", base_dir=tmp_path)
+    text = "\n".join(caught.value.problems)
+    assert "sla.plans.basic.P1.first_response" in text and "'soon'" in text
+    assert "sla.calendars.x.hours" in text and "mun" in text
+    assert "sla.calendars.y" in text and "'ZZ'" in text
+
+
+def test_check_names_an_organisation_whose_country_has_no_holidays(inst: Installation) -> None:
+    directory = yaml.safe_load((inst.root / "directory.yaml").read_text())
+    directory["organisations"][1]["country"] = "ZZ"
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    out = mailgate(inst, "check")
+    assert out.returncode == 1
+    assert "organisation globex: country: unknown holiday country 'ZZ'" in out.stdout, out.stdout
