@@ -330,6 +330,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print_json(result.as_dict())
     else:
         for key, value in result.as_dict().items():
+            if key == "sla" and value:
+                value = ", ".join(f"{kind} due {due}" for kind, due in value.items())
             if key != "ingest_id":
                 print(f"{key:11} {value if value is not None else '-'}")
     return EX_OK

@@ -346,3 +346,31 @@ def test_the_daemon_sweeps_the_lifecycle_on_start(tmp_path: Path, sink: Sink) ->
         running.wait_for_log("lifecycle sweep: 0 reminded, 0 resolved, 1 closed")
     finally:
         running.stop()
+
+
+def test_the_daemon_sends_sla_reminders_that_fell_due_while_it_was_down(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """The SLA sweep runs at start and then every sla.sweep_seconds, on the real clock."""
+    port = free_port()
+    relay = {"transport": "smtp", "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"}}
+    around_the_clock = {"organisations": {"acme": {"calendar": "24/7"}}}  # any hour of the day
+    created = Clockwork(datetime.now(UTC) - timedelta(minutes=40))  # 1 h target: past 50 %
+    inst = install_at(tmp_path, created, {"intake": {"smtp": {"port": port}},
+                                          "outbound": relay, "sla": around_the_clock})  # fmt: skip
+    number = inst.ingest(make_mail()).ticket
+    running = launch(inst, port)
+    try:
+        running.wait_for_log("sla sweep:")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            reminders = [m for m in sink.messages() if "SLA" in str(m["Subject"])]
+            if reminders:
+                break
+            time.sleep(0.1)
+        # one reminder: the first response at 50 % (80 % is 48 min)
+        assert len(reminders) == 1, [m["Subject"] for m in sink.messages()]
+        assert number in str(reminders[0]["Subject"]) and "50" in str(reminders[0]["Subject"])
+        assert reminders[0]["To"] == "bob@support.example"
+    finally:
+        running.stop()

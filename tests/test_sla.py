@@ -387,3 +387,22 @@ def test_check_names_an_organisation_whose_country_has_no_holidays(inst: Install
     out = mailgate(inst, "check")
     assert out.returncode == 1
     assert "organisation globex: country: unknown holiday country 'ZZ'" in out.stdout, out.stdout
+
+
+def test_explain_shows_the_deadlines_and_writes_none(inst: Installation, tmp_path: Path) -> None:
+    from mailgate.pipeline.message import Envelope
+    from mailgate.pipeline.process import process
+
+    result = process(inst.app, make_mail().as_bytes(), Envelope(source="explain"), dry_run=True)
+    assert result.sla == {
+        "first_response": "2026-11-23T10:30:00+00:00",
+        "workaround": "2026-11-23T11:30:00+00:00",
+        "resolution": "2026-11-24T08:30:00+00:00",
+    }
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).select_from(SlaClock)) == 0
+    mail = tmp_path / "request.eml"
+    mail.write_bytes(make_mail().as_bytes())
+    out = mailgate(inst, "explain", str(mail))
+    assert out.returncode == 0, out.stderr
+    assert "first_response due 2026-" in out.stdout and "resolution due" in out.stdout

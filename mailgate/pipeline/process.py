@@ -67,6 +67,7 @@ class Result:
     matched_by: str | None = None
     sender: str | None = None
     ingest_id: int | None = None
+    sla: dict[str, str] | None = None  # a new ticket's deadlines, ISO 8601 UTC, per target
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,7 +262,8 @@ def _decide_and_apply(
         record.ticket_id, record.article_id = ticket.id, article.id
         clocks = track(app.sla, session, ticket, now)
         _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
-        return _record(session, record, decision, ticket.number)
+        deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
+        return replace(_record(session, record, decision, ticket.number), sla=deadlines)
     if decision.outcome == "threaded":
         assert decision.ticket is not None
         ticket = session.get(Ticket, decision.ticket.id)
