@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailgate.config import ConfigError
-from mailgate.intake.smtp import FAULT_ENV, Fault
+from mailgate.intake.faults import FAULT_ENV, Fault
 from mailgate.store.models import IngestRecord, OutboxMail, Ticket
 from tests.conftest import Installation, make_mail
 from tests.daemon import RunningDaemon, launch, start_daemon
@@ -85,11 +85,12 @@ def test_sigterm_with_100_sessions_in_flight(tmp_path: Path, sink: Sink) -> None
 # retries after a dropped connection or a 4xx, only much faster.
 SESSIONS = 20
 MESSAGES = 500
-# 20 kills, most where a lost 250 hurts (committed, not answered), some inside
-# the transaction, at the n-th message since the (re)start: from just after a
-# restart, amid the retries, to well into the load. A round stores fewer than n
-# messages, so the 500 last all 20 rounds. A fixed plan: failures reproduce.
-ROUNDS = [("before_commit" if r % 3 == 2 else "after_commit", 2 + (r * 11) % 37) for r in range(20)]
+# 20 kills at each crash point, alternating: where a lost 250 hurts (committed,
+# not answered) and inside the transaction, at the n-th message since the
+# (re)start: from just after a restart, amid the retries, to well into the load.
+# A round stores fewer than n messages, so the 500 last all 40 rounds. A fixed
+# plan: failures reproduce.
+ROUNDS = [(("after_commit", "before_commit")[r % 2], 2 + (r * 7) % 19) for r in range(40)]
 assert sum(n for _, n in ROUNDS) < MESSAGES
 FAULT_LINE = re.compile(r"MAILGATE_FAULT: SIGKILL at (\w+):(\d+) <([^>]*)>")
 

@@ -19,20 +19,15 @@ The pipeline is synchronous (SQLAlchemy); it runs in a small thread pool so a
 slow commit never stalls the event loop, and at most `max_parallel_messages`
 messages are processed at once.
 
-`MAILGATE_FAULT` (tests only, see `Fault`) kills the daemon at a chosen crash point.
+`MAILGATE_FAULT` (tests only, see `faults.py`) kills the daemon at a chosen crash point.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 import hmac
 import logging
-import os
-import signal
 import ssl
-import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import event
-from sqlalchemy.orm import Session as DbSession
 
 from mailgate.app import App
-from mailgate.config import ConfigError
 from mailgate.config import SmtpIntake as SmtpSettings
+from mailgate.intake.faults import Fault, in_pipeline
 from mailgate.pipeline.message import Envelope as MailEnvelope
 from mailgate.pipeline.process import Result, TemporaryFailure, process
 
@@ -69,69 +62,6 @@ def is_ours(address: str, support_address: str) -> bool:
         return False
     local = local.lower()
     return local == our_local.lower() or local.startswith(our_local.lower() + "+")
-
-
-# Fault injection, so that tests/test_daemon_crash.py can prove RFC 5321 6.1 at
-# the two crash points that matter (RELIABILITY.md checklist 13): with
-# MAILGATE_FAULT=<point>:<n> the daemon SIGKILLs itself (no flush, no cleanup,
-# as the OOM killer or a power cut would) when the n-th message since start
-# reaches <point>:
-#   before_commit: the message's transaction has written its rows, not committed;
-#   after_commit:  `process` has committed, the 250 is not written yet (the
-#                  sender retries; the retry must be stored as a duplicate).
-# Read once when the listener is built; a malformed value stops the start. Unset
-# (production): no SQLAlchemy hook is installed; what is left per message is a
-# test for None.
-FAULT_ENV = "MAILGATE_FAULT"
-FAULT_POINTS = ("before_commit", "after_commit")
-
-
-class Fault:
-    def __init__(self, point: str, at: int) -> None:
-        self.point, self.at = point, at
-        self._reached = 0
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_env(cls) -> Fault | None:
-        spec = os.environ.get(FAULT_ENV, "")
-        if not spec:
-            return None
-        point, _, at = spec.partition(":")
-        if point not in FAULT_POINTS or not at.isdigit() or int(at) < 1:
-            raise ConfigError(
-                [f"{FAULT_ENV}={spec!r}: expected <point>:<n>, point one of "
-                 f"{', '.join(FAULT_POINTS)}, n >= 1 (or leave it unset)"]
-            )  # fmt: skip
-        if point == "before_commit" and not event.contains(
-            DbSession, "before_commit", _before_commit
-        ):
-            event.listen(DbSession, "before_commit", _before_commit)
-        return cls(point, int(at))
-
-    def reached(self, point: str, raw: bytes) -> None:
-        if point != self.point:
-            return
-        with self._lock:
-            self._reached += 1
-            if self._reached != self.at:
-                return
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
-        message_id = str(headers.get("Message-ID", "")).strip().strip("<>")
-        os.write(2, f"{FAULT_ENV}: SIGKILL at {point}:{self.at} <{message_id}>\n".encode())
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_in_pipeline = threading.local()  # (fault, raw) of the SMTP message this thread processes
-
-
-def _before_commit(session: DbSession) -> None:
-    pending = getattr(_in_pipeline, "pending", None)
-    if pending is not None and not session.in_nested_transaction():  # not a SAVEPOINT
-        _in_pipeline.pending = None  # the message's first commit only
-        session.flush()  # its rows written, the transaction still open
-        fault, raw = pending
-        fault.reached("before_commit", raw)
 
 
 class MessageRunner:
@@ -165,12 +95,8 @@ class MessageRunner:
         # 451 at once; only those already in the pipeline are waited for.
         if self.stopping:
             raise TemporaryFailure("shutting down")
-        if self.fault is not None:
-            _in_pipeline.pending = (self.fault, raw)
-        try:
+        with in_pipeline(self.fault, raw):
             result = process(self._app(), raw, envelope)
-        finally:
-            _in_pipeline.pending = None
         self.outcomes[result.outcome] += 1
         return result
 
