@@ -60,7 +60,7 @@ def sla_mail(inst: Installation, kind: str) -> list[OutboxMail]:
 
 
 def bob_says(inst: Installation, body: str, message_id: str) -> None:
-    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"]))
     result = inst.ingest(reply_to(notice, sender=BOB, body=body, message_id=message_id))
     assert result.outcome in ("threaded", "command"), result
 
@@ -406,3 +406,16 @@ def test_explain_shows_the_deadlines_and_writes_none(inst: Installation, tmp_pat
     out = mailgate(inst, "explain", str(mail))
     assert out.returncode == 0, out.stderr
     assert "first_response due 2026-" in out.stdout and "resolution due" in out.stdout
+
+
+def test_reminders_go_to_the_assignee_when_there_is_one(install, clock: Clockwork) -> None:  # noqa: ANN001
+    directory = yaml.safe_load((Path(__file__).parents[1] / "directory.yaml").read_text())
+    directory["staff"].append({"email": "zoe@support.example", "name": "Zoé", "level": "L1"})
+    inst = install(directory=directory)
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 9, 40)
+    bob_says(inst, "/assign zoe@support.example\n", "b1@support.example")
+    clock.now = utc(23, 10, 0)
+    assert sweep(inst.app, clock.now).reminders == 1
+    reminder = next(m for m in inst.sent() if "SLA" in str(m["Subject"]))
+    assert reminder["To"] == "zoe@support.example" and number in str(reminder["Subject"])
