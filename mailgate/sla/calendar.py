@@ -169,9 +169,9 @@ def holiday_checker(
     """True on public holidays of the country (and subdivision), plus the listed dates.
 
     The country code is case-insensitive ("BE"); the subdivision is passed to the `holidays`
-    package as given ("CT"). An unknown country or subdivision raises ValueError now, not on the
-    first lookup. The result is hashable, comparable and picklable, so calendars built from
-    equal settings are equal.
+    package as given ("CT") and ignored without a country. An unknown country or subdivision
+    raises ValueError now, not on the first lookup. The result is hashable, comparable and
+    picklable, so calendars built from equal settings are equal.
     """
     extra = frozenset(dates)
     for day in extra:
@@ -179,8 +179,7 @@ def holiday_checker(
         if not isinstance(day, date) or isinstance(day, datetime):
             raise ValueError(f"holiday {day!r} is not a date")
     if country is None:
-        if subdivision is not None:
-            raise ValueError(f"holiday subdivision {subdivision!r} needs a country")
+        # No country means no public holidays, so a subdivision has nothing to refine.
         return HolidayChecker(None, None, extra)
     code = country.strip().upper()
     _country_holidays(code, subdivision)  # fail early on unknown codes
