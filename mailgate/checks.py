@@ -17,7 +17,7 @@ def run_checks(settings_file: Path) -> list[str]:
         return exc.problems  # nothing else can be checked without valid settings
     problems: list[str] = []
     checks = (check_directory, check_calendars, check_rules, check_templates, check_database,
-              check_paths, check_relay)  # fmt: skip
+              check_paths, check_relay, check_imap)  # fmt: skip
     for check in checks:
         try:
             problems += check(settings)
@@ -154,3 +154,23 @@ def _relay_session(host: str, port: int, tls: str, username: str | None,
             smtp.quit()  # the relay answered all we asked; a rude goodbye is no problem
     finally:
         smtp.close()
+
+
+def check_imap(settings: Settings) -> list[str]:
+    """Log in to every enabled mailbox, as the daemon will."""
+    from imapclient.exceptions import IMAPClientError, LoginError
+
+    from mailgate.app import App
+    from mailgate.intake.imap import Mailbox
+
+    app = App(settings, migrate=False)
+    problems = []
+    for box in settings.intake.mailboxes:
+        where = f"intake.imap {box.name}: {box.username} at {box.host}:{box.port}"
+        try:
+            Mailbox(lambda: app, box).connect().logout()
+        except LoginError as exc:
+            problems.append(f"{where}: login refused ({exc}); check the password or token")
+        except (OSError, IMAPClientError) as exc:
+            problems.append(f"{where}: cannot connect ({exc})")
+    return problems

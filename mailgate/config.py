@@ -93,22 +93,46 @@ class SmtpIntake(Strict):
 
 class ImapIntake(Strict):
     enabled: bool = False
+    name: str = Field("imap", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # in logs and stored state
     host: str = "imap.example.com"
     port: int = Field(993, ge=1, le=65535)
     tls: Literal["implicit", "starttls", "none"] = "implicit"
+    tls_ca_file: Path | None = None  # trust this CA (a private one) instead of the system's
+    allow_plaintext: bool = False  # tls: none to a host that is not loopback
     username: str = "support@example.com"
     password_file: Path | None = None
     password_env: str | None = None
+    # XOAUTH2 (Microsoft 365, Google): a command printing a fresh access token.
+    oauth2_token_command: str | None = None
     folder: str = "INBOX"
     processed_folder: str = "mailgate/processed"
     failed_folder: str = "mailgate/failed"
     idle: bool = True
+    idle_seconds: int = Field(25 * 60, gt=0, le=29 * 60)  # IDLE is re-issued after this
     poll_seconds: int = Field(60, gt=0)
+    max_message_bytes: int = Field(26_214_400, gt=0)  # larger mail goes to failed_folder
+    timeout_seconds: int = Field(60, gt=0)  # per command; a slower fetch counts as failed
 
 
 class Intake(Strict):
     smtp: SmtpIntake = SmtpIntake()
-    imap: ImapIntake = ImapIntake()
+    # One mailbox, or a list of them (each with its own `name`).
+    imap: ImapIntake | list[ImapIntake] = ImapIntake()
+
+    @property
+    def mailboxes(self) -> list[ImapIntake]:
+        """The enabled IMAP mailboxes."""
+        boxes = self.imap if isinstance(self.imap, list) else [self.imap]
+        return [box for box in boxes if box.enabled]
+
+    @field_validator("imap")
+    @classmethod
+    def _names_unique(cls, value: ImapIntake | list[ImapIntake]) -> Any:
+        if isinstance(value, list):
+            names = [box.name for box in value]
+            if len(set(names)) != len(names):
+                raise ValueError("each mailbox in the list needs its own name")
+        return value
 
 
 class OutboundSmtp(Strict):

@@ -30,6 +30,8 @@ from sqlalchemy import func, select
 from mailgate import systemd_notify
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.intake.faults import Fault
+from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener
 from mailgate.observability import Metrics
 from mailgate.sla.sweep import sweep as sla_sweep
@@ -100,6 +102,10 @@ class Daemon:
             self.listener = SmtpListener(self.current_app, settings.intake.smtp, settings.base_dir)
             for host, port in await self.listener.start():
                 log.info("SMTP listening on %s:%d", host, port)
+        fault = Fault.from_env()
+        mailboxes = [Mailbox(self.current_app, box, fault) for box in settings.intake.mailboxes]
+        for mailbox in mailboxes:
+            mailbox.start()
         self.metrics = _start_metrics(settings)
         scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
@@ -144,6 +150,8 @@ class Daemon:
             self.metrics.stop()
         if self.listener is not None:
             await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
+        # A mailbox finishes the message in hand (its move included) and logs out.
+        await asyncio.gather(*(asyncio.to_thread(m.stop) for m in mailboxes))
         await sender.stop()
         for task in tasks:
             task.cancel()
@@ -165,8 +173,9 @@ class Daemon:
             systemd_notify.ready("serving (last reload refused)")
             return
         app.on_outbox.append(sender.poke)
-        if settings.intake.smtp != old.settings.intake.smtp:
-            log.warning("intake.smtp changed: the listener keeps its settings until a restart")
+        for part in ("smtp", "imap"):
+            if getattr(settings.intake, part) != getattr(old.settings.intake, part):
+                log.warning("intake.%s changed: it keeps its settings until a restart", part)
         self.app = app
         log.info("reloaded settings, directory and templates")
         systemd_notify.ready("serving")

@@ -6,7 +6,9 @@ cut would) when the n-th message since start reaches <point>:
 
 - `before_commit`: the message's transaction has written its rows, not committed;
 - `after_commit`: `process` has committed, the 250 is not written yet (the
-  sender retries; the retry must be stored as a duplicate).
+  sender retries; the retry must be stored as a duplicate);
+- `imap_after_commit`: an IMAP message is committed, not yet moved out of
+  the folder (fetched again after the restart, it must be a duplicate).
 
 Read once when the SMTP listener is built; a malformed value stops the start.
 Unset (production): no SQLAlchemy hook is installed, and what is left per
@@ -29,7 +31,7 @@ from sqlalchemy.orm import Session
 from mailgate.config import ConfigError
 
 FAULT_ENV = "MAILGATE_FAULT"
-FAULT_POINTS = ("before_commit", "after_commit")
+FAULT_POINTS = ("before_commit", "after_commit", "imap_after_commit")
 
 
 class Fault:

@@ -1,0 +1,285 @@
+"""IMAP source: read a mailbox at a provider, each message exactly once.
+
+A source only turns the mailbox into `(raw bytes, envelope)` and reports the
+outcome back by moving the message; the pipeline decides. Exactly once:
+
+- every message still in `folder` is fetched by UID (whatever its flags: a
+  user marking mail \\Seen must not hide it), with BODY.PEEK so we set none;
+- it is moved to `processed_folder` (or `failed_folder` when quarantined,
+  too large or too slow to fetch) only after `process` committed it;
+- a crash between the commit and the move leaves it in `folder`; fetched
+  again, the pipeline recognises it (`duplicate`) and the move happens then.
+  A changed UIDVALIDITY is the same case for every message: no bookkeeping
+  of ours can double a ticket, the stored messages do that job.
+
+Each mailbox runs in its own thread (imapclient is blocking), with its own
+connection and backoff, so one failing mailbox never stops another or the
+SMTP listener. One log line per state change, not per retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import random
+import shlex
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from mailgate.app import App
+from mailgate.config import ConfigError, ImapIntake, read_secret
+from mailgate.intake.faults import Fault
+from mailgate.pipeline.message import Envelope
+from mailgate.pipeline.process import TemporaryFailure, process
+from mailgate.store.state import get_state, set_state
+
+log = logging.getLogger("mailgate.imap")
+
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+FETCH_ATTEMPTS = 2  # a message whose fetch timed out this often goes to failed_folder
+# Outcomes kept for an operator rather than filed as handled.
+FAILED_OUTCOMES = frozenset({"quarantined"})
+
+
+def backoff(attempt: int, rng: random.Random) -> float:
+    """Seconds before reconnect attempt `attempt` (0-based): doubling, capped, with jitter."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
+    return rng.uniform(ceiling / 2, ceiling)  # jitter: mailboxes of one provider do not stampede
+
+
+def destination(settings: ImapIntake, outcome: str) -> str:
+    return settings.failed_folder if outcome in FAILED_OUTCOMES else settings.processed_folder
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Mailbox:
+    """One IMAP mailbox, drained and watched by its own thread until `stop()`."""
+
+    def __init__(
+        self, app: Callable[[], App], settings: ImapIntake, fault: Fault | None = None
+    ) -> None:
+        self._app = app
+        self.settings = settings
+        self.fault = fault
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"imap-{settings.name}")
+        self._state = ""
+        self._slow: dict[int, int] = {}  # uid -> fetches that timed out
+        self._rng = random.Random()
+        self.outcomes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                with self.connect() as client:
+                    attempt = 0
+                    self._serve(client)
+            except LoginError as exc:
+                self._report(f"login refused by {self.settings.host}: {_text(exc)}", error=True)
+            except (OSError, IMAPClientError, TemporaryFailure, ConfigError) as exc:
+                self._report(f"disconnected: {_text(exc)}", error=True)
+            except Exception:  # noqa: BLE001 - the thread must survive to reconnect
+                log.exception("imap %s: unexpected error", self.settings.name)
+                self._state = "unexpected error"
+            if self._stop.wait(backoff(attempt, self._rng)):
+                break
+            attempt += 1
+        self._report("stopped")
+
+    def _report(self, state: str, *, error: bool = False) -> None:
+        if state != self._state:
+            self._state = state
+            (log.warning if error else log.info)("imap %s: %s", self.settings.name, state)
+
+    # -- connection --------------------------------------------------------------------
+
+    def connect(self) -> imapclient.IMAPClient:
+        """A logged-in client; LoginError or OSError say why not."""
+        s = self.settings
+        if s.tls == "none" and not (is_loopback(s.host) or s.allow_plaintext):
+            raise ConfigError([f"intake.imap {s.name}: tls: none only to loopback "
+                               "(set allow_plaintext: true to force it)"])  # fmt: skip
+        context = ssl.create_default_context(cafile=self._ca_file())
+        client = imapclient.IMAPClient(
+            s.host, s.port, ssl=s.tls == "implicit", ssl_context=context,
+            timeout=s.timeout_seconds,
+        )  # fmt: skip
+        try:
+            if s.tls == "starttls":
+                client.starttls(context)
+            if s.oauth2_token_command:
+                client.oauth2_login(s.username, self._token())
+            else:
+                client.login(s.username, self._password())
+        except BaseException:
+            _close(client)
+            raise
+        return client
+
+    def _ca_file(self) -> str | None:
+        ca = self.settings.tls_ca_file
+        return str(self._app().settings.path(ca)) if ca else None
+
+    def _password(self) -> str:
+        s = self.settings
+        secret = read_secret(file=s.password_file, env=s.password_env,
+                             settings=self._app().settings, key="intake.imap.password")  # fmt: skip
+        if secret is None:
+            raise ConfigError([f"intake.imap {s.name}: set password_file or password_env"])
+        return secret
+
+    def _token(self) -> str:
+        command = self.settings.oauth2_token_command or ""
+        try:
+            done = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                                  timeout=30, check=True)  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ConfigError([f"intake.imap {self.settings.name}: oauth2_token_command "
+                               f"failed: {exc}"]) from None  # fmt: skip
+        return done.stdout.strip()
+
+    # -- work ----------------------------------------------------------------------------
+
+    def _serve(self, client: imapclient.IMAPClient) -> None:
+        s = self.settings
+        for folder in (s.processed_folder, s.failed_folder):
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+        selected = client.select_folder(s.folder)
+        self._remember_uidvalidity(int(selected[b"UIDVALIDITY"]))
+        self._report(f"connected to {s.host}, watching {s.folder}")
+        idle = s.idle and client.has_capability("IDLE")
+        while not self._stop.is_set():
+            # Mail that arrives during a drain is announced (EXISTS) in the replies to
+            # our FETCHes, not again in IDLE: drain until a search finds nothing.
+            while self.drain(client) and not self._stop.is_set():
+                pass
+            if idle:
+                self._idle(client)
+            elif self._stop.wait(s.poll_seconds):
+                return
+            else:
+                client.noop()
+
+    def _remember_uidvalidity(self, uidvalidity: int) -> None:
+        key = f"imap.{self.settings.name}.uidvalidity"
+        with self._app().sessions.begin() as session:
+            known = get_state(session, key)
+            if known is not None and known != str(uidvalidity):
+                log.warning(
+                    "imap %s: UIDVALIDITY of %s changed (%s -> %s): every message in it is "
+                    "checked again; those already stored are recognised as duplicates",
+                    self.settings.name, self.settings.folder, known, uidvalidity,
+                )  # fmt: skip
+            set_state(session, key, str(uidvalidity))
+
+    def _idle(self, client: imapclient.IMAPClient) -> None:
+        """Wait in IDLE until the server reports new mail, `idle_seconds` pass or we stop."""
+        client.idle()
+        waited = 0.0
+        try:
+            while not self._stop.is_set() and waited < self.settings.idle_seconds:
+                # Short checks so that stop() is noticed within a second.
+                if any(r[1] in (b"EXISTS", b"RECENT") for r in client.idle_check(timeout=1)
+                       if len(r) > 1):  # fmt: skip
+                    return
+                waited += 1
+        finally:
+            client.idle_done()
+
+    def drain(self, client: imapclient.IMAPClient) -> int:
+        """Process every message in the folder, oldest first; how many were filed."""
+        filed = 0
+        # Whatever the flags (\\Seen hides nothing), except mail someone else deleted.
+        for uid in sorted(client.search(["NOT", "DELETED"])):
+            if self._stop.is_set():
+                break
+            self._one(client, uid)
+            filed += 1
+        return filed
+
+    def _one(self, client: imapclient.IMAPClient, uid: int) -> None:
+        s = self.settings
+        size = int(client.fetch([uid], ["RFC822.SIZE"]).get(uid, {}).get(b"RFC822.SIZE", 0))
+        if size > s.max_message_bytes:
+            log.warning("imap %s: uid %s is %s bytes, over max_message_bytes: to %s",
+                        s.name, uid, size, s.failed_folder)  # fmt: skip
+            self._file(client, uid, s.failed_folder)
+            return
+        if self._slow.get(uid, 0) >= FETCH_ATTEMPTS:
+            log.warning("imap %s: uid %s timed out %s times while fetching: to %s",
+                        s.name, uid, FETCH_ATTEMPTS, s.failed_folder)  # fmt: skip
+            self._file(client, uid, s.failed_folder)
+            del self._slow[uid]
+            return
+        raw = self._fetch(client, uid)
+        if raw is None:
+            return
+        app = self._app()
+        result = process(app, raw, Envelope(source="imap", rcpt_to=(s.username,)))
+        if self.fault is not None:
+            self.fault.reached("imap_after_commit", raw)
+        self.outcomes += 1
+        self._file(client, uid, destination(s, result.outcome))
+
+    def _fetch(self, client: imapclient.IMAPClient, uid: int) -> bytes | None:
+        try:
+            data = client.fetch([uid], ["BODY.PEEK[]"])
+        except TimeoutError:
+            # The connection is unusable now; after the reconnect this UID is
+            # tried again, and filed as failed once it timed out FETCH_ATTEMPTS times.
+            self._slow[uid] = self._slow.get(uid, 0) + 1
+            raise
+        body = data.get(uid, {}).get(b"BODY[]")
+        if body is None:
+            return None  # expunged by someone else meanwhile
+        self._slow.pop(uid, None)
+        return bytes(body)
+
+    def _file(self, client: imapclient.IMAPClient, uid: int, folder: str) -> None:
+        if client.has_capability("MOVE"):
+            client.move([uid], folder)
+        else:
+            # Only our UID is expunged (UID EXPUNGE, UIDPLUS), never others' \\Deleted mail.
+            client.copy([uid], folder)
+            client.add_flags([uid], [imapclient.DELETED])
+            client.expunge([uid])
+        with self._app().sessions.begin() as session:
+            set_state(session, f"imap.{self.settings.name}.last_uid", str(uid))
+
+
+def _close(client: imapclient.IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        with contextlib.suppress(Exception):
+            client.shutdown()
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc).strip() or type(exc).__name__

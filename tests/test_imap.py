@@ -1,0 +1,307 @@
+"""The IMAP source against a real Dovecot on loopback, started by the tests.
+
+In-process mailboxes (the test clock, the test's database) for the source's
+own behaviour; `mailgate run` as a subprocess for crashes and load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from mailgate.config import ImapIntake
+from mailgate.intake.imap import Mailbox, backoff, destination
+from mailgate.store.models import IngestRecord, OutboxMail, Ticket
+from tests.conftest import Clockwork, Installation, install_at, make_mail
+from tests.daemon import launch
+from tests.dovecot import Dovecot, start_dovecot
+from tests.smtp_sink import free_port
+
+PROCESSED = "mailgate/processed"
+FAILED = "mailgate/failed"
+
+
+@pytest.fixture
+def dovecot(tmp_path: Path) -> Iterator[Dovecot]:
+    server = start_dovecot(tmp_path / "dovecot")
+    yield server
+    server.stop()
+
+
+def settings_for(server: Dovecot, **changes: Any) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": server.port,
+        "tls": "none",
+        "username": server.user,
+        "password_env": "MAILGATE_TEST_IMAP_PASSWORD",
+        "poll_seconds": 1,
+        **changes,
+    }
+
+
+@pytest.fixture
+def password(monkeypatch: pytest.MonkeyPatch, dovecot: Dovecot) -> None:
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", dovecot.password)
+
+
+def exists(server: Dovecot, folder: str) -> bool:
+    with server.session() as client:
+        return bool(client.folder_exists(folder))
+
+
+def held(server: Dovecot, folder: str) -> int:
+    """Messages in `folder`; 0 while it does not exist yet."""
+    return len(server.uids(folder)) if exists(server, folder) else 0
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def count(inst: Installation, model: type, *where: Any) -> int:
+    with inst.session() as s:
+        return s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
+def mail(n: int, body: str = "") -> bytes:
+    return make_mail(message_id=f"imap-{n}@acme.example", subject=f"Export fails {n}",
+                     body=body or f"The export fails ({n}).\n").as_bytes()  # fmt: skip
+
+
+class Running:
+    """A Mailbox thread on the test installation, stopped at the end."""
+
+    def __init__(self, inst: Installation, settings: dict[str, Any]) -> None:
+        self.mailbox = Mailbox(lambda: inst.app, ImapIntake.model_validate(settings))
+        self.mailbox.start()
+
+    def __enter__(self) -> Mailbox:
+        return self.mailbox
+
+    def __exit__(self, *exc: object) -> None:
+        self.mailbox.stop()
+
+
+def test_polling_files_every_message_and_creates_the_folders(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    assert not exists(dovecot, PROCESSED)
+    for n in range(3):
+        dovecot.append(mail(n), flags=[b"\\Seen"] if n == 1 else [])  # \Seen hides nothing
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, PROCESSED) == 3, what="3 messages filed")
+    assert dovecot.uids("INBOX") == []
+    assert exists(dovecot, FAILED)
+    assert count(inst, Ticket) == 3
+    with inst.session() as s:
+        sources = set(s.scalars(select(IngestRecord.source)))
+    assert sources == {"imap"}
+
+
+def test_idle_picks_up_a_new_mail_within_two_seconds(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    with Running(inst, settings_for(dovecot, poll_seconds=600)):  # IDLE, not the poll
+        eventually(lambda: exists(dovecot, PROCESSED), what="connected")
+        time.sleep(0.5)  # in IDLE now
+        dovecot.append(mail(1))
+        took = eventually(lambda: count(inst, Ticket) == 1, timeout=5, what="the ticket")
+    assert took < 2.0, took
+
+
+def test_without_move_only_our_message_is_expunged(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_dovecot(tmp_path / "nomove", without=("MOVE",))
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    try:
+        theirs = server.append(mail(99), flags=[b"\\Deleted"])  # someone else's, not expunged
+        server.append(mail(1))
+        with Running(inst, settings_for(server, idle=False)):
+            eventually(lambda: held(server, PROCESSED) == 1, what="filed by COPY")
+        assert server.uids("INBOX") == [theirs]
+        assert count(inst, Ticket) == 1
+    finally:
+        server.stop()
+
+
+def test_too_large_mail_goes_to_the_failed_folder_and_the_rest_goes_on(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    dovecot.append(mail(1, body="x" * 50_000))
+    dovecot.append(mail(2))
+    with Running(inst, settings_for(dovecot, idle=False, max_message_bytes=20_000)):
+        eventually(lambda: held(dovecot, PROCESSED) == 1 and held(dovecot, FAILED) == 1)
+    assert count(inst, Ticket) == 1
+
+
+def test_a_dovecot_restart_is_survived_with_nothing_lost_or_doubled(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    dovecot.append(mail(1))
+    with Running(inst, settings_for(dovecot)):
+        eventually(lambda: count(inst, Ticket) == 1)
+        dovecot.stop()
+        time.sleep(1.5)  # the source notices and retries with backoff
+        dovecot.start()
+        dovecot.append(mail(2))
+        dovecot.append(mail(1))  # the same mail again: a duplicate, filed
+        eventually(lambda: held(dovecot, PROCESSED) == 3, timeout=20, what="after restart")
+    assert count(inst, Ticket) == 2
+    assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 1
+    disconnects = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert 1 <= len(disconnects) <= 2, [r.getMessage() for r in disconnects]  # not one per retry
+
+
+def test_a_changed_uidvalidity_doubles_nothing(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(3):
+        dovecot.append(mail(n))
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, PROCESSED) == 3)
+    # The mailbox is recreated with the same mail in it: new UIDVALIDITY, new UIDs.
+    for raw in dovecot.fetch_all(PROCESSED).values():
+        dovecot.append(raw)
+    dovecot.recreate_inbox()
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: dovecot.uids("INBOX") == [], what="re-filed")
+    assert count(inst, Ticket) == 3
+    assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 3
+    assert len([r for r in caplog.records if "UIDVALIDITY" in r.getMessage()]) == 1
+
+
+def test_implicit_tls_and_starttls_with_the_operators_ca(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_dovecot(tmp_path / "tls", tls=True)
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    try:
+        server.append(mail(1))
+        implicit = settings_for(server, tls="implicit", port=server.tls_port,
+                                tls_ca_file=str(server.cert), idle=False)  # fmt: skip
+        with Running(inst, implicit):
+            eventually(lambda: count(inst, Ticket) == 1, what="over implicit TLS")
+        server.append(mail(2))
+        starttls = settings_for(server, tls="starttls", tls_ca_file=str(server.cert), idle=False)
+        with Running(inst, starttls):
+            eventually(lambda: count(inst, Ticket) == 2, what="over STARTTLS")
+    finally:
+        server.stop()
+
+
+def test_plaintext_to_another_host_is_refused_unless_forced(inst: Installation) -> None:
+    box = Mailbox(lambda: inst.app, ImapIntake(enabled=True, host="imap.example.com",
+                                               tls="none", password_env="X"))  # fmt: skip
+    with pytest.raises(Exception, match="tls: none only to loopback"):
+        box.connect()
+
+
+def test_one_failing_mailbox_does_not_stop_another(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    dovecot.append(mail(1))
+    broken = Mailbox(lambda: inst.app, ImapIntake.model_validate(
+        settings_for(dovecot, name="broken", password_env="MAILGATE_TEST_NO_SUCH_VARIABLE")))  # fmt: skip
+    broken.start()
+    try:
+        with Running(inst, settings_for(dovecot, name="good", idle=False)):
+            eventually(lambda: count(inst, Ticket) == 1, what="the good mailbox works")
+    finally:
+        broken.stop()
+    assert any("broken" in r.getMessage() for r in caplog.records)
+
+
+def test_check_names_a_refused_login(tmp_path: Path, dovecot: Dovecot) -> None:
+    from mailgate.checks import check_imap
+    from mailgate.config import load_settings
+
+    (tmp_path / "inst").mkdir()
+    inst = install_at(tmp_path / "inst", Clockwork(), {"intake": {"imap": settings_for(
+        dovecot, password_env=None, password_file="imap.secret")}})  # fmt: skip
+    (inst.root / "imap.secret").write_text("wrong\n")
+    problems = check_imap(load_settings(inst.settings_file))
+    assert len(problems) == 1 and "login refused" in problems[0], problems
+    (inst.root / "imap.secret").write_text(dovecot.password + "\n")
+    assert check_imap(load_settings(inst.settings_file)) == []
+
+
+def test_backoff_doubles_with_jitter_and_a_ceiling() -> None:
+    import random
+
+    rng = random.Random(1)
+    waits = [backoff(n, rng) for n in range(12)]
+    assert all(0.5 * min(300, 2**n) <= w <= min(300, 2**n) for n, w in enumerate(waits))
+    assert waits[-1] <= 300
+
+
+def test_quarantined_mail_is_filed_as_failed() -> None:
+    box = ImapIntake()
+    assert destination(box, "quarantined") == box.failed_folder
+    for outcome in ("created", "threaded", "duplicate", "ignored", "rejected", "bounce"):
+        assert destination(box, outcome) == box.processed_folder
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+def daemon_with_imap(tmp_path: Path, server: Dovecot, env: dict[str, str] | None = None):  # noqa: ANN201
+    tmp_path.mkdir()
+    port = free_port()
+    imap = settings_for(server, password_env=None, password_file="imap.secret")
+    inst = install_at(tmp_path, Clockwork(), {"intake": {"smtp": {"port": port}, "imap": imap}})
+    (inst.root / "imap.secret").write_text(server.password)
+    return inst, port
+
+
+def test_killed_between_commit_and_move_one_ticket_one_ack(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
+    dovecot.append(mail(1))
+    crashing = launch(inst, port, env={"MAILGATE_FAULT": "imap_after_commit:1"})
+    assert crashing.proc.wait(20) == -9  # SIGKILL, after the commit
+    assert count(inst, Ticket) == 1 and len(dovecot.uids("INBOX")) == 1  # not moved
+    running = launch(inst, port)
+    try:
+        eventually(lambda: held(dovecot, PROCESSED) == 1, what="moved after the restart")
+    finally:
+        running.stop()
+    assert count(inst, Ticket) == 1
+    assert count(inst, OutboxMail, OutboxMail.kind == "ack") == 1
+    assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 1
+
+
+def test_500_messages_appended_while_the_daemon_runs(tmp_path: Path, dovecot: Dovecot) -> None:
+    inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
+    running = launch(inst, port)
+    try:
+        client = dovecot.client()
+        for n in range(500):
+            client.append("INBOX", mail(n))
+        client.logout()
+        eventually(lambda: held(dovecot, PROCESSED) == 500, timeout=120, what="500 filed")
+    finally:
+        running.stop()
+    with inst.session() as s:
+        per_message = s.execute(
+            select(IngestRecord.message_id, func.count()).group_by(IngestRecord.message_id)
+        ).all()
+    assert len(per_message) == 500 and {n for _, n in per_message} == {1}
+    assert count(inst, Ticket) == 500
