@@ -111,7 +111,9 @@ class ImapIntake(Strict):
     idle_seconds: int = Field(25 * 60, gt=0, le=29 * 60)  # IDLE is re-issued after this
     poll_seconds: int = Field(60, gt=0)
     max_message_bytes: int = Field(26_214_400, gt=0)  # larger mail goes to failed_folder
-    timeout_seconds: int = Field(60, gt=0)  # per command; a slower fetch counts as failed
+    # Per command; a slower fetch counts as failed, and a link cut silently during
+    # IDLE is noticed at most this long after idle_seconds.
+    timeout_seconds: int = Field(30, gt=0)
 
 
 class Intake(Strict):

@@ -217,8 +217,9 @@ def test_one_failing_mailbox_does_not_stop_another(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="mailgate.imap")
     dovecot.append(mail(1))
+    unset = "MAILGATE_TEST_NO_SUCH_VARIABLE"
     broken = Mailbox(lambda: inst.app, ImapIntake.model_validate(
-        settings_for(dovecot, name="broken", password_env="MAILGATE_TEST_NO_SUCH_VARIABLE")))  # fmt: skip
+        settings_for(dovecot, name="broken", password_env=unset)))  # fmt: skip
     broken.start()
     try:
         with Running(inst, settings_for(dovecot, name="good", idle=False)):
@@ -305,3 +306,114 @@ def test_500_messages_appended_while_the_daemon_runs(tmp_path: Path, dovecot: Do
         ).all()
     assert len(per_message) == 500 and {n for _, n in per_message} == {1}
     assert count(inst, Ticket) == 500
+
+
+class FreezingProxy:
+    """A TCP relay to Dovecot that can go silent, as a NAT or proxy dropping a link does:
+    no FIN, no RST, bytes simply stop flowing. New connections after `thaw` work."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self.target = target_port
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.links: list[tuple[Any, Any]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.links.append((client, upstream))
+            frozen_now = self.frozen.is_set()
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, frozen_now), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, born_frozen: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if self.frozen.is_set() and not born_frozen:
+                continue  # swallowed: the old link is dead but nobody says so
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def freeze_existing(self) -> None:
+        """Existing links go silent; connections made afterwards flow normally."""
+        self.frozen.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for a, b in self.links:
+            a.close()
+            b.close()
+
+
+def test_a_silently_cut_idle_link_is_noticed_and_mail_meanwhile_ingested(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """Checklist 22: detected within the IDLE period + the command timeout (+ a backoff)."""
+    proxy = FreezingProxy(dovecot.port)
+    try:
+        box = settings_for(dovecot, port=proxy.port, idle_seconds=3, timeout_seconds=3)
+        with Running(inst, box):
+            dovecot.append(mail(1))
+            eventually(lambda: count(inst, Ticket) == 1, what="the first mail")
+            time.sleep(0.5)  # in IDLE again
+            proxy.freeze_existing()
+            dovecot.append(mail(2))  # its EXISTS never reaches us
+            took = eventually(lambda: count(inst, Ticket) == 2, timeout=20, what="after the cut")
+        assert took < 3 + 3 + 2 + 1, took  # idle + timeout + first backoff + slack
+    finally:
+        proxy.close()
+
+
+def test_a_message_without_message_id_fetched_three_times_is_one_ticket(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """Checklist 18: the same bytes back in the folder after each reconnect."""
+    raw = make_mail(message_id=None, subject="No id here").as_bytes()
+    for attempt in range(3):
+        dovecot.append(raw)
+        with Running(inst, settings_for(dovecot, idle=False)):
+            eventually(lambda n=attempt: held(dovecot, PROCESSED) == n + 1)
+    assert count(inst, Ticket) == 1
+    assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 2
+
+
+def test_the_same_bytes_over_smtp_then_imap_are_one_ticket(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """Checklist 16, through the daemon's SMTP listener and its IMAP source."""
+    inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
+    raw = mail(7)
+    running = launch(inst, port)
+    try:
+        with running.smtp() as smtp:
+            code, _ = smtp.sendmail("alice@acme.example", ["support@example.com"], raw) or (
+                250,
+                b"",
+            )
+        dovecot.append(raw)
+        eventually(lambda: held(dovecot, PROCESSED) == 1, what="the IMAP copy filed")
+    finally:
+        running.stop()
+    assert count(inst, Ticket) == 1
+    with inst.session() as s:
+        outcomes = sorted(s.scalars(select(IngestRecord.source + ":" + IngestRecord.outcome)))
+    assert outcomes == ["imap:duplicate", "smtp:created"]
