@@ -417,3 +417,16 @@ def test_the_same_bytes_over_smtp_then_imap_are_one_ticket(
     with inst.session() as s:
         outcomes = sorted(s.scalars(select(IngestRecord.source + ":" + IngestRecord.outcome)))
     assert outcomes == ["imap:duplicate", "smtp:created"]
+
+
+def test_a_failing_oauth2_token_command_is_one_clear_error(
+    inst: Installation, dovecot: Dovecot
+) -> None:
+    from mailgate.config import ConfigError
+
+    box = ImapIntake.model_validate(
+        settings_for(dovecot, password_env=None, oauth2_token_command="false --no-token")
+    )
+    with pytest.raises(ConfigError) as caught:
+        Mailbox(lambda: inst.app, box).connect()
+    assert "oauth2_token_command failed" in caught.value.problems[0]
