@@ -111,9 +111,11 @@ class ImapIntake(Strict):
     idle_seconds: int = Field(25 * 60, gt=0, le=29 * 60)  # IDLE is re-issued after this
     poll_seconds: int = Field(60, gt=0)
     max_message_bytes: int = Field(26_214_400, gt=0)  # larger mail goes to failed_folder
-    # Per command; a slower fetch counts as failed, and a link cut silently during
-    # IDLE is noticed at most this long after idle_seconds.
+    # Per read: a link cut silently during IDLE is noticed at most this long after
+    # idle_seconds. A message whose whole fetch takes longer than fetch_timeout_seconds,
+    # twice, goes to failed_folder.
     timeout_seconds: int = Field(30, gt=0)
+    fetch_timeout_seconds: int = Field(300, gt=0)
 
 
 class Intake(Strict):

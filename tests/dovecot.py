@@ -3,6 +3,7 @@
     server = start_dovecot(tmp_path)                      # plain IMAP (STARTTLS off)
     server = start_dovecot(tmp_path, tls=True)            # + implicit TLS and STARTTLS
     server = start_dovecot(tmp_path, without=("MOVE",))   # MOVE not advertised
+    server = start_dovecot(tmp_path, oauth2_introspection_url=url)  # + XOAUTH2, OAUTHBEARER
     try:
         uid = server.append(raw)
         ...
@@ -30,6 +31,13 @@ Details worth knowing:
   capability list minus those names (the list is asked of a started server once
   per test session); the server still *accepts* the commands, it just does
   not advertise them, which is what clients decide on;
+- `oauth2_introspection_url=...` adds the SASL mechanisms XOAUTH2 and OAUTHBEARER,
+  checked by Dovecot's oauth2 passdb with an RFC 7662 token introspection request
+  to that URL (POST, form body `token=<the token>`, no Authorization header); the
+  reply must be JSON with `"active": true` and `"username"` equal to the login
+  name (any other reply, or `"active": false`, refuses the login). The
+  passwd-file passdb then serves only PLAIN and LOGIN, so the helpers below keep
+  logging in with the password and a token is never taken for a password;
 - `recreate_inbox()` changes INBOX's UIDVALIDITY with `doveadm mailbox update
   --uid-validity`, which also disconnects sessions that have INBOX selected
   ("* BYE IMAP session state is inconsistent, please relogin."), then expunges
@@ -118,6 +126,7 @@ class Dovecot:
     cert: Path | None = None
     key: Path | None = None
     capability: str | None = None  # the imap_capability setting; None: Dovecot's default
+    oauth2_introspection_url: str | None = None  # XOAUTH2/OAUTHBEARER checked there
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
@@ -125,6 +134,11 @@ class Dovecot:
     @property
     def config(self) -> Path:
         return self.root / "dovecot.conf"
+
+    @property
+    def oauth2_config(self) -> Path:
+        """The oauth2 passdb's settings (written only with oauth2_introspection_url)."""
+        return self.root / "dovecot-oauth2.conf.ext"
 
     @property
     def log_path(self) -> Path:
@@ -363,6 +377,15 @@ class Dovecot:
         passwd = self.root / "passwd"
         passwd.write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
         passwd.chmod(0o600)
+        oauth2 = self.oauth2_config
+        if self.oauth2_introspection_url is not None:
+            url = self.oauth2_introspection_url
+            if not re.fullmatch(r"https?://[^\s\"'\\#{}%]+", url):
+                raise DovecotError(f"not a usable oauth2 introspection URL: {url!r}")
+            oauth2.write_text(self._oauth2_config_text())
+            oauth2.chmod(0o644)  # no secret in it; the auth process reads it as "dovecot"
+        else:
+            oauth2.unlink(missing_ok=True)
         for path in (self.root, base_dir):
             if re.search(r"[\s\"'\\#{}]", str(path)):
                 raise DovecotError(f"Dovecot test dirs cannot contain spaces or quotes: {path}")
@@ -408,6 +431,20 @@ first_valid_gid = 0
             f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.key}\n" if tls else "ssl = no\n"
         )
         capability = f"imap_capability = {self.capability}\n" if self.capability else ""
+        if self.oauth2_introspection_url is not None:
+            # XOAUTH2 and OAUTHBEARER hand their token to every passdb as the password:
+            # the passwd-file answers only PLAIN and LOGIN, the oauth2 passdb only those.
+            mechanisms = "auth_mechanisms = plain login xoauth2 oauthbearer\n"
+            passwd_mechanisms = "  mechanisms = plain login\n"
+            oauth2_passdb = f"""\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {self.oauth2_config}
+}}
+"""
+        else:
+            mechanisms = passwd_mechanisms = oauth2_passdb = ""
         return f"""\
 # Written by tests/dovecot.py: a throwaway Dovecot on 127.0.0.1:{self.port}.
 listen = 127.0.0.1
@@ -419,11 +456,11 @@ log_path = {self.log_path}
 auth_verbose = yes
 {users}
 {ssl_conf}disable_plaintext_auth = no
-passdb {{
+{mechanisms}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root / "passwd"}
-}}
-userdb {{
+{passwd_mechanisms}}}
+{oauth2_passdb}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root / "home"}/%u
 }}
@@ -446,6 +483,22 @@ service anvil {{
 {no_chroot}}}
 """
 
+    def _oauth2_config_text(self) -> str:
+        # Dovecot 2.3's lib-oauth2 / passdb oauth2 settings (dovecot-oauth2.conf.ext).
+        # Without tokeninfo_url and grant_url, every token goes to introspection_url;
+        # introspection_mode = post sends "token=<token>" as a form body. The
+        # username attribute of the reply must equal the login name (%u).
+        return f"""\
+# Written by tests/dovecot.py: tokens are checked by {self.oauth2_introspection_url}.
+introspection_mode = post
+introspection_url = {self.oauth2_introspection_url}
+username_attribute = username
+active_attribute = active
+active_value = true
+timeout_msecs = 5000
+max_idle_time_msecs = 1000
+"""
+
 
 def start_dovecot(
     root: Path,
@@ -455,6 +508,7 @@ def start_dovecot(
     user: str = "support@example.com",
     password: str = "imap-secret",
     certificate: tuple[Path, Path] | None = None,
+    oauth2_introspection_url: str | None = None,
 ) -> Dovecot:
     """A started Dovecot under `root` (call `.stop()` when done).
 
@@ -462,6 +516,9 @@ def start_dovecot(
     self-signed certificate for 127.0.0.1 made under root/tls (or the given
     (cert, key), e.g. the session `certificate` fixture).
     without: capabilities not to advertise, e.g. ("MOVE",) or ("IDLE",).
+    oauth2_introspection_url: also SASL XOAUTH2 and OAUTHBEARER, the token checked by
+    POSTing `token=<token>` to this URL (RFC 7662 introspection, JSON reply with
+    "active" and "username"); the password keeps working for PLAIN and LOGIN.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -476,7 +533,8 @@ def start_dovecot(
             (root / "tls").mkdir(exist_ok=True)
             certificate = make_certificate(root / "tls")
         cert, key = certificate
-    server = Dovecot(root, port=0, user=user, password=password, cert=cert, key=key)
+    server = Dovecot(root, port=0, user=user, password=password, cert=cert, key=key,
+                     oauth2_introspection_url=oauth2_introspection_url)  # fmt: skip
     for attempt in range(3):  # a free port can be taken before Dovecot binds it
         server.port = free_port()
         server.tls_port = None

@@ -308,9 +308,9 @@ def test_500_messages_appended_while_the_daemon_runs(tmp_path: Path, dovecot: Do
     assert count(inst, Ticket) == 500
 
 
-class FreezingProxy:
-    """A TCP relay to Dovecot that can go silent, as a NAT or proxy dropping a link does:
-    no FIN, no RST, bytes simply stop flowing. New connections after `thaw` work."""
+class Proxy:
+    """A TCP relay to Dovecot that can misbehave as networks do: go silent (a NAT or
+    proxy dropping a link: no FIN, no RST, bytes simply stop flowing), or trickle."""
 
     def __init__(self, target_port: int) -> None:
         import socket
@@ -318,6 +318,7 @@ class FreezingProxy:
 
         self.target = target_port
         self.frozen = threading.Event()
+        self.rate: float | None = None  # bytes per second from the server, when trickling
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.links: list[tuple[Any, Any]] = []
@@ -336,18 +337,21 @@ class FreezingProxy:
             self.links.append((client, upstream))
             frozen_now = self.frozen.is_set()
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b, frozen_now), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, frozen_now, a is upstream),
+                                 daemon=True).start()  # fmt: skip
 
-    def _pump(self, src: Any, dst: Any, born_frozen: bool) -> None:
+    def _pump(self, src: Any, dst: Any, born_frozen: bool, from_server: bool) -> None:
         while True:
             try:
-                data = src.recv(65536)
+                data = src.recv(4096 if self.rate and from_server else 65536)
             except OSError:
                 return
             if not data:
                 return
             if self.frozen.is_set() and not born_frozen:
                 continue  # swallowed: the old link is dead but nobody says so
+            if self.rate and from_server:
+                time.sleep(len(data) / self.rate)
             try:
                 dst.sendall(data)
             except OSError:
@@ -368,7 +372,7 @@ def test_a_silently_cut_idle_link_is_noticed_and_mail_meanwhile_ingested(
     inst: Installation, dovecot: Dovecot, password: None
 ) -> None:
     """Checklist 22: detected within the IDLE period + the command timeout (+ a backoff)."""
-    proxy = FreezingProxy(dovecot.port)
+    proxy = Proxy(dovecot.port)
     try:
         box = settings_for(dovecot, port=proxy.port, idle_seconds=3, timeout_seconds=3)
         with Running(inst, box):
@@ -430,3 +434,38 @@ def test_a_failing_oauth2_token_command_is_one_clear_error(
     with pytest.raises(ConfigError) as caught:
         Mailbox(lambda: inst.app, box).connect()
     assert "oauth2_token_command failed" in caught.value.problems[0]
+
+
+def test_a_refused_password_is_one_log_line_not_one_per_retry(
+    inst: Installation, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", "not the password")
+    with Running(inst, settings_for(dovecot)):
+        # Dovecot answers a failed login after 2 s; with the backoff, a retry at ~3 s.
+        eventually(lambda: dovecot.log_path.read_text().count("auth failed") >= 2, timeout=15,
+                   what="a second refused login")  # fmt: skip
+    refused = [r for r in caplog.records if "login refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
+    assert refused[0].levelno == logging.WARNING
+
+
+def test_a_message_too_slow_to_fetch_goes_to_the_failed_folder(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server trickling bytes holds no mailbox: the whole fetch has a deadline."""
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    dovecot.append(mail(1, body="slow " * 60_000))  # 300 KB: 7 s at 40 KB/s
+    dovecot.append(mail(2))
+    proxy = Proxy(dovecot.port)
+    proxy.rate = 40_000
+    try:
+        box = settings_for(dovecot, port=proxy.port, idle=False, fetch_timeout_seconds=2)
+        with Running(inst, box):
+            eventually(lambda: held(dovecot, FAILED) == 1, timeout=30, what="filed as failed")
+            eventually(lambda: count(inst, Ticket) == 1, what="the next message")
+    finally:
+        proxy.close()
+    assert held(dovecot, PROCESSED) == 1
+    assert any("fetch_timeout_seconds" in r.getMessage() for r in caplog.records)

@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import random
 import shlex
+import socket
 import ssl
 import subprocess
 import threading
@@ -43,7 +44,7 @@ log = logging.getLogger("mailgate.imap")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
-FETCH_ATTEMPTS = 2  # a message whose fetch timed out this often goes to failed_folder
+FETCH_ATTEMPTS = 2  # a message whose fetch was cut this often goes to failed_folder
 # Outcomes kept for an operator rather than filed as handled.
 FAILED_OUTCOMES = frozenset({"quarantined"})
 
@@ -232,7 +233,7 @@ class Mailbox:
             self._file(client, uid, s.failed_folder)
             return
         if self._slow.get(uid, 0) >= FETCH_ATTEMPTS:
-            log.warning("imap %s: uid %s timed out %s times while fetching: to %s",
+            log.warning("imap %s: uid %s took over fetch_timeout_seconds %s times: to %s",
                         s.name, uid, FETCH_ATTEMPTS, s.failed_folder)  # fmt: skip
             self._file(client, uid, s.failed_folder)
             del self._slow[uid]
@@ -248,13 +249,20 @@ class Mailbox:
         self._file(client, uid, destination(s, result.outcome))
 
     def _fetch(self, client: imapclient.IMAPClient, uid: int) -> bytes | None:
+        # The socket timeout only bounds each read: a server trickling bytes would
+        # hold the mailbox forever. The whole fetch gets fetch_timeout_seconds; then
+        # the connection is cut, and after the reconnect this UID is tried again,
+        # until it has been cut FETCH_ATTEMPTS times and goes to failed_folder.
+        deadline = threading.Timer(self.settings.fetch_timeout_seconds, _cut, args=(client,))
+        deadline.start()
         try:
             data = client.fetch([uid], ["BODY.PEEK[]"])
-        except TimeoutError:
-            # The connection is unusable now; after the reconnect this UID is
-            # tried again, and filed as failed once it timed out FETCH_ATTEMPTS times.
-            self._slow[uid] = self._slow.get(uid, 0) + 1
+        except (OSError, IMAPClientError):
+            if not deadline.is_alive():
+                self._slow[uid] = self._slow.get(uid, 0) + 1
             raise
+        finally:
+            deadline.cancel()
         body = data.get(uid, {}).get(b"BODY[]")
         if body is None:
             return None  # expunged by someone else meanwhile
@@ -271,6 +279,11 @@ class Mailbox:
             client.expunge([uid])
         with self._app().sessions.begin() as session:
             set_state(session, f"imap.{self.settings.name}.last_uid", str(uid))
+
+
+def _cut(client: imapclient.IMAPClient) -> None:
+    with contextlib.suppress(OSError):
+        client.socket().shutdown(socket.SHUT_RDWR)
 
 
 def _close(client: imapclient.IMAPClient) -> None:
