@@ -319,6 +319,7 @@ class Proxy:
         self.target = target_port
         self.frozen = threading.Event()
         self.rate: float | None = None  # bytes per second from the server, when trickling
+        self.said = bytearray()  # everything the client sent
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.links: list[tuple[Any, Any]] = []
@@ -352,6 +353,8 @@ class Proxy:
                 continue  # swallowed: the old link is dead but nobody says so
             if self.rate and from_server:
                 time.sleep(len(data) / self.rate)
+            if not from_server:
+                self.said += data
             try:
                 dst.sendall(data)
             except OSError:
@@ -469,3 +472,19 @@ def test_a_message_too_slow_to_fetch_goes_to_the_failed_folder(
         proxy.close()
     assert held(dovecot, PROCESSED) == 1
     assert any("fetch_timeout_seconds" in r.getMessage() for r in caplog.records)
+
+
+def test_idle_is_reissued_within_idle_seconds(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """Servers drop an IDLE after 30 minutes (RFC 2177): it is renewed before that."""
+    proxy = Proxy(dovecot.port)
+    try:
+        with Running(inst, settings_for(dovecot, port=proxy.port, idle_seconds=1)):
+            eventually(lambda: proxy.said.count(b" IDLE\r\n") >= 3, timeout=10,
+                       what="three IDLE commands")  # fmt: skip
+            assert proxy.said.count(b"DONE\r\n") >= 2
+            dovecot.append(mail(1))  # still watching
+            eventually(lambda: count(inst, Ticket) == 1, timeout=5)
+    finally:
+        proxy.close()
