@@ -488,3 +488,27 @@ def test_idle_is_reissued_within_idle_seconds(
             eventually(lambda: count(inst, Ticket) == 1, timeout=5)
     finally:
         proxy.close()
+
+
+def test_the_daemon_rides_out_a_dovecot_restart_and_smtp_serves_meanwhile(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
+    dovecot.append(mail(1))
+    running = launch(inst, port)
+    try:
+        eventually(lambda: held(dovecot, PROCESSED) == 1, what="the first mail")
+        dovecot.stop()
+        with running.smtp() as smtp:  # IMAP down: SMTP intake is not affected
+            assert smtp.sendmail("alice@acme.example", ["support@example.com"], mail(2)) == {}
+        time.sleep(1)
+        dovecot.start()
+        dovecot.append(mail(3))
+        dovecot.append(mail(1))  # delivered again: a duplicate, filed
+        eventually(lambda: held(dovecot, PROCESSED) == 3, timeout=20, what="after the restart")
+        running.wait_for_log("imap imap: connected")
+    finally:
+        running.stop()
+    assert count(inst, Ticket) == 3
+    log = running.log()
+    assert log.count("imap imap: disconnected") == 1, log  # one line, not one per retry

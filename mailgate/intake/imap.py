@@ -101,9 +101,9 @@ class Mailbox:
                     attempt = 0
                     self._serve(client)
             except LoginError as exc:
-                self._report(f"login refused by {self.settings.host}: {_text(exc)}", error=True)
+                self._report("login refused", f"by {self.settings.host}: {_text(exc)}", error=True)
             except (OSError, IMAPClientError, TemporaryFailure, ConfigError) as exc:
-                self._report(f"disconnected: {_text(exc)}", error=True)
+                self._report("disconnected", _text(exc), error=True)
             except Exception:  # noqa: BLE001 - the thread must survive to reconnect
                 log.exception("imap %s: unexpected error", self.settings.name)
                 self._state = "unexpected error"
@@ -112,10 +112,12 @@ class Mailbox:
             attempt += 1
         self._report("stopped")
 
-    def _report(self, state: str, *, error: bool = False) -> None:
+    def _report(self, state: str, detail: str = "", *, error: bool = False) -> None:
+        """Log `state` when it changes; retries in the same state are quiet, whatever the why."""
         if state != self._state:
             self._state = state
-            (log.warning if error else log.info)("imap %s: %s", self.settings.name, state)
+            line = f"{state}: {detail}" if detail else state
+            (log.warning if error else log.info)("imap %s: %s", self.settings.name, line)
 
     # -- connection --------------------------------------------------------------------
 
@@ -173,7 +175,7 @@ class Mailbox:
                 client.create_folder(folder)
         selected = client.select_folder(s.folder)
         self._remember_uidvalidity(int(selected[b"UIDVALIDITY"]))
-        self._report(f"connected to {s.host}, watching {s.folder}")
+        self._report("connected", f"to {s.host}, watching {s.folder}")
         idle = s.idle and client.has_capability("IDLE")
         while not self._stop.is_set():
             # Mail that arrives during a drain is announced (EXISTS) in the replies to
