@@ -173,4 +173,6 @@ def check_imap(settings: Settings) -> list[str]:
             problems.append(f"{where}: login refused ({exc}); check the password or token")
         except (OSError, IMAPClientError) as exc:
             problems.append(f"{where}: cannot connect ({exc})")
+        except ConfigError as exc:
+            problems += exc.problems
     return problems

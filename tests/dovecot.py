@@ -4,6 +4,7 @@
     server = start_dovecot(tmp_path, tls=True)            # + implicit TLS and STARTTLS
     server = start_dovecot(tmp_path, without=("MOVE",))   # MOVE not advertised
     server = start_dovecot(tmp_path, oauth2_introspection_url=url)  # + XOAUTH2, OAUTHBEARER
+    server = start_dovecot(tmp_path, auth_delays=False)   # refused logins answered at once
     try:
         uid = server.append(raw)
         ...
@@ -38,6 +39,12 @@ Details worth knowing:
   name (any other reply, or `"active": false`, refuses the login). The
   passwd-file passdb then serves only PLAIN and LOGIN, so the helpers below keep
   logging in with the password and a token is never taken for a password;
+- a refused login is answered after `auth_failure_delay` (2 s), and every later
+  authentication from 127.0.0.1 waits 4, 8, then 15 s (the anvil "auth
+  penalty", even for a correct password, even with login_trusted_networks)
+  until one succeeds: a test that refuses logins on purpose wants
+  `auth_delays=False` (no failure delay; the anvil-auth-penalty socket is moved
+  where the auth process does not look for it, which turns the penalty off);
 - `recreate_inbox()` changes INBOX's UIDVALIDITY with `doveadm mailbox update
   --uid-validity`, which also disconnects sessions that have INBOX selected
   ("* BYE IMAP session state is inconsistent, please relogin."), then expunges
@@ -127,6 +134,7 @@ class Dovecot:
     key: Path | None = None
     capability: str | None = None  # the imap_capability setting; None: Dovecot's default
     oauth2_introspection_url: str | None = None  # XOAUTH2/OAUTHBEARER checked there
+    auth_delays: bool = True  # Dovecot's failure delay and penalty after refused logins
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
@@ -445,6 +453,17 @@ passdb {{
 """
         else:
             mechanisms = passwd_mechanisms = oauth2_passdb = ""
+        if self.auth_delays:
+            no_delays = penalty_listener = ""
+        else:
+            # The auth process looks for base_dir/anvil-auth-penalty and quietly
+            # does without the penalty when it is missing (ENOENT is not logged).
+            no_delays = "auth_failure_delay = 0\n"
+            penalty_listener = """\
+  unix_listener anvil-auth-penalty {
+    path = anvil-auth-penalty-disabled-by-tests
+  }
+"""
         return f"""\
 # Written by tests/dovecot.py: a throwaway Dovecot on 127.0.0.1:{self.port}.
 listen = 127.0.0.1
@@ -456,7 +475,7 @@ log_path = {self.log_path}
 auth_verbose = yes
 {users}
 {ssl_conf}disable_plaintext_auth = no
-{mechanisms}passdb {{
+{no_delays}{mechanisms}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root / "passwd"}
 {passwd_mechanisms}}}
@@ -480,7 +499,7 @@ service imap-login {{
   }}
 {no_chroot}}}
 service anvil {{
-{no_chroot}}}
+{penalty_listener}{no_chroot}}}
 """
 
     def _oauth2_config_text(self) -> str:
@@ -509,6 +528,7 @@ def start_dovecot(
     password: str = "imap-secret",
     certificate: tuple[Path, Path] | None = None,
     oauth2_introspection_url: str | None = None,
+    auth_delays: bool = True,
 ) -> Dovecot:
     """A started Dovecot under `root` (call `.stop()` when done).
 
@@ -519,6 +539,8 @@ def start_dovecot(
     oauth2_introspection_url: also SASL XOAUTH2 and OAUTHBEARER, the token checked by
     POSTing `token=<token>` to this URL (RFC 7662 introspection, JSON reply with
     "active" and "username"); the password keeps working for PLAIN and LOGIN.
+    auth_delays=False: refused logins are answered at once and cost no penalty
+    (by default, as installed, Dovecot slows down every login after a refused one).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -534,7 +556,8 @@ def start_dovecot(
             certificate = make_certificate(root / "tls")
         cert, key = certificate
     server = Dovecot(root, port=0, user=user, password=password, cert=cert, key=key,
-                     oauth2_introspection_url=oauth2_introspection_url)  # fmt: skip
+                     oauth2_introspection_url=oauth2_introspection_url,
+                     auth_delays=auth_delays)  # fmt: skip
     for attempt in range(3):  # a free port can be taken before Dovecot binds it
         server.port = free_port()
         server.tls_port = None

@@ -127,6 +127,9 @@ class Mailbox:
         if s.tls == "none" and not (is_loopback(s.host) or s.allow_plaintext):
             raise ConfigError([f"intake.imap {s.name}: tls: none only to loopback "
                                "(set allow_plaintext: true to force it)"])  # fmt: skip
+        # The token first: a slow refresh must not hold a connection open, and a
+        # broken command is reported even while the server is unreachable.
+        token = self._token() if s.oauth2_token_command else None
         context = ssl.create_default_context(cafile=self._ca_file())
         client = imapclient.IMAPClient(
             s.host, s.port, ssl=s.tls == "implicit", ssl_context=context,
@@ -135,8 +138,11 @@ class Mailbox:
         try:
             if s.tls == "starttls":
                 client.starttls(context)
-            if s.oauth2_token_command:
-                client.oauth2_login(s.username, self._token())
+            if token is not None:
+                if not client.has_capability("AUTH=XOAUTH2"):
+                    raise ConfigError([f"intake.imap {s.name}: {s.host} does not offer XOAUTH2; "
+                                       "use a password instead"])  # fmt: skip
+                client.oauth2_login(s.username, token)
             else:
                 client.login(s.username, self._password())
         except BaseException:
@@ -157,14 +163,20 @@ class Mailbox:
         return secret
 
     def _token(self) -> str:
-        command = self.settings.oauth2_token_command or ""
+        where = f"intake.imap {self.settings.name}: oauth2_token_command"
         try:
-            done = subprocess.run(shlex.split(command), capture_output=True, text=True,
-                                  timeout=30, check=True)  # fmt: skip
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ConfigError([f"intake.imap {self.settings.name}: oauth2_token_command "
-                               f"failed: {exc}"]) from None  # fmt: skip
-        return done.stdout.strip()
+            done = subprocess.run(shlex.split(self.settings.oauth2_token_command or ""),
+                                  capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise ConfigError([f"{where} failed: {exc}"]) from None
+        # Not the command line in the message: it may carry a client secret.
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ConfigError([f"{where} failed with status {done.returncode}: {why}"])
+        token = done.stdout.strip()
+        if not token:
+            raise ConfigError([f"{where} printed no token"])
+        return token
 
     # -- work ----------------------------------------------------------------------------
 
