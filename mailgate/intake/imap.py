@@ -80,9 +80,8 @@ class Mailbox:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"imap-{settings.name}")
         self._state = ""
-        self._slow: dict[int, int] = {}  # uid -> fetches that timed out
+        self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
         self._rng = random.Random()
-        self.outcomes = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -102,7 +101,9 @@ class Mailbox:
                     self._serve(client)
             except LoginError as exc:
                 self._report("login refused", f"by {self.settings.host}: {_text(exc)}", error=True)
-            except (OSError, IMAPClientError, TemporaryFailure, ConfigError) as exc:
+            except ConfigError as exc:
+                self._report("cannot log in", "; ".join(exc.problems), error=True)
+            except (OSError, IMAPClientError, TemporaryFailure) as exc:
                 self._report("disconnected", _text(exc), error=True)
             except Exception:  # noqa: BLE001 - the thread must survive to reconnect
                 log.exception("imap %s: unexpected error", self.settings.name)
@@ -259,7 +260,6 @@ class Mailbox:
         result = process(app, raw, Envelope(source="imap", rcpt_to=(s.username,)))
         if self.fault is not None:
             self.fault.reached("imap_after_commit", raw)
-        self.outcomes += 1
         self._file(client, uid, destination(s, result.outcome))
 
     def _fetch(self, client: imapclient.IMAPClient, uid: int) -> bytes | None:
