@@ -419,3 +419,16 @@ def test_reminders_go_to_the_assignee_when_there_is_one(install, clock: Clockwor
     assert sweep(inst.app, clock.now).reminders == 1
     reminder = next(m for m in inst.sent() if "SLA" in str(m["Subject"]))
     assert reminder["To"] == "zoe@support.example" and number in str(reminder["Subject"])
+
+
+def test_the_sweep_reads_due_clocks_through_the_index(inst: Installation) -> None:
+    """What keeps a sweep's cost to what is due (bench/sla.py measures it)."""
+    from sqlalchemy import text
+
+    with inst.app.engine.connect() as conn:
+        plan = conn.execute(text(
+            "EXPLAIN QUERY PLAN SELECT * FROM sla_clocks WHERE next_alert_at <= :now "
+            "ORDER BY next_alert_at LIMIT 200"), {"now": "2026-11-23 10:00:00"}).all()  # fmt: skip
+    detail = " ".join(str(row[-1]) for row in plan)
+    # SEARCH (a range of the index), not SCAN (every row)
+    assert "SEARCH sla_clocks USING INDEX ix_sla_clocks_next_alert_at" in detail, detail
