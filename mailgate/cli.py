@@ -455,19 +455,19 @@ def _article_summary(article: Any) -> dict[str, Any]:
 def cmd_tickets_sweep(args: argparse.Namespace) -> int:
     from mailgate.tickets.sweep import sweep
 
-    app = load_app(args, sync_directory=False)
-    report = sweep(app, parse_now(args.now) or app.clock())
-    print(f"{report.reminded} reminded, {report.auto_resolved} resolved, {report.closed} closed")
-    _send_queued(app)
-    return EX_OK
+    return _sweep_once(args, sweep)
 
 
 def cmd_sla_sweep(args: argparse.Namespace) -> int:
     from mailgate.sla.sweep import sweep
 
+    return _sweep_once(args, sweep)
+
+
+def _sweep_once(args: argparse.Namespace, sweep: Callable[[App, datetime], object]) -> int:
+    """One run of a scheduled sweep, for cron or a test clock; then send what it queued."""
     app = load_app(args, sync_directory=False)
-    report = sweep(app, parse_now(args.now) or app.clock())
-    print(f"{report.reminders} reminders, {report.breaches} breaches")
+    print(sweep(app, parse_now(args.now) or app.clock()))
     _send_queued(app)
     return EX_OK
 

@@ -97,12 +97,14 @@ class Daemon:
         self.app.on_outbox.append(sender.poke)
         settings = self.app.settings
 
+        fault = Fault.from_env()  # tests only: a crash point on demand
         tasks = [asyncio.create_task(sender.run(), name="outbox")]
         if settings.intake.smtp.enabled:
-            self.listener = SmtpListener(self.current_app, settings.intake.smtp, settings.base_dir)
+            self.listener = SmtpListener(
+                self.current_app, settings.intake.smtp, settings.base_dir, fault
+            )
             for host, port in await self.listener.start():
                 log.info("SMTP listening on %s:%d", host, port)
-        fault = Fault.from_env()
         mailboxes = [Mailbox(self.current_app, box, fault) for box in settings.intake.mailboxes]
         for mailbox in mailboxes:
             mailbox.start()

@@ -188,12 +188,18 @@ class Connection(SMTP):
 class SmtpListener:
     """The listening socket and the sessions it admitted."""
 
-    def __init__(self, app: Callable[[], App], settings: SmtpSettings, base_dir: Path) -> None:
+    def __init__(
+        self,
+        app: Callable[[], App],
+        settings: SmtpSettings,
+        base_dir: Path,
+        fault: Fault | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.handler = Handler(self)
         self.runner = MessageRunner(
-            app, settings.max_parallel_messages, settings.reply_timeout_seconds, Fault.from_env()
+            app, settings.max_parallel_messages, settings.reply_timeout_seconds, fault
         )
         self.connections: set[Connection] = set()
         self.per_client: Counter[str] = Counter()

@@ -201,5 +201,6 @@ def ticket_context(ticket: Ticket) -> dict[str, Any]:
         "subject": ticket.subject,
         "priority": ticket.priority,
         "status": ticket.status,
+        "level": ticket.level,
         "org_name": ticket.organisation.name,
     }

@@ -61,7 +61,7 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # problems: list of dicts: line (1-based), text (the line as written, untrusted
     # text), reason (an English sentence). The whole mail was refused.
     "staff_command_refused": frozenset({"ticket", "problems", "support_address", "language"}),
-    # SLA notices: ticket also has level (after the escalation, for a breach);
+    # SLA notices: ticket.level is the level after the escalation, for a breach;
     # clock: dict: kind ("first_response" | "workaround" | "resolution"),
     # percent (int: share of the target used, for a reminder), due (a string
     # already formatted, with its time zone), target_minutes (int: the target's

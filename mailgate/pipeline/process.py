@@ -435,23 +435,23 @@ def _queue_created_mail(
     clocks: Sequence[SlaClock],
     now: datetime,
 ) -> None:
-    zone = ticket.organisation.timezone or "UTC"
     context = {
         "ticket": ticket_context(ticket),
-        "targets": [
-            {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
-        ],
         "requester_name": msg.from_name,
         "text": msg.text[:2000],
         "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
     }
     if decision.send_ack and ticket.requester is not None:
+        zone = ticket.organisation.timezone or "UTC"
+        deadlines = [
+            {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
+        ]
         app.mailer.queue(
             session,
             kind="ack",
             to=[ticket.requester.email],
             language=ticket.language,
-            context=context,
+            context={**context, "targets": deadlines},
             now=now,
             ticket=ticket,
             answers=msg.message_id,

@@ -21,7 +21,6 @@ class ClockFigures:
     breached: int = 0
     running: int = 0  # neither yet: still within its target, or paused
     median_minutes: float | None = None  # business minutes used, of the stopped clocks
-    _used: list[int] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -32,10 +31,7 @@ class PriorityFigures:
     resolution: ClockFigures = field(default_factory=ClockFigures)
 
     def as_dict(self) -> dict[str, object]:
-        out = asdict(self)
-        for kind in REPORTED:
-            out[kind].pop("_used")
-        return out
+        return asdict(self)
 
 
 def outcome(clock: SlaClock, now: datetime) -> str:
@@ -75,6 +71,7 @@ def sla_report(
         query = query.where(Ticket.created_at < end)
     figures = {p: PriorityFigures(p) for p in ("P1", "P2", "P3")}
     seen: dict[str, set[int]] = defaultdict(set)
+    used: dict[tuple[str, str], list[int]] = defaultdict(list)  # business seconds, stopped clocks
     for ticket_id, priority, clock in session.execute(query):
         row = figures.setdefault(priority, PriorityFigures(priority))
         seen[priority].add(ticket_id)
@@ -84,11 +81,10 @@ def sla_report(
         result = outcome(clock, now)
         setattr(counts, result, getattr(counts, result) + 1)
         if clock.elapsed_seconds is not None:
-            counts._used.append(clock.elapsed_seconds)
+            used[priority, clock.kind].append(clock.elapsed_seconds)
     for priority, row in figures.items():
         row.tickets = len(seen[priority])
         for kind in REPORTED:
-            counts = getattr(row, kind)
-            if counts._used:
-                counts.median_minutes = round(median(counts._used) / 60, 1)
+            if used[priority, kind]:
+                getattr(row, kind).median_minutes = round(median(used[priority, kind]) / 60, 1)
     return [figures[p] for p in sorted(figures)]

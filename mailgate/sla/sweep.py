@@ -36,6 +36,9 @@ class SlaSweepReport:
     reminders: int = 0
     breaches: int = 0
 
+    def __str__(self) -> str:
+        return f"{self.reminders} reminders, {self.breaches} breaches"
+
 
 def sweep(app: App, now: datetime) -> SlaSweepReport:
     reminders = breaches = 0
@@ -49,10 +52,11 @@ def sweep(app: App, now: datetime) -> SlaSweepReport:
                 breaches += sent == "breach"
         if len(clocks) < BATCH:
             break
+    report = SlaSweepReport(reminders, breaches)
     if reminders or breaches:
-        log.info("sla sweep: %s reminders, %s breaches", reminders, breaches)
+        log.info("sla sweep: %s", report)
         app.notify_outbox()
-    return SlaSweepReport(reminders, breaches)
+    return report
 
 
 def _alert(app: App, session: Session, clock: SlaClock, now: datetime) -> str | None:
@@ -124,7 +128,7 @@ def _notify(
         to=to,
         language="en",  # as the other staff notices
         context={
-            "ticket": {**ticket_context(ticket), "level": ticket.level},
+            "ticket": ticket_context(ticket),
             "clock": {
                 "kind": clock.kind,
                 "percent": round(fraction * 100),

@@ -32,6 +32,9 @@ class SweepReport:
     auto_resolved: int = 0
     closed: int = 0
 
+    def __str__(self) -> str:
+        return f"{self.reminded} reminded, {self.auto_resolved} resolved, {self.closed} closed"
+
 
 def sweep(app: App, now: datetime) -> SweepReport:
     with app.sessions() as session, session.begin():
@@ -39,7 +42,7 @@ def sweep(app: App, now: datetime) -> SweepReport:
         closed = _close_resolved(app, session, now)
     report = SweepReport(reminded, resolved, closed)
     if reminded or resolved or closed:
-        log.info("lifecycle sweep: %s reminded, %s resolved, %s closed", reminded, resolved, closed)
+        log.info("lifecycle sweep: %s", report)
         app.notify_outbox()
     return report
 
