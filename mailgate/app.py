@@ -18,6 +18,7 @@ from mailgate.outbound.mailer import STAFF_ONLY, Mailer
 from mailgate.outbound.outbox import RetryPolicy
 from mailgate.outbound.templates import TemplateSet
 from mailgate.outbound.transports import MaildirTransport, SmtpTransport, Transport
+from mailgate.pipeline.parse import Limits, limits_from
 from mailgate.pipeline.rules import RuleSet, load_rules
 from mailgate.pipeline.thread import tag_pattern
 from mailgate.sla.policy import SlaPolicy
@@ -62,6 +63,10 @@ class App:
     def rules(self) -> RuleSet:
         """The priority rules; RulesError (file:line problems) when a file is broken."""
         return load_rules(self.settings.path(self.settings.rules_dir))
+
+    @cached_property
+    def parse_limits(self) -> Limits:
+        return limits_from(self.settings.hygiene.limits)
 
     @cached_property
     def sla(self) -> SlaPolicy:

@@ -89,6 +89,8 @@ class SmtpIntake(Strict):
     # Answer 451 when the pipeline takes longer (RFC 5321 clients give up after 10 min).
     reply_timeout_seconds: int = Field(120, gt=0)
     shutdown_grace_seconds: int = Field(20, gt=0)  # in-flight messages may finish on SIGTERM
+    # The upstream MTA (an MX in front of us) whose Authentication-Results we believe.
+    trusted_authserv_ids: list[str] = []
 
 
 class ImapIntake(Strict):
@@ -116,6 +118,8 @@ class ImapIntake(Strict):
     # twice, goes to failed_folder.
     timeout_seconds: int = Field(30, gt=0)
     fetch_timeout_seconds: int = Field(300, gt=0)
+    # The provider's Authentication-Results we believe (e.g. mx.google.com).
+    trusted_authserv_ids: list[str] = []
 
 
 class Intake(Strict):
@@ -353,6 +357,54 @@ class Sla(Strict):
         return self
 
 
+class Limits(Strict):
+    """Past these, mail is quarantined with the reason instead of parsed (RELIABILITY §5)."""
+
+    max_header_bytes: int = Field(64 * 1024, gt=0)  # the top-level header block
+    max_depth: int = Field(50, gt=0, le=200)  # MIME nesting; the stdlib recurses ~970 deep
+    max_parts: int = Field(500, gt=0)  # MIME parts, containers included
+    max_addresses: int = Field(1000, gt=0)  # in one address header (To, Cc, …)
+    max_attachments: int = Field(100, gt=0)
+    max_attachment_bytes: int = Field(50 * 1024 * 1024, gt=0)  # all attachments, decoded
+
+
+class Loops(Strict):
+    """The layers behind the header screen: caps that stop what slips through it."""
+
+    # Automatic mail (acks, rejections, notices) to one address, across tickets.
+    auto_mail_per_address_per_hour: int = Field(5, gt=0)
+    auto_mail_per_address_per_day: int = Field(20, gt=0)
+    auto_mail_per_ticket_per_hour: int = Field(10, gt=0)
+    # Circuit breaker: past this many new tickets in an hour from one sender (or
+    # with one subject, across senders), further new tickets are quarantined.
+    tickets_per_sender_per_hour: int = Field(10, gt=0)
+    tickets_per_subject_per_hour: int = Field(10, gt=0)
+    alert_to: list[Address] = []  # told once per day when a cap or breaker trips; else staff
+
+
+class Authentication(Strict):
+    """Does the sender's domain vouch for the mail (DKIM aligned with From, or a
+    trusted Authentication-Results header)? What to do when it does not."""
+
+    # require: quarantine, and a notice to the real address; prefer: accept and
+    # flag the ticket; off: do not look. Staff /commands need authenticated
+    # mail unless the staff policy is off.
+    policy: Literal["require", "prefer", "off"] = "prefer"
+    staff_policy: Literal["require", "prefer", "off"] = "prefer"
+    organisations: dict[str, Literal["require", "prefer", "off"]] = {}
+    # Our own authserv-id: incoming Authentication-Results claiming it are
+    # forgeries and are removed. Default: the support address's domain.
+    authserv_id: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,253}$")
+    dns_timeout_seconds: float = Field(5, gt=0, le=30)
+    notice_hours: int = Field(24, ge=0)  # at most one spoofing notice per address per period
+
+
+class Hygiene(Strict):
+    limits: Limits = Limits()
+    loops: Loops = Loops()
+    authentication: Authentication = Authentication()
+
+
 class Metrics(Strict):
     enabled: bool = False  # Prometheus /metrics, served by `mailgate run`
     host: str = "127.0.0.1"
@@ -372,6 +424,7 @@ class Settings(Strict):
     rules_dir: Path = Path("rules/")
     templates_dir: Path = Path("templates/")
     sla: Sla = Sla()
+    hygiene: Hygiene = Hygiene()
     # Where relative paths were resolved from; not a key operators write.
     base_dir: Path = Field(Path("."), exclude=True)
 

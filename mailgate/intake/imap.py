@@ -257,7 +257,10 @@ class Mailbox:
         if raw is None:
             return
         app = self._app()
-        result = process(app, raw, Envelope(source="imap", rcpt_to=(s.username,)))
+        envelope = Envelope(
+            source="imap", rcpt_to=(s.username,), trusted_authserv_ids=tuple(s.trusted_authserv_ids)
+        )
+        result = process(app, raw, envelope)
         if self.fault is not None:
             self.fault.reached("imap_after_commit", raw)
         self._file(client, uid, destination(s, result.outcome))

@@ -135,6 +135,7 @@ class Handler:
             rcpt_to=tuple(envelope.rcpt_tos),
             client_address=peer,
             helo=session.host_name,
+            trusted_authserv_ids=tuple(self.intake.settings.trusted_authserv_ids),
         )
         try:
             result = await self.intake.runner.run(raw, mail_envelope)

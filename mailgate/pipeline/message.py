@@ -19,6 +19,9 @@ class Envelope:
     rcpt_to: tuple[str, ...] = ()
     client_address: str | None = None
     helo: str | None = None
+    # Authentication-Results from these authserv-ids are believed (the MTA or
+    # provider in front of this source); every other one is ignored.
+    trusted_authserv_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from email.parser import BytesParser
 from html import unescape
 from io import BytesIO
 
+from mailgate.config import Limits as LimitSettings
 from mailgate.pipeline.message import Attachment, ParsedMessage, ParseError
 from mailgate.pipeline.sanitize import (
     clean_header_text,
@@ -60,6 +61,17 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+def limits_from(settings: LimitSettings) -> Limits:
+    """The parser's bounds from `hygiene.limits` in settings.yaml."""
+    return Limits(
+        max_header_bytes=settings.max_header_bytes,
+        max_depth=settings.max_depth,
+        max_parts=settings.max_parts,
+        max_addresses=settings.max_addresses,
+    )
+
 
 _MAX_NAME_CHARS = 256  # a display name longer than this is junk
 _MAX_ID_CHARS = 998

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from mailgate.app import App
 from mailgate.outbound.dates import format_when
 from mailgate.outbound.mailer import ticket_context
-from mailgate.pipeline.bounces import read_bounce
 from mailgate.pipeline.decide import Decision, decide
+from mailgate.pipeline.delivery_failures import apply_bounce
 from mailgate.pipeline.identify import identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
@@ -36,11 +36,9 @@ from mailgate.pipeline.staff import handle_staff_mail
 from mailgate.pipeline.thread import find_ticket_for
 from mailgate.sla.clocks import track
 from mailgate.store.models import (
-    Article,
     Contact,
     IngestRecord,
     Organisation,
-    OutboxMail,
     SlaClock,
     Ticket,
     TicketEvent,
@@ -109,7 +107,7 @@ def process(
     envelope = envelope or Envelope()
     started = time.monotonic()
     try:
-        msg: ParsedMessage | None = parse_message(raw)
+        msg: ParsedMessage | None = parse_message(raw, app.parse_limits)
         screening = screen(msg, ScreenContext(app.signer, app.settings.support_address, envelope))
     except ParseError as exc:
         msg, screening = None, Screening("quarantined", f"unparseable: {exc}")
@@ -214,7 +212,8 @@ def _decide_and_apply(
     sender, message_id = record.sender, record.message_id
     if screening.outcome is not None or msg is None:
         if screening.outcome == "bounce" and msg is not None:
-            return _handle_bounce(app, session, record, raw, msg, screening)
+            decision, record.ticket_id = apply_bounce(app, session, raw, msg, screening)
+            return _record(session, record, decision, _ticket_number(session, record.ticket_id))
         return _record(
             session,
             record,
@@ -508,31 +507,3 @@ def _after_customer_reply(
             answers=msg.message_id,
             auto_submitted="auto-generated",
         )
-
-
-def _handle_bounce(
-    app: App,
-    session: Session,
-    record: IngestRecord,
-    raw: bytes,
-    msg: ParsedMessage,
-    screening: Screening,
-) -> Result:
-    assert screening.bounce is not None
-    info = read_bounce(raw, screening.bounce, msg)
-    outbox = repo.outbox_for_bounce(session, info.verp_nonce, info.returned_message_id)
-    if outbox is None:
-        decision = Decision("quarantined", f"unmatched bounce ({screening.reason})")
-        return _record(session, record, decision, None)
-    record.ticket_id = outbox.ticket_id
-    detail = f"{info.action} {info.status or ''}".strip()
-    if info.permanent:
-        _mark_failed(session, outbox, f"bounce: {detail}")
-    decision = Decision("bounce", f"{detail} for outbox #{outbox.id} ({screening.reason})")
-    return _record(session, record, decision, _ticket_number(session, outbox.ticket_id))
-
-
-def _mark_failed(session: Session, outbox: OutboxMail, reason: str) -> None:
-    outbox.status, outbox.last_error = "failed", reason
-    if outbox.article_id and (article := session.get(Article, outbox.article_id)):
-        article.delivery, article.delivery_error = "failed", reason
