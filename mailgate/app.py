@@ -18,6 +18,7 @@ from mailgate.outbound.mailer import STAFF_ONLY, Mailer
 from mailgate.outbound.outbox import RetryPolicy
 from mailgate.outbound.templates import TemplateSet
 from mailgate.outbound.transports import MaildirTransport, SmtpTransport, Transport
+from mailgate.pipeline.authenticity import DnsFunc
 from mailgate.pipeline.parse import Limits, limits_from
 from mailgate.pipeline.rules import RuleSet, load_rules
 from mailgate.pipeline.thread import tag_pattern
@@ -34,6 +35,8 @@ class App:
     migrate: bool = True
     # Called after a commit that queued mail, so the daemon's sender wakes at once.
     on_outbox: list[Callable[[], None]] = field(default_factory=list)
+    # DNS TXT lookups for DKIM and DMARC (dkimpy's signature); None: the system resolver.
+    dns: DnsFunc | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @cached_property
@@ -67,6 +70,11 @@ class App:
     @cached_property
     def parse_limits(self) -> Limits:
         return limits_from(self.settings.hygiene.limits)
+
+    @property
+    def authserv_id(self) -> str:
+        """Ours, in the Authentication-Results we store; forged copies are removed."""
+        return self.settings.hygiene.authentication.authserv_id or self.settings.support_domain
 
     @cached_property
     def sla(self) -> SlaPolicy:

@@ -157,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     orr = command("retry", cmd_outbox_retry, "requeue failed or dead mail", outbox)
     orr.add_argument("ids", nargs="*", type=int)
     command("send", cmd_outbox_send, "send what is due now", outbox)
+
+    quarantine = sub.add_parser("quarantine", help="mail held for an operator")
+    qsub = quarantine.add_subparsers(metavar="ACTION")
+    ql = command("list", cmd_quarantine_list, "held mail, newest first", qsub)
+    ql.add_argument("--limit", type=int, default=100)
+    ql.add_argument("--json", action="store_true")
+    qs = command("show", cmd_quarantine_show, "one held mail: why, and its headers", qsub)
+    qs.add_argument("id", type=int)
+    qs.add_argument("--raw", action="store_true", help="print the whole raw mail")
+    qr = command("release", cmd_quarantine_release,
+                 "run held mail through the pipeline again (after a fix)", qsub)  # fmt: skip
+    qr.add_argument("ids", nargs="+", type=int, metavar="ID")
+    qr.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
+    qd = command("delete", cmd_quarantine_delete, "drop held mail (the record stays)", qsub)
+    qd.add_argument("ids", nargs="+", type=int, metavar="ID")
     return parser
 
 
@@ -571,6 +586,79 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     app = load_app(args, sync_directory=False)
     print(f"{app.send_outbox()} mail(s) handled")
     return EX_OK
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    from mailgate.intake.quarantine import held
+
+    rows = held(load_app(args, sync_directory=False), limit=args.limit)
+    if args.json:
+        print_json([r.as_dict() for r in rows])
+    elif rows:
+        print_table([[str(r.id), r.received_at.isoformat()[:16], r.source, r.sender or "-",
+                      r.subject[:40], r.reason[:60]] for r in rows],
+                    ["ID", "RECEIVED", "SOURCE", "FROM", "SUBJECT", "REASON"])  # fmt: skip
+    else:
+        print("quarantine empty")
+    return EX_OK
+
+
+def cmd_quarantine_show(args: argparse.Namespace) -> int:
+    from mailgate.intake.quarantine import NotQuarantined, one
+
+    try:
+        mail, raw = one(load_app(args, sync_directory=False), args.id)
+    except NotQuarantined as exc:
+        raise CommandError(str(exc)) from None
+    if args.raw:
+        if raw is None:
+            raise CommandError(f"quarantined mail #{args.id}: its raw file is missing")
+        sys.stdout.buffer.write(raw)
+        return EX_OK
+    for label, value in (("id", mail.id), ("received", mail.received_at.isoformat()),
+                         ("source", mail.source), ("from", mail.sender or "-"),
+                         ("subject", mail.subject), ("message-id", mail.message_id or "-"),
+                         ("size", f"{mail.size} bytes" if mail.size is not None else "missing"),
+                         ("reason", mail.reason)):  # fmt: skip
+        print(f"{label + ':':12}{value}")
+    if raw is not None:
+        head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0][:8192]
+        print("\n" + head.decode("utf-8", "replace"))
+    return EX_OK
+
+
+def cmd_quarantine_release(args: argparse.Namespace) -> int:
+    from mailgate.intake.quarantine import NotQuarantined, release
+
+    app = load_app(args)
+    failed = False
+    for record_id in args.ids:
+        try:
+            result = release(app, record_id)
+        except NotQuarantined as exc:
+            print(f"#{record_id}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"#{record_id}: {result.outcome} {result.ticket or '-'} ({result.reason})")
+    if not args.no_send:
+        _send_queued(app)
+    return EX_PROBLEM if failed else EX_OK
+
+
+def cmd_quarantine_delete(args: argparse.Namespace) -> int:
+    from mailgate.intake.quarantine import NotQuarantined, delete
+
+    app = load_app(args, sync_directory=False)
+    failed = False
+    for record_id in args.ids:
+        try:
+            delete(app, record_id, now=app.clock())
+        except NotQuarantined as exc:
+            print(f"#{record_id}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"#{record_id}: deleted")
+    return EX_PROBLEM if failed else EX_OK
 
 
 def parse_now(value: str | None, option: str = "--now") -> datetime | None:

@@ -7,16 +7,18 @@ RFC 3834 headers; it is rendered now, inside the caller's transaction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from mailgate.config import Settings
+from mailgate.outbound.caps import CAUSED_BY_INBOUND, over_cap
 from mailgate.outbound.compose import (
     Attachment,
     build_message,
@@ -27,12 +29,15 @@ from mailgate.outbound.outbox import queue_mail
 from mailgate.outbound.templates import TemplateSet
 from mailgate.pipeline.screen import LOOP_HEADER
 from mailgate.store.models import Article, OutboxMail, Ticket
+from mailgate.store.state import get_state, set_state
 from mailgate.tickets import repository
 from mailgate.tickets.tokens import Signer, new_nonce
 
 log = logging.getLogger("mailgate.outbound")
 
 FAILURE_NOTICE = "staff_delivery_failed"
+ALERT = "operator_alert"
+ALERT_PERIOD = timedelta(days=1)
 # Customers see acks, rejections and staff replies; notices are for staff only.
 STAFF_ONLY = {
     "staff_new_ticket",
@@ -41,6 +46,7 @@ STAFF_ONLY = {
     "sla_reminder",
     "sla_breach",
     FAILURE_NOTICE,
+    ALERT,
 }
 # Kinds whose failure staff are not told about: their own notices (a failing
 # notice would cause another, and so on) and rejections, which go to senders
@@ -72,7 +78,8 @@ class Mailer:
         from_name: str | None = None,
         attachments: Sequence[Attachment] = (),
     ) -> OutboxMail | None:
-        """Queue one mail; None (and a log line) when no recipient is deliverable.
+        """Queue one mail; None (and a log line) when no recipient is deliverable
+        or a loop cap holds this automatic mail back (operators are alerted).
 
         `from_name` shows a person (the staff member who wrote a relayed
         reply) in front of the support address.
@@ -84,6 +91,16 @@ class Mailer:
             except ValueError as exc:
                 log.warning("not sending %s to an unsafe address: %s", kind, exc)
         if not recipients:
+            return None
+        ticket_id = ticket.id if ticket else None
+        loops = self.settings.hygiene.loops
+        capped = over_cap(
+            session, loops, kind=kind, recipient=recipients[0], ticket_id=ticket_id, now=now
+        )
+        if capped:
+            log.warning("not sending %s: %s", kind, capped)
+            about = recipients[0] if kind in CAUSED_BY_INBOUND else f"ticket {ticket.number}"  # type: ignore[union-attr]
+            self.alert(session, about=about, reason=f"loop cap: {capped}", now=now)
             return None
         support = self.settings.support_address
         nonce = new_nonce()
@@ -192,6 +209,29 @@ class Mailer:
             references=[row.message_id],
             auto_submitted="auto-generated",
         )
+
+    def alert(self, session: Session, *, about: str, reason: str, now: datetime) -> None:
+        """Tell operators, once a day per address (or ticket, or subject), that a
+        loop defence tripped. Later trips are only logged."""
+        key = "alert." + hashlib.sha256(about.encode()).hexdigest()[:32]
+        last = get_state(session, key)
+        if last and now - datetime.fromisoformat(last) < ALERT_PERIOD:
+            return
+        set_state(session, key, now.isoformat())
+        log.warning("operator alert about %s: %s", about, reason)
+        to = self.settings.hygiene.loops.alert_to or [
+            s.email for s in repository.active_staff(session)
+        ]
+        if to:
+            self.queue(
+                session,
+                kind=ALERT,
+                to=to,
+                language="en",
+                context={"alert": {"about": about, "reason": reason}},
+                now=now,
+                auto_submitted="auto-generated",
+            )
 
 
 def ticket_context(ticket: Ticket) -> dict[str, Any]:

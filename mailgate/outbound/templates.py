@@ -68,6 +68,10 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # length in business minutes).
     "sla_reminder": frozenset({"ticket", "clock", "support_address", "language"}),
     "sla_breach": frozenset({"ticket", "clock", "support_address", "language"}),
+    # person_name: the directory's name for the address that was forged.
+    "spoof_notice": frozenset({"person_name", "support_address", "language"}),
+    # alert: dict: about (an address, "ticket …" or "subject '…'"), reason (English).
+    "operator_alert": frozenset({"alert", "support_address", "language"}),
 }
 KINDS = tuple(CONTEXT_KEYS)
 ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
@@ -205,6 +209,13 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
             if sparse
             else "Tuesday 24 November at 11:00 (Europe/Brussels) <script>alert(1)</script>",
             "target_minutes": 0 if sparse else 150,
+        },
+        "person_name": "" if sparse else "José <b>Müller</b>",
+        "alert": {
+            "about": "subject 'Re: boucle\r\nBcc: x@evil.example <script>'"
+            if sparse
+            else "alice@acme.example",
+            "reason": "loop cap: 5 automatic mails to alice@acme.example in the last hour",
         },
         "support_address": "support@example.com",
         "language": "en",

@@ -5,7 +5,7 @@ A pure function of what the earlier stages found; `store` carries it out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from mailgate.pipeline.identify import Identity
@@ -23,6 +23,8 @@ class Decision:
     author_kind: str = "customer"  # customer | staff
     send_ack: bool = False
     send_rejection: bool = False
+    send_spoof_notice: bool = False  # quarantined as unauthenticated: tell the real address
+    unauthenticated: bool = False  # accepted under `prefer`: flag the ticket
 
 
 def decide(
@@ -33,10 +35,37 @@ def decide(
     now: datetime,
     reopen_window: timedelta,
     rejection_recently_sent: bool,
+    authentication_policy: str = "off",
 ) -> Decision:
     if screening.outcome is not None:
         return Decision(screening.outcome, screening.reason)
     assert identity is not None and match is not None
+    decision = _decide_person(
+        screening, identity, match, now, reopen_window, rejection_recently_sent
+    )
+    if screening.sender_authenticated is not False or authentication_policy == "off":
+        return decision
+    if authentication_policy == "require" and decision.outcome != "rejected":
+        return Decision(
+            "quarantined",
+            f"unauthenticated sender {identity.address} ({screening.authentication}); "
+            "authentication policy require",
+            send_spoof_notice=True,
+        )
+    if decision.outcome in ("created", "threaded"):
+        note = f"; sender not authenticated ({screening.authentication})"
+        return replace(decision, reason=decision.reason + note, unauthenticated=True)
+    return decision
+
+
+def _decide_person(
+    screening: Screening,
+    identity: Identity,
+    match: ThreadMatch,
+    now: datetime,
+    reopen_window: timedelta,
+    rejection_recently_sent: bool,
+) -> Decision:
     refused = f" (not threaded: {'; '.join(match.refused)})" if match.refused else ""
     ticket = match.ticket
     author = "staff" if identity.is_staff else "customer"

@@ -25,9 +25,16 @@ from sqlalchemy.orm import Session
 from mailgate.app import App
 from mailgate.outbound.dates import format_when
 from mailgate.outbound.mailer import ticket_context
+from mailgate.pipeline.authenticity import (
+    checks_anyone,
+    policy_for,
+    strip_forged_results,
+    verify_sender,
+)
+from mailgate.pipeline.breaker import subject_key, tripped
 from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.delivery_failures import apply_bounce
-from mailgate.pipeline.identify import identify
+from mailgate.pipeline.identify import Identity, identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.pipeline.rules import Classification, Facts, classify, customer_importance, evaluate
@@ -50,6 +57,11 @@ from mailgate.tickets.lifecycle import status_after_customer_reply
 from mailgate.tickets.numbers import format_number, next_sequence
 
 log = logging.getLogger("mailgate.pipeline")
+
+RELEASE = "release"  # the source of mail an operator released from the quarantine
+# Mail an operator chose to feed in (a bulk import, a release): no loop to break.
+OPERATOR_CHOSEN = frozenset({"mbox", "maildir", RELEASE})
+UNAUTHENTICATED_TAG = "unauthenticated-sender"  # on tickets accepted under `prefer`
 
 
 class TemporaryFailure(Exception):
@@ -102,23 +114,36 @@ def _body_of(raw: bytes) -> bytes:
 
 
 def process(
-    app: App, raw: bytes, envelope: Envelope | None = None, *, dry_run: bool = False
+    app: App,
+    raw: bytes,
+    envelope: Envelope | None = None,
+    *,
+    dry_run: bool = False,
+    release_of: int | None = None,
 ) -> Result:
+    """Decide and store one message. `release_of`: the quarantined ingest record
+    this mail is released from (see intake/quarantine.py)."""
     envelope = envelope or Envelope()
     started = time.monotonic()
+    raw = strip_forged_results(raw, app.authserv_id)
     try:
         msg: ParsedMessage | None = parse_message(raw, app.parse_limits)
         screening = screen(msg, ScreenContext(app.signer, app.settings.support_address, envelope))
     except ParseError as exc:
         msg, screening = None, Screening("quarantined", f"unparseable: {exc}")
+    if msg and msg.sender and screening.outcome is None:
+        screening = _authenticate(app, raw, msg.sender, screening, envelope)
     key = dedupe_key(raw, msg)
     for attempt in (1, 2):
         try:
             raw_sha = None if dry_run else app.blobs.put(raw)
             with app.sessions() as session, session.begin():
+                held = _take_from_quarantine(session, release_of) if release_of else None
                 result = _unit_of_work(
                     app, session, raw, raw_sha, msg, screening, envelope, key, dry_run
                 )
+                if held is not None:
+                    held.reason = f"released as ingest #{result.ingest_id}; was: {held.reason}"
                 if dry_run:
                     session.rollback()
             break
@@ -144,6 +169,34 @@ def process(
     if not dry_run and result.outcome in ("created", "threaded", "command", "rejected"):
         app.notify_outbox()
     return result
+
+
+def _take_from_quarantine(session: Session, record_id: int) -> IngestRecord:
+    """The held record, marked released, its dedupe key given up for the new one."""
+    held = session.get(IngestRecord, record_id)
+    if held is None or held.outcome != "quarantined":
+        raise LookupError(f"no quarantined mail #{record_id}")
+    held.dedupe_key, held.outcome = None, "released"
+    session.flush()
+    return held
+
+
+def _authenticate(
+    app: App, raw: bytes, sender: str, screening: Screening, envelope: Envelope
+) -> Screening:
+    """Verify the sender's domain (DNS: outside the transaction)."""
+    settings = app.settings.hygiene.authentication
+    if not checks_anyone(settings):
+        return screening
+    verdict = verify_sender(
+        raw,
+        sender.rpartition("@")[2],
+        envelope.trusted_authserv_ids,
+        dnsfunc=app.dns,
+        timeout=settings.dns_timeout_seconds,
+    )
+    detail = f"{'pass' if verdict.authenticated else 'none'}: {verdict.detail}"
+    return replace(screening, sender_authenticated=verdict.authenticated, authentication=detail)
 
 
 def _first_line(exc: Exception) -> str:
@@ -243,6 +296,11 @@ def _decide_and_apply(
     recently = repo.recent_mail_to(
         session, sender, "rejection", now - timedelta(hours=tickets.reject_notice_hours)
     )
+    policy = policy_for(app.settings.hygiene.authentication, identity)
+    if policy == "require" and envelope.source == RELEASE:
+        policy = "prefer"  # an operator vouched for it: flagged, not held again
+    if policy == "off":  # not checked for this sender: staff commands are not refused
+        screening = replace(screening, sender_authenticated=None, authentication=None)
     decision = decide(
         screening,
         identity,
@@ -250,15 +308,22 @@ def _decide_and_apply(
         now=now,
         reopen_window=timedelta(days=tickets.reopen_days),
         rejection_recently_sent=recently,
+        authentication_policy=policy,
     )
+    if decision.send_spoof_notice:
+        _queue_spoof_notice(app, session, identity, msg, now)
+    if decision.outcome == "created" and envelope.source not in OPERATOR_CHOSEN:
+        decision = _circuit_breaker(app, session, identity, msg, decision, now)
 
     if decision.outcome == "created":
         ticket, found = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
         if found.why:
             decision = replace(decision, reason=f"{decision.reason}; {found.why}")
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
-                                author_kind="customer", now=now)  # fmt: skip
+                                author_kind="customer", now=now,
+                                authentication=screening.authentication)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
+        _flag_unauthenticated(ticket, decision)
         clocks = track(app.sla, session, ticket, now)
         _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
@@ -276,8 +341,10 @@ def _decide_and_apply(
                                reason=f"{staff.reason}, {decision.reason}")  # fmt: skip
             return _record(session, record, decision, ticket.number, decision.matched_by)
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
-                                author_kind="customer", now=now)  # fmt: skip
+                                author_kind="customer", now=now,
+                                authentication=screening.authentication)  # fmt: skip
         record.article_id = article.id
+        _flag_unauthenticated(ticket, decision)
         _after_customer_reply(app, session, ticket, msg, decision, article.id, now)
         return _record(session, record, decision, ticket.number, decision.matched_by)
     if decision.outcome == "rejected" and decision.send_rejection:
@@ -297,6 +364,61 @@ def _decide_and_apply(
             references=msg.references,
         )
     return _record(session, record, decision, None)
+
+
+def _circuit_breaker(
+    app: App,
+    session: Session,
+    identity: Identity,
+    msg: ParsedMessage,
+    decision: Decision,
+    now: datetime,
+) -> Decision:
+    """Hold a new ticket when its sender or subject opens them faster than a person."""
+    contact = identity.contact
+    assert contact is not None and contact.organisation_id is not None
+    since = now - timedelta(hours=1)
+    trip = tripped(
+        repo.tickets_opened_since(session, contact.id, since),
+        repo.tickets_with_subject_since(
+            session, contact.organisation_id, subject_key(msg.subject), since
+        ),
+        app.settings.hygiene.loops,
+    )
+    if trip is None:
+        return decision
+    kind, why = trip
+    about = identity.address if kind == "sender" else f"subject {msg.subject[:80]!r}"
+    app.mailer.alert(session, about=about, reason=f"circuit breaker: {why}", now=now)
+    return Decision("quarantined", f"circuit breaker: {why}")
+
+
+def _flag_unauthenticated(ticket: Ticket, decision: Decision) -> None:
+    """Accepted under the `prefer` policy: staff see the flag on the ticket."""
+    if decision.unauthenticated and UNAUTHENTICATED_TAG not in ticket.tags:
+        ticket.tags = [*ticket.tags, UNAUTHENTICATED_TAG]
+
+
+def _queue_spoof_notice(
+    app: App, session: Session, identity: Identity, msg: ParsedMessage, now: datetime
+) -> None:
+    """Tell the real owner of the address, at most once per period, that mail
+    claiming to be from them was held. Nothing from the held mail is repeated:
+    its text is the forger's."""
+    auth = app.settings.hygiene.authentication
+    since = now - timedelta(hours=auth.notice_hours)
+    if repo.recent_mail_to(session, identity.address, "spoof_notice", since):
+        return
+    person = identity.person
+    app.mailer.queue(
+        session,
+        kind="spoof_notice",
+        to=[identity.address],
+        language=person.language if person else "en",
+        context={"person_name": person.name if person else ""},
+        now=now,
+        auto_submitted="auto-generated",
+    )
 
 
 def _record(
@@ -364,6 +486,7 @@ def _create_ticket(
         organisation=org,
         requester=contact,
         subject=msg.subject or "(no subject)",
+        subject_key=subject_key(msg.subject),
         status="new",
         priority=found.priority,
         urgent=found.urgent,

@@ -30,8 +30,9 @@ class Screening:
     suppress_ack: bool = False
     bounce: BounceInfo | None = None
     # Did the sender's domain vouch for this mail (DKIM/DMARC)? None: not
-    # checked. False refuses staff /commands; sender authentication fills it.
+    # checked (policy off). False refuses staff /commands.
     sender_authenticated: bool | None = None
+    authentication: str | None = None  # the verdict's detail, stored with the article
 
 
 @dataclass(frozen=True)

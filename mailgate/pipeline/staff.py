@@ -82,6 +82,7 @@ def handle_staff_mail(
         now=now,
         text=body if body.strip() else _command_lines(msg.text, mail),
         visibility="public" if public else "internal",
+        authentication=screening.authentication,
     )
     reason = f"by mail {msg.message_id or ''}".strip()
     apply_changes(session, ticket, plan.changes, now=now, actor_kind="staff", actor=sender,

@@ -107,12 +107,18 @@ class TicketSequence(Base):
 
 class Ticket(Base):
     __tablename__ = "tickets"
+    __table_args__ = (
+        # The circuit breaker counts recent tickets per sender and per subject.
+        Index("ix_tickets_org_subject_created", "organisation_id", "subject_key", "created_at"),
+        Index("ix_tickets_requester_created", "requester_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     number: Mapped[str] = mapped_column(String(64), unique=True)
     organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
     requester_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id"))
     subject: Mapped[str] = mapped_column(String(998))
+    subject_key: Mapped[str | None] = mapped_column(String(64))  # see pipeline/breaker.py
     status: Mapped[str] = mapped_column(String(20), default="new", index=True)
     priority: Mapped[str] = mapped_column(String(2), default="P3")
     urgent: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -162,6 +168,9 @@ class Article(Base):
     # Outbound delivery as staff see it: queued | sent | failed
     delivery: Mapped[str | None] = mapped_column(String(10))
     delivery_error: Mapped[str | None] = mapped_column(Text)
+    # Inbound: the sender-authentication verdict at intake ("pass: dkim=pass
+    # d=…", "none: no DKIM signature"); None when not checked (policy off).
+    authentication: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[datetime]
 
     ticket: Mapped[Ticket] = relationship(back_populates="articles", foreign_keys=[ticket_id])

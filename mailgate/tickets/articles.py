@@ -23,6 +23,7 @@ def store_inbound(
     now: datetime,
     text: str | None = None,
     visibility: str = "public",
+    authentication: str | None = None,
 ) -> Article:
     """`blobs` None: a dry run, attachments are hashed but not written.
 
@@ -42,6 +43,7 @@ def store_inbound(
         text=msg.text if text is None else text,
         html=msg.html if text is None else None,
         raw_sha256=raw_sha,
+        authentication=authentication,
         created_at=now,
     )
     session.add(article)

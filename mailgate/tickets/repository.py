@@ -168,3 +168,21 @@ def events_of(session: Session, ticket_id: int) -> list[TicketEvent]:
 def time_entries_of(session: Session, ticket_id: int) -> list[TimeEntry]:
     query = select(TimeEntry).where(TimeEntry.ticket_id == ticket_id)
     return list(session.scalars(query.order_by(TimeEntry.id)))
+
+
+def tickets_opened_since(session: Session, requester_id: int, since: datetime) -> int:
+    query = select(func.count()).where(
+        Ticket.requester_id == requester_id, Ticket.created_at > since
+    )
+    return session.scalar(query) or 0
+
+
+def tickets_with_subject_since(
+    session: Session, organisation_id: str, subject_key: str, since: datetime
+) -> int:
+    query = select(func.count()).where(
+        Ticket.organisation_id == organisation_id,
+        Ticket.subject_key == subject_key,
+        Ticket.created_at > since,
+    )
+    return session.scalar(query) or 0
