@@ -144,10 +144,12 @@ def _check_header_fields(header: bytes, limits: Limits) -> None:
     # Addresses first: a huge To is over the header limit too, but its own
     # limit says better what is wrong with the mail.
     for match in _ADDRESS_FIELD.finditer(header):
-        if match.group().count(b"@") > limits.max_addresses:
+        count = match.group().count(b"@")
+        if count > limits.max_addresses:
             name = _FIELD_NAMES[match.group(1).decode("ascii").lower()]
             raise ParseError(
-                f"{name} header lists more than {limits.max_addresses} addresses (address limit)"
+                f"{name} header lists about {count} addresses, over the "
+                f"{limits.max_addresses}-address limit"
             )
     subject_bytes = sum(len(m.group()) for m in _SUBJECT_FIELD.finditer(header))
     if subject_bytes > limits.max_subject_bytes:
@@ -541,7 +543,9 @@ def _stdlib_scan_addresses(value: str) -> tuple[list[tuple[str, str]], bool]:
 
 def _check_address_count(name: str, value: str, limits: Limits) -> None:
     if value.count("@") > limits.max_addresses:
-        raise ParseError(f"{name} header lists more than {limits.max_addresses} addresses")
+        raise ParseError(
+            f"{name} header lists more addresses than the {limits.max_addresses}-address limit"
+        )
 
 
 def _from_addresses(
@@ -652,11 +656,9 @@ def _walk_nodes(msg: Message, limits: Limits) -> Iterator[_Node]:
         node = stack.pop()
         count += 1
         if count > limits.max_parts:
-            raise ParseError(f"more than {limits.max_parts} MIME parts, over the part limit")
+            raise ParseError(f"more MIME parts than the {limits.max_parts}-part limit")
         if node.depth > limits.max_depth:
-            raise ParseError(
-                f"MIME nesting deeper than {limits.max_depth} levels, over the nesting limit"
-            )
+            raise ParseError(f"MIME nesting deeper than the {limits.max_depth}-level nesting limit")
         _check_mime_header_size(node.part, limits)
         yield node
         payload = node.part.get_payload()
@@ -721,7 +723,7 @@ class _AttachmentBudget:
         """Before decoding: the count alone may already be over."""
         if self.count >= self.limits.max_attachments:
             raise ParseError(
-                f"more than {self.limits.max_attachments} attachments, over the attachment limit"
+                f"more attachments than the {self.limits.max_attachments}-attachment limit"
             )
         self.count += 1
 
@@ -732,8 +734,8 @@ class _AttachmentBudget:
 
     def too_large(self) -> ParseError:
         return ParseError(
-            f"attachments total more than {self.limits.max_attachment_bytes} bytes decoded, "
-            "over the attachment size limit"
+            "attachments decode to more than the "
+            f"{self.limits.max_attachment_bytes}-byte attachment size limit"
         )
 
     def release(self, attachment: Attachment) -> None:
