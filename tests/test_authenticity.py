@@ -122,9 +122,7 @@ def test_spoofed_admin_is_quarantined_and_the_real_address_told_once(install, ke
     assert len(notices_to(inst, "alice@acme.example")) == 1
 
 
-def test_valid_aligned_signature_opens_the_ticket_and_the_verdict_is_stored(
-    install, keys
-) -> None:
+def test_valid_aligned_signature_opens_the_ticket_and_the_verdict_is_stored(install, keys) -> None:
     inst = installed(install, keys, REQUIRE_ACME)
     result = inst.ingest(keys.sign(raw_of(make_mail()), "acme.example"))
     assert result.outcome == "created"

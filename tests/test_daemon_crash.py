@@ -18,11 +18,14 @@ from sqlalchemy import func, select
 from mailgate.config import ConfigError
 from mailgate.intake.faults import FAULT_ENV, Fault
 from mailgate.store.models import IngestRecord, OutboxMail, Ticket
-from tests.conftest import Installation, make_mail
+from tests.conftest import NO_LOOP_LIMITS, Installation, make_mail
 from tests.daemon import RunningDaemon, launch, start_daemon
 from tests.smtp_sink import Sink
 
-LOAD = {"intake": {"smtp": {"max_connections": 200, "max_connections_per_client": 200}}}
+LOAD = {
+    "intake": {"smtp": {"max_connections": 200, "max_connections_per_client": 200}},
+    **NO_LOOP_LIMITS,
+}
 
 
 def stored_message_ids(daemon: RunningDaemon) -> dict[str, int]:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from mailgate.config import ImapIntake
 from mailgate.intake.imap import Mailbox, backoff, destination
 from mailgate.store.models import IngestRecord, OutboxMail, Ticket
-from tests.conftest import Clockwork, Installation, install_at, make_mail
+from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at, make_mail
 from tests.daemon import launch
 from tests.dovecot import Dovecot, start_dovecot
 from tests.smtp_sink import free_port
@@ -266,7 +266,8 @@ def daemon_with_imap(tmp_path: Path, server: Dovecot, env: dict[str, str] | None
     tmp_path.mkdir()
     port = free_port()
     imap = settings_for(server, password_env=None, password_file="imap.secret")
-    inst = install_at(tmp_path, Clockwork(), {"intake": {"smtp": {"port": port}, "imap": imap}})
+    settings = {"intake": {"smtp": {"port": port}, "imap": imap}, **NO_LOOP_LIMITS}
+    inst = install_at(tmp_path, Clockwork(), settings)
     (inst.root / "imap.secret").write_text(server.password)
     return inst, port
 

@@ -25,7 +25,7 @@ from mailgate.cli import sync_directory_if_changed
 from mailgate.config import load_settings
 from mailgate.sla.sweep import SlaSweepReport, sweep
 from mailgate.store.models import OutboxMail, SlaClock, Ticket, TicketEvent
-from tests.conftest import Clockwork, Installation, make_mail, reply_to
+from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, make_mail, reply_to
 
 BOB = "Bob Durand <bob@support.example>"
 LEAD = "lead@support.example"
@@ -267,8 +267,9 @@ def test_a_restarted_daemon_sends_no_reminder_twice(inst: Installation, clock: C
     assert len(sla_mail(inst, "sla_reminder")) == 2
 
 
-def test_two_racing_sweeps_send_each_reminder_once(inst: Installation) -> None:
+def test_two_racing_sweeps_send_each_reminder_once(install) -> None:
     """Checklist 27 on SQLite: two sweeps over the same due reminders at once."""
+    inst = install(settings=NO_LOOP_LIMITS)
     for n in range(60):
         inst.ingest(make_mail(message_id=f"race-{n}@acme.example", subject=f"Cannot log in {n}"))
     apps = [App(load_settings(inst.settings_file)) for _ in range(2)]
@@ -303,7 +304,8 @@ def mailgate(inst: Installation, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_sla_sweep_command_in_two_racing_processes(inst: Installation) -> None:
+def test_sla_sweep_command_in_two_racing_processes(install) -> None:
+    inst = install(settings=NO_LOOP_LIMITS)
     for n in range(30):
         inst.ingest(make_mail(message_id=f"cli-{n}@acme.example", subject=f"Cannot log in {n}"))
     now = "2026-11-23T10:18:00+00:00"  # past 80 %: one reminder per ticket

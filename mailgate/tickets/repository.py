@@ -93,7 +93,12 @@ def first_delivery(session: Session, dedupe_key: str) -> IngestRecord | None:
 
 
 def message_id_seen(session: Session, message_id: str) -> bool:
-    return bool(session.scalar(select(func.count()).where(IngestRecord.message_id == message_id)))
+    """Did another first delivery carry this Message-ID? (Duplicates point at their
+    first delivery; a released mail gave its key up to its release.)"""
+    query = select(func.count()).where(
+        IngestRecord.message_id == message_id, IngestRecord.dedupe_key.is_not(None)
+    )
+    return bool(session.scalar(query))
 
 
 def recent_mail_to(session: Session, address: str, kind: str, since: datetime) -> bool:
