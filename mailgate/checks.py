@@ -23,6 +23,8 @@ def run_checks(settings_file: Path) -> list[str]:
             problems += check(settings)
         except ConfigError as exc:
             problems += exc.problems
+    with contextlib.suppress(ConfigError):  # a broken directory is reported above
+        problems += check_organisation_keys(settings, settings_file)
     return problems
 
 
@@ -56,6 +58,27 @@ def check_calendars(settings: Settings) -> list[str]:
                     "its public holidays; fix the country or set holidays: false)"
                 )
     return problems
+
+
+def check_organisation_keys(settings: Settings, settings_file: Path) -> list[str]:
+    """Per-organisation settings must name organisations of the directory: a typo
+    would silently leave that organisation on the default policy or targets."""
+    from mailgate.directory import load_directory
+
+    if settings.directory is None:
+        return []
+    known = {org.id for org in load_directory(settings.path(settings.directory)).organisations}
+    keyed = {
+        "hygiene.authentication.organisations": settings.hygiene.authentication.organisations,
+        "sla.organisations": settings.sla.organisations,
+    }
+    return [
+        f"{settings_file}: {key}: {org_id}: no such organisation in {settings.directory} "
+        "(check the id)"
+        for key, mapping in keyed.items()
+        for org_id in mapping
+        if org_id not in known
+    ]
 
 
 def check_rules(settings: Settings) -> list[str]:

@@ -105,6 +105,21 @@ def test_check_command_passes_on_shipped_files(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_check_names_a_per_organisation_key_the_directory_lacks(tmp_path: Path) -> None:
+    settings = yaml.safe_load((ROOT / "settings.yaml").read_text())
+    settings["hygiene"]["authentication"]["organisations"] = {"acme": "require", "acne": "off"}
+    write(tmp_path / "settings.yaml", settings)
+    (tmp_path / "directory.yaml").write_text((ROOT / "directory.yaml").read_text())
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines() == [
+        "error: settings.yaml: hygiene.authentication.organisations: acne: no such organisation "
+        "in directory.yaml (check the id)"
+    ]
+
+
 def test_check_reports_a_bad_directory(tmp_path: Path) -> None:
     (tmp_path / "settings.yaml").write_text((ROOT / "settings.yaml").read_text())
     (tmp_path / "templates").symlink_to(ROOT / "templates")

@@ -532,3 +532,25 @@ def test_a_server_without_xoauth2_is_named_as_such(inst: Installation, dovecot: 
     )
     with pytest.raises(ConfigError, match="does not offer XOAUTH2"):
         Mailbox(lambda: inst.app, box).connect()
+
+
+def test_only_the_trusted_providers_authentication_results_vouch_for_the_sender(
+    install: Callable[..., Installation], dovecot: Dovecot, password: None
+) -> None:
+    """Checklist 12 over IMAP: the mailbox trusts its provider's authserv-id only."""
+    inst = install(settings={"hygiene": {"authentication": {"policy": "require"}}})
+    provider = "mx.provider.example"
+    verdict = "dmarc=pass (p=REJECT) header.from=acme.example"
+    dovecot.append(f"Authentication-Results: {provider}; {verdict}\r\n".encode() + mail(1))
+    dovecot.append(f"Authentication-Results: mx.other.example; {verdict}\r\n".encode() + mail(2))
+    box = settings_for(dovecot, idle=False, trusted_authserv_ids=[provider])
+    with Running(inst, box):
+        eventually(lambda: held(dovecot, PROCESSED) + held(dovecot, FAILED) == 2, what="filed")
+    with inst.session() as s:
+        tickets = s.scalars(select(Ticket.subject)).all()
+        held_reason = s.scalars(
+            select(IngestRecord.reason).where(IngestRecord.outcome == "quarantined")
+        ).one()
+    assert tickets == ["Export fails 1"]
+    assert held(dovecot, FAILED) == 1
+    assert "unauthenticated sender alice@acme.example" in held_reason
