@@ -166,7 +166,7 @@ def process(
             }
         },
     )
-    if not dry_run and result.outcome in ("created", "threaded", "command", "rejected"):
+    if not dry_run:  # most outcomes queue mail (a quarantine may too: notices, alerts)
         app.notify_outbox()
     return result
 
