@@ -661,7 +661,7 @@ def _walk_nodes(msg: Message, limits: Limits) -> Iterator[_Node]:
             raise ParseError(f"MIME nesting deeper than the {limits.max_depth}-level nesting limit")
         _check_mime_header_size(node.part, limits)
         yield node
-        payload = node.part.get_payload()
+        payload = _stored_payload(node.part)
         if isinstance(payload, list):
             inside = _children_inside(node)
             children = [p for p in payload if isinstance(p, Message)]
@@ -782,7 +782,7 @@ def _readable_params(part: Message) -> Message:
     view = Message()
     for name, value in raw:
         view[name] = _decode_8bit(value, None)
-    view.set_payload(part.get_payload())
+    view.set_payload(_stored_payload(part))
     view.set_default_type(part.get_default_type())  # message/rfc822 inside a digest
     view.defects = part.defects
     return view
@@ -831,6 +831,14 @@ def _report_type(part: Message) -> str | None:
     return clean_header_text(_decode_8bit(str(value), None), 100).lower() or None
 
 
+def _stored_payload(part: Message) -> str | list[Message] | None:
+    """The payload as the parser stored it: text with 8-bit bytes as surrogate
+    escapes, or the list of subparts. compat32's get_payload() without
+    decode=True first decodes 8-bit bytes with the part's declared charset,
+    which raises for labels such as "idna" and loses bytes for the others."""
+    return part._payload  # the attribute email.generator itself reads
+
+
 def _payload_bytes(part: Message) -> bytes:
     try:
         data = part.get_payload(decode=True)
@@ -838,7 +846,7 @@ def _payload_bytes(part: Message) -> bytes:
         data = None
     if isinstance(data, bytes):
         return data
-    payload = part.get_payload()
+    payload = _stored_payload(part)
     if isinstance(payload, str):
         return payload.encode("utf-8", "surrogateescape")
     return b""
@@ -854,7 +862,7 @@ def _check_decoded_size(part: Message, budget: _AttachmentBudget) -> None:
     their byte limit: decoded data is never larger than its encoding, so only
     a payload whose encoding is already larger than the room left is measured,
     a window at a time, stopping as soon as it is over."""
-    payload = part.get_payload()
+    payload = _stored_payload(part)
     if not isinstance(payload, str) or len(payload) <= budget.room:
         return
     encoded = payload.encode("ascii", "surrogateescape")
@@ -908,7 +916,7 @@ def _charset(part: Message) -> str | None:
 
 def _message_bytes(part: Message) -> bytes:
     """An attached message/* part as bytes: the message(s) it carries."""
-    payload = part.get_payload()
+    payload = _stored_payload(part)
     if not isinstance(payload, list):
         return _payload_bytes(part)
     chunks = []
@@ -916,10 +924,19 @@ def _message_bytes(part: Message) -> bytes:
         buffer = BytesIO()
         try:
             BytesGenerator(buffer, mangle_from_=False, policy=policy.compat32).flatten(sub)
-        except Exception:  # noqa: BLE001 - keep what could be serialised
-            buffer = BytesIO(str(sub).encode("utf-8", "surrogateescape"))
-        chunks.append(buffer.getvalue())
+            chunks.append(buffer.getvalue())
+        except Exception:  # noqa: BLE001 - keep what can be kept
+            chunks.append(_plain_bytes(sub))
     return b"\n".join(chunks)
+
+
+def _plain_bytes(part: Message) -> bytes:
+    """Headers and the payload as stored, for a part the generator cannot write
+    (str() of it would run the same generator again)."""
+    head = "".join(f"{name}: {value}\n" for name, value in part.raw_items())
+    payload = _stored_payload(part)
+    body = payload if isinstance(payload, str) else ""
+    return (head + "\n" + body).encode("utf-8", "surrogateescape")
 
 
 _DEFAULT_EXTENSIONS = {
