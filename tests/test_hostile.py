@@ -565,3 +565,28 @@ def test_a_winmail_dat_that_cannot_be_read_stays_as_it_is(
     assert result.outcome == "created"
     rows = inbound_article(inst).attachments
     assert [(r.filename, inst.app.blobs.get(r.sha256)) for r in rows] == [("winmail.dat", tnef)]
+
+
+# --- what the fuzzers found (test_fuzz.py): readable mail that was quarantined -------
+
+BROKEN_WORD_TO = b"To: =?koi8-r?b?8tXT08vJygABc?= <support@example.com>"
+
+FUZZ_FINDINGS = {
+    # compat32's get_payload() decoded 8-bit bytes with the declared charset,
+    # and the "idna" codec refuses the 'replace' error handler.
+    "8-bit body labelled idna": head("idna@acme.example")
+    + b"Content-Type: text/plain; charset=idna\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + b"Caf\xc3\xa9 printer is down.\r\n",
+    # mail-parser let the stdlib's HeaderParseError on a broken base64 word escape.
+    "broken base64 word in a To name": head("word@acme.example").replace(
+        b"To: support@example.com", BROKEN_WORD_TO
+    )
+    + b"\r\nThe printer is down.\r\n",
+}
+
+
+@pytest.mark.parametrize("finding", FUZZ_FINDINGS)
+def test_mail_the_fuzzers_found_quarantined_is_read(inst: Installation, finding: str) -> None:
+    result = inst.ingest(FUZZ_FINDINGS[finding])
+    assert result.outcome == "created", result.reason
+    assert "printer is down" in inbound_article(inst).text
