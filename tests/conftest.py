@@ -126,9 +126,10 @@ def install_at(
     data = deep_update(
         data, {"templates_dir": str(ROOT / "templates"), "rules_dir": str(ROOT / "rules")}
     )
-    # Test mail is not DKIM-signed; staff /commands would be refused under the
-    # shipped `prefer`. tests/test_authenticity.py exercises every policy.
-    deep_update(data, {"hygiene": {"authentication": {"staff_policy": "off"}}})
+    # Test mail is not DKIM-signed: under the shipped `prefer` every ticket would
+    # be flagged and staff /commands refused. tests/test_authenticity.py sets
+    # and exercises every policy.
+    deep_update(data, {"hygiene": {"authentication": {"policy": "off", "staff_policy": "off"}}})
     deep_update(data, settings or {})
     (root / "settings.yaml").write_text(yaml.safe_dump(data))
     if directory is None:

@@ -175,7 +175,7 @@ def test_signature_with_body_length_and_appended_text_is_unauthenticated(install
 
 
 def test_prefer_accepts_unsigned_admin_mail_and_flags_the_ticket(install, keys) -> None:
-    inst = installed(install, keys, {})  # the shipped policy: prefer
+    inst = installed(install, keys, {"hygiene": {"authentication": {"policy": "prefer"}}})
     result = inst.ingest(make_mail())
     assert result.outcome == "created"
     assert "sender not authenticated (none: no DKIM signature)" in result.reason

@@ -20,7 +20,7 @@ import yaml
 from sqlalchemy import func, select
 
 from mailgate.store.models import IngestRecord, Ticket
-from tests.conftest import Clockwork, install_at, make_mail
+from tests.conftest import NO_LOOP_LIMITS, Clockwork, install_at, make_mail
 from tests.daemon import RunningDaemon, launch, open_data, read_reply, start_daemon
 from tests.smtp_sink import Sink, free_port
 
@@ -233,7 +233,7 @@ def test_concurrent_clients_each_get_one_outcome_and_one_ack(tmp_path: Path, sin
     daemon = start_daemon(
         tmp_path,
         sink,
-        {"intake": {"smtp": {"max_connections_per_client": clients}}},
+        {"intake": {"smtp": {"max_connections_per_client": clients}}, **NO_LOOP_LIMITS},
         directory,
     )
     replies: list[int] = []
