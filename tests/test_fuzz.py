@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import struct
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ with _instrumented():
     from mailgate.pipeline.parse import parse_message
     from mailgate.pipeline.process import process
     from mailgate.pipeline.screen import ScreenContext, Screening, screen
+    from mailgate.pipeline.tnef import decode_tnef
     from mailgate.store.models import IngestRecord
     from mailgate.tickets.tokens import Signer
     from tests.conftest import Clockwork, Installation, install_at
@@ -268,6 +270,47 @@ def test_parse_and_screen_give_one_outcome_for_any_structure(raw: bytes) -> None
 def test_parse_and_screen_give_one_outcome_for_any_bytes(raw: bytes) -> None:
     note(f"raw={raw!r}")
     assert parse_and_screen(raw)
+
+
+TNEF_DAMAGE = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "insert", "delete", "count"]),
+        st.floats(0, 1),  # where, as a fraction of the stream
+        st.sampled_from([0, 1, 3, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def damaged(stream: bytes, damage: list[tuple[str, float, int]]) -> bytes:
+    data = bytearray(stream)
+    for kind, where, value in damage:
+        at = min(int(where * len(data)), max(len(data) - 1, 0))
+        if kind == "flip" and data:
+            data[at] ^= value & 0xFF or 1
+        elif kind == "insert":
+            data[at:at] = bytes([value & 0xFF]) * 3
+        elif kind == "delete":
+            del data[at : at + 1 + value % 7]
+        else:  # a length or count field, wherever it may be, claiming too much
+            data[at : at + 4] = struct.pack("<I", value)
+    return bytes(data)
+
+
+@settings(FUZZ, max_examples=300)
+@given(damage=TNEF_DAMAGE)
+def test_tnef_decoder_reads_or_declines_any_damaged_stream(damage: list) -> None:
+    from tests.test_hostile import rich_tnef_stream
+
+    stream = damaged(rich_tnef_stream(), damage)
+    note(f"stream={stream!r}")
+    started = time.monotonic()
+    content = decode_tnef(stream)  # raises nothing
+    assert time.monotonic() - started < BUDGET_SECONDS
+    for attachment in content.attachments if content else ():
+        name = attachment.filename
+        assert name and not set(name) & set("/\\\0") and len(name.encode()) <= 255
 
 
 @pytest.fixture(scope="module")

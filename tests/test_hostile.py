@@ -536,6 +536,63 @@ def test_winmail_dat_becomes_its_body_and_its_attachments(inst: Installation) ->
     assert types == {"invoice.pdf": "application/pdf", "photo.png": "image/png"}
 
 
+ATT_MAPI_PROPS = 0x0006_9003  # the message's MAPI properties
+PT_STRING, PT_BINARY, PT_OBJECT = 0x001E, 0x0102, 0x000D
+PR_BODY_HTML, PR_ATTACH_LONG_FILENAME, PR_ATTACH_DATA_OBJ = 0x1013, 0x3707, 0x3701
+IMESSAGE_IID = bytes.fromhex("0703020000000000c000000000000046")
+
+
+def mapi_value(kind: int, name: int, data: bytes) -> bytes:
+    """One variable-length property: type, id, one value, its length, padded to 4."""
+    padded = data + bytes(-len(data) % 4)
+    return struct.pack("<HHII", kind, name, 1, len(data)) + padded
+
+
+def mapi_table(*properties: bytes) -> bytes:
+    return struct.pack("<I", len(properties)) + b"".join(properties)
+
+
+def rich_tnef_stream() -> bytes:
+    """What newer Outlook writes: an HTML body and names in MAPI properties,
+    one attachment with a long name, one an attached Outlook item."""
+    html = b"<p onclick='x()'>Quarterly <b>report</b> attached.<script>alert(1)</script></p>"
+    long_name = b"Quarterly report for the board, final version.xlsx\0"
+    out = [tnef_stream("", [])]
+    out.append(tnef_attribute(LEVEL_MESSAGE, ATT_MAPI_PROPS,
+                              mapi_table(mapi_value(PT_BINARY, PR_BODY_HTML, html))))  # fmt: skip
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACH_REND_DATA, bytes(14)))
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACH_TITLE, b"QUARTE~1.XLS\0"))
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACH_DATA, b"PK\x03\x04 sheet"))
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACHMENT,
+                              mapi_table(mapi_value(PT_STRING, PR_ATTACH_LONG_FILENAME,
+                                                    long_name))))  # fmt: skip
+    item = IMESSAGE_IID + tnef_stream("forwarded", [])
+    assert len(item) % 4  # so that the value is padded, as Outlook's often are
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACH_REND_DATA, bytes(14)))
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACH_TITLE, b"Re: invoice\0"))
+    item_table = mapi_table(mapi_value(PT_OBJECT, PR_ATTACH_DATA_OBJ, item))
+    out.append(tnef_attribute(LEVEL_ATTACHMENT, ATT_ATTACHMENT, item_table))
+    return b"".join(out)
+
+
+def test_winmail_dat_with_mapi_properties_gives_html_long_names_and_items(
+    inst: Installation,
+) -> None:
+    assert inst.ingest(outlook_mail(rich_tnef_stream())).outcome == "created"
+    article = inbound_article(inst)
+    assert "Quarterly <b>report</b> attached." in (article.html or "")
+    assert "<script" not in article.html and "onclick" not in article.html
+    assert "Quarterly report attached." in article.text  # derived from the HTML
+    rows = {row.filename: row for row in article.attachments}
+    assert set(rows) == {"Quarterly report for the board, final version.xlsx", "Re_ invoice.tnef"}
+    sheet = rows["Quarterly report for the board, final version.xlsx"]
+    assert inst.app.blobs.get(sheet.sha256) == b"PK\x03\x04 sheet"
+    # the attached item is kept whole, never decoded in turn
+    item = rows["Re_ invoice.tnef"]
+    assert item.content_type == "application/vnd.ms-tnef"
+    assert inst.app.blobs.get(item.sha256) == tnef_stream("forwarded", [])
+
+
 def mapi_table_claiming(count: int) -> bytes:
     """An attachment property table whose count is far beyond its bytes."""
     return struct.pack("<I", count) + struct.pack("<HHI", 0x0003, 0x0E20, 7)

@@ -69,8 +69,10 @@ def decode_tnef(data: bytes) -> TnefContent | None:
         return reader.content()
     except _Unreadable:
         return None
-    except (ValueError, LookupError, struct.error, UnicodeError, IndexError, TypeError):
-        return None  # tnefparse meeting bytes it does not expect
+    except Exception:  # noqa: BLE001 - tnefparse's value decoders are not hardened
+        # (a SYSTIME past year 9999 raises OverflowError, a short GUID ValueError…):
+        # whatever they raise, the stream is one we cannot read.
+        return None
 
 
 class _Unreadable(Exception):
@@ -144,9 +146,10 @@ class _Reader:
         elif prop.name == mapi.MAPI_ATTACH_MIME_TAG:
             current.mime_tag = _text(prop).strip().lower()
         elif prop.name == mapi.MAPI_ATTACH_DATA_OBJ:
+            # tnefparse hands the value over padded to 4 bytes, its length lost.
             value = b"".join(v for v in prop.raw_data if isinstance(v, bytes))
             if value.startswith(IMESSAGE_SIG):
-                current.embedded = value[len(IMESSAGE_SIG) :]
+                current.embedded = _without_padding(value[len(IMESSAGE_SIG) :])
             elif current.data is None:
                 current.data = value
 
@@ -171,6 +174,20 @@ class _Reader:
             html = _decode(self.html_bytes, self.internet_codepage or self.codepage)
         files = tuple(_attachment(f) for f in self.files if _worth_keeping(f))
         return TnefContent(text=self.text.replace("\x00", ""), html=html, attachments=files)
+
+
+def _without_padding(stream: bytes) -> bytes:
+    """An embedded TNEF stream up to the end of its last whole attribute: the
+    padding after it (at most 3 bytes) can be no attribute."""
+    if not stream.startswith(_SIGNATURE):
+        return stream
+    offset = 6
+    while offset + _ATTRIBUTE_OVERHEAD <= len(stream):
+        end = offset + _ATTRIBUTE_OVERHEAD + struct.unpack_from("<I", stream, offset + 5)[0]
+        if end > len(stream):
+            return stream  # not a stream we can delimit: keep every byte
+        offset = end
+    return stream[:offset] if len(stream) - offset < 4 else stream
 
 
 def _worth_keeping(file: _File) -> bool:
