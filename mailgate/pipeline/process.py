@@ -130,7 +130,7 @@ def process(
         msg: ParsedMessage | None = parse_message(raw, app.parse_limits)
         screening = screen(msg, ScreenContext(app.signer, app.settings.support_address, envelope))
     except ParseError as exc:
-        msg, screening = None, Screening("quarantined", f"unparseable: {exc}")
+        msg, screening = None, Screening("quarantined", f"not parsed: {exc}")
     if msg and msg.sender and screening.outcome is None:
         screening = _authenticate(app, raw, msg.sender, screening, envelope)
     key = dedupe_key(raw, msg)

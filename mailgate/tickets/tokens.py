@@ -33,7 +33,10 @@ class Signer:
         return mac.hexdigest()[:length]
 
     def verify(self, purpose: str, value: str, sig: str, length: int = SIG_LEN) -> bool:
-        return hmac.compare_digest(self.sign(purpose, value, length), sig.lower())
+        # Bytes: compare_digest raises TypeError on a non-ASCII str, and `sig`
+        # comes from a stranger's header.
+        expected = self.sign(purpose, value, length).encode()
+        return hmac.compare_digest(expected, sig.lower().encode("utf-8", "replace"))
 
     # Message-IDs -----------------------------------------------------------
 
