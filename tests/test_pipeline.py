@@ -361,6 +361,11 @@ def test_forged_loop_marker_still_creates_a_ticket(inst: Installation, signature
     assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []  # no ack, though
 
 
+def test_a_file_starting_with_a_byte_order_mark_keeps_its_headers(inst: Installation) -> None:
+    result = inst.ingest(b"\xef\xbb\xbf" + make_mail().as_bytes())
+    assert (result.outcome, result.sender) == ("created", "alice@acme.example")
+
+
 def test_mail_from_our_own_address_is_ignored(inst: Installation) -> None:
     result = inst.ingest(make_mail(sender="Support <support@example.com>"))
     assert result.outcome == "ignored"

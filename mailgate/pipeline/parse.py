@@ -98,7 +98,7 @@ def parse_message(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> ParsedMessage:
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise TypeError(f"parse_message expects bytes, not {type(raw).__name__}")
     try:
-        raw = bytes(raw)
+        raw = bytes(raw).removeprefix(b"\xef\xbb\xbf")  # a BOM from a Windows editor hides From
         _prescan(raw, limits)
         return _parse(raw, limits)
     except ParseError:
