@@ -158,6 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
     orr.add_argument("ids", nargs="*", type=int)
     command("send", cmd_outbox_send, "send what is due now", outbox)
 
+    credits = sub.add_parser("credits", help="prepaid support credit").add_subparsers(
+        metavar="ACTION"
+    )
+    ca = command("add", cmd_credits_add, "record a pack an organisation bought", credits)
+    ca.add_argument("org", metavar="ORG")
+    ca.add_argument("pack", metavar="PACK", help="a name from settings credits.packs")
+    ca.add_argument("--activated", metavar="DATE", help="default: now (ISO date or time)")
+    ca.add_argument("--reference", default="", help="order or invoice number")
+    cb = command("balance", cmd_credits_balance, "credit left, per pack", credits)
+    cb.add_argument("org", metavar="ORG")
+    cb.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
+    cb.add_argument("--json", action="store_true")
+    cst = command("statement", cmd_credits_statement, "the ledger, with a running balance",
+                  credits)  # fmt: skip
+    cst.add_argument("org", metavar="ORG")
+    cst.add_argument("--from", dest="start", metavar="DATE")
+    cst.add_argument("--to", dest="end", metavar="DATE")
+    cst.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
+    form = cst.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true")
+    form.add_argument("--csv", action="store_true")
+    csp = command("spend", cmd_credits_spend, "record time on a ticket and charge it", credits)
+    csp.add_argument("ticket", metavar="TICKET")
+    csp.add_argument("duration", metavar="DURATION", help="45m, 1h30, 1.5h, …")
+    csp.add_argument("--by", default="operator", help="who did the work (default: operator)")
+    csp.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
+    csw = command("sweep", cmd_credits_sweep,
+                  "book expiries and send expiry notices (the daemon does it hourly)",
+                  credits)  # fmt: skip
+    csw.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+
     quarantine = sub.add_parser("quarantine", help="mail held for an operator")
     qsub = quarantine.add_subparsers(metavar="ACTION")
     ql = command("list", cmd_quarantine_list, "held mail, newest first", qsub)
@@ -586,6 +617,121 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     app = load_app(args, sync_directory=False)
     print(f"{app.send_outbox()} mail(s) handled")
     return EX_OK
+
+
+def cmd_credits_add(args: argparse.Namespace) -> int:
+    from mailgate.credits.ledger import CreditError, add_pack
+
+    app = load_app(args)
+    now = app.clock()
+    activated = parse_day(args.activated, "--activated") or now
+    try:
+        with app.sessions.begin() as session:
+            row = add_pack(session, app.settings.credits, args.org, args.pack,
+                           activated=activated, reference=args.reference, now=now)  # fmt: skip
+            summary = f"{args.org}: pack {row.pack} (+{row.credits} credits), valid until "
+            summary += f"{row.expires_at.isoformat()} (pack #{row.id})"
+    except CreditError as exc:
+        raise CommandError(str(exc)) from None
+    print(summary)
+    return EX_OK
+
+
+def cmd_credits_balance(args: argparse.Namespace) -> int:
+    from mailgate.credits.ledger import balance, settle
+
+    app = load_app(args)
+    now = parse_now(args.now) or app.clock()
+    with app.sessions.begin() as session:
+        _known_org(session, args.org)
+        settle(session, app.settings.credits, args.org, now)
+        found = balance(session, args.org, now)
+    packs = [{"id": p.id, "pack": p.pack, "remaining": p.remaining,
+              "expires_at": p.expires_at.isoformat()} for p in found.packs]  # fmt: skip
+    if args.json:
+        print_json({"organisation": args.org, "balance": found.total, "packs": packs})
+        return EX_OK
+    print(f"{args.org}: {found.total} credit(s)" + ("" if found.on_credit else " (no pack bought)"))
+    if packs:
+        print_table([[str(p["id"]), p["pack"], str(p["remaining"]), p["expires_at"][:10]]
+                     for p in packs], ["PACK", "NAME", "LEFT", "EXPIRES"])  # fmt: skip
+    return EX_OK
+
+
+def cmd_credits_statement(args: argparse.Namespace) -> int:
+    import csv
+
+    from mailgate.credits.ledger import settle, statement
+
+    app = load_app(args)
+    now = parse_now(args.now) or app.clock()
+    with app.sessions.begin() as session:
+        _known_org(session, args.org)
+        settle(session, app.settings.credits, args.org, now)
+        found = statement(
+            session, args.org, parse_day(args.start, "--from"), parse_day(args.end, "--to")
+        )
+    if args.json:
+        print_json({"organisation": found.organisation_id, "opening": found.opening,
+                    "entries": found.entries, "closing": found.closing,
+                    "totals": found.totals})  # fmt: skip
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(STATEMENT_COLUMNS))
+        writer.writeheader()
+        writer.writerows(found.entries)
+    else:
+        print(f"{args.org}: opening balance {found.opening}")
+        print_table([[e["at"][:16], e["kind"], f"{e['credits']:+d}", str(e["balance"]),
+                      e["ticket"] or "-", e["note"][:50]] for e in found.entries],
+                    ["AT", "KIND", "CREDITS", "BALANCE", "TICKET", "NOTE"])  # fmt: skip
+        print(f"closing balance {found.closing}")
+    return EX_OK
+
+
+STATEMENT_COLUMNS = ("id", "at", "kind", "credits", "balance", "pack", "ticket", "reverses", "note")
+
+
+def cmd_credits_spend(args: argparse.Namespace) -> int:
+    from mailgate.credits.billing import bill_time
+    from mailgate.credits.ledger import CreditError
+    from mailgate.store.models import Ticket
+    from mailgate.tickets.changes import record_time
+    from mailgate.tickets.commands import parse_duration
+
+    try:
+        minutes = parse_duration(args.duration)
+    except ValueError as exc:
+        raise CommandError(f"{args.duration}: {exc}") from None
+    app = load_app(args)
+    now = parse_now(args.now) or app.clock()
+    try:
+        with app.sessions.begin() as session:
+            ticket = session.scalar(select(Ticket).where(Ticket.number == args.ticket))
+            if ticket is None:
+                raise CommandError(f"no ticket {args.ticket} (see 'mailgate tickets list')")
+            entries = record_time(session, ticket, [minutes], staff_email=args.by, now=now,
+                                  article_id=None)  # fmt: skip
+            (charged,) = bill_time(app, session, ticket, entries, now) or [None]
+    except CreditError as exc:
+        raise CommandError(str(exc)) from None
+    cost = charged.credits if charged else 0
+    after = f", balance {charged.balance_after}" if charged and charged.entries else ""
+    print(f"{args.ticket}: {minutes} min recorded, {cost} credit(s) charged{after}")
+    _send_queued(app)
+    return EX_OK
+
+
+def cmd_credits_sweep(args: argparse.Namespace) -> int:
+    from mailgate.credits.billing import sweep
+
+    return _sweep_once(args, sweep)
+
+
+def _known_org(session: Session, org_id: str) -> None:
+    from mailgate.store.models import Organisation
+
+    if session.get(Organisation, org_id) is None:
+        raise CommandError(f"no organisation {org_id!r} in the directory")
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:

@@ -357,6 +357,65 @@ class Sla(Strict):
         return self
 
 
+class CreditPack(Strict):
+    """A pack customers buy: `credits: 20`, or `hours: 10` (4 quarter-hour credits each)."""
+
+    credits: int | None = Field(None, gt=0)
+    hours: int | None = Field(None, gt=0)
+    validity_months: int = Field(12, gt=0, le=120)  # from activation
+
+    @model_validator(mode="after")
+    def _one_size(self) -> CreditPack:
+        if (self.credits is None) == (self.hours is None):
+            raise ValueError("give either credits or hours")
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.credits if self.credits is not None else 4 * (self.hours or 0)
+
+
+class CreditOverride(Strict):
+    overdraft: bool | None = None
+    when_exhausted: Literal["flag", "reject"] | None = None
+
+
+def _default_packs() -> dict[str, CreditPack]:
+    return {
+        "light": CreditPack(credits=20),
+        "maxi": CreditPack(credits=100),
+        "10h": CreditPack(hours=10),
+        "20h": CreditPack(hours=20),
+        "100h": CreditPack(hours=100),
+    }
+
+
+class Credits(Strict):
+    """Prepaid support: one credit per started quarter-hour, urgent work double."""
+
+    enabled: bool = True
+    packs: dict[str, CreditPack] = Field(default_factory=_default_packs)
+    urgent_multiplier: int = Field(2, ge=1)
+    rollover: bool = True  # unused credits move into a pack activated before they expire
+    overdraft: bool = False  # may the balance go below zero?
+    # An organisation with packs and no credit left: new tickets that are not P1
+    # are accepted and flagged, or rejected with an explanation.
+    when_exhausted: Literal["flag", "reject"] = "flag"
+    low_balance: int = Field(8, ge=0)  # the admins are told once when it drops below
+    expiry_notice_days: int = Field(30, ge=0)  # ...and this long before credits expire
+    organisations: dict[str, CreditOverride] = {}
+
+    def overdraft_for(self, org_id: str) -> bool:
+        found = self.organisations.get(org_id)
+        return found.overdraft if found and found.overdraft is not None else self.overdraft
+
+    def when_exhausted_for(self, org_id: str) -> str:
+        found = self.organisations.get(org_id)
+        if found and found.when_exhausted is not None:
+            return found.when_exhausted
+        return self.when_exhausted
+
+
 class Limits(Strict):
     """Past these, mail is quarantined with the reason instead of parsed (RELIABILITY §5)."""
 
@@ -425,6 +484,7 @@ class Settings(Strict):
     templates_dir: Path = Path("templates/")
     sla: Sla = Sla()
     hygiene: Hygiene = Hygiene()
+    credits: Credits = Credits()
     # Where relative paths were resolved from; not a key operators write.
     base_dir: Path = Field(Path("."), exclude=True)
 

@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from mailgate import systemd_notify
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
+from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener
@@ -43,6 +44,7 @@ log = logging.getLogger("mailgate.daemon")
 OUTBOX_RETRY_SECONDS = 30  # due retries are found at most this late
 HOUSEKEEPING_SECONDS = 60  # outbox gauges and the systemd status line
 LIFECYCLE_SECONDS = 300  # reminders, automatic resolution and closing: day-scale deadlines
+CREDITS_SECONDS = 3600  # credit expiries and their notices: day-scale dates
 
 
 class OutboxSender:
@@ -123,6 +125,15 @@ class Daemon:
             seconds=LIFECYCLE_SECONDS,
             next_run_time=datetime.now(UTC),  # what fell due while we were down
         )
+        if settings.credits.enabled:
+            scheduler.add_job(
+                self.credits_sweep,
+                "interval",
+                seconds=CREDITS_SECONDS,
+                next_run_time=datetime.now(UTC),  # expiries that fell due while we were down
+                max_instances=1,
+                coalesce=True,
+            )
         if settings.sla.enabled:
             scheduler.add_job(
                 self.sla_sweep,
@@ -187,6 +198,9 @@ class Daemon:
 
     async def sla_sweep(self) -> None:
         await self._sweep("sla", sla_sweep)
+
+    async def credits_sweep(self) -> None:
+        await self._sweep("credits", credits_sweep)
 
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         app = self.current_app()

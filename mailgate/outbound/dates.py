@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from babel.dates import format_datetime
+from babel.dates import format_date, format_datetime
 
 # CLDR patterns; quoted text is literal.
 _PATTERNS = {
@@ -24,3 +24,9 @@ def format_when(instant: datetime, timezone: str, language: str) -> str:
     pattern = _PATTERNS.get(language, _PATTERNS["en"])
     locale = language if language in _PATTERNS else "en"
     return format_datetime(instant, pattern, tzinfo=ZoneInfo(timezone), locale=locale)
+
+
+def format_day(instant: datetime, timezone: str, language: str) -> str:
+    """The reader's calendar day of `instant`: "23 novembre 2027", "23 November 2027"."""
+    locale = language if language in _PATTERNS else "en"
+    return format_date(instant.astimezone(ZoneInfo(timezone)).date(), "long", locale=locale)

@@ -25,6 +25,8 @@ class Decision:
     send_rejection: bool = False
     send_spoof_notice: bool = False  # quarantined as unauthenticated: tell the real address
     unauthenticated: bool = False  # accepted under `prefer`: flag the ticket
+    no_credit: bool = False  # accepted although the organisation's credit is used up
+    refusal_code: str | None = None  # what the rejection notice says, when not the identity's
 
 
 def decide(

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.credits.billing import credit_context, exhausted
 from mailgate.outbound.dates import format_when
 from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.authenticity import (
@@ -62,6 +63,7 @@ RELEASE = "release"  # the source of mail an operator released from the quaranti
 # Mail an operator chose to feed in (a bulk import, a release): no loop to break.
 OPERATOR_CHOSEN = frozenset({"mbox", "maildir", RELEASE})
 UNAUTHENTICATED_TAG = "unauthenticated-sender"  # on tickets accepted under `prefer`
+NO_CREDIT_TAG = "credit-exhausted"  # opened with no prepaid credit left
 
 
 class TemporaryFailure(Exception):
@@ -316,7 +318,13 @@ def _decide_and_apply(
         decision = _circuit_breaker(app, session, identity, msg, decision, now)
 
     if decision.outcome == "created":
-        ticket, found = _create_ticket(app, session, msg, identity.contact.id, decision, now)  # type: ignore[union-attr]
+        contact = session.get(Contact, identity.contact.id)  # type: ignore[union-attr]
+        assert contact is not None
+        found = classify_mail(app, msg, contact.organisation, contact.role, now)
+        decision = _credit_check(app, session, contact.organisation_id, found, decision, now,
+                                 recently)  # fmt: skip
+    if decision.outcome == "created":
+        ticket = _create_ticket(app, session, msg, contact, found, decision, now)
         if found.why:
             decision = replace(decision, reason=f"{decision.reason}; {found.why}")
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
@@ -324,6 +332,8 @@ def _decide_and_apply(
                                 authentication=screening.authentication)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
         _flag_unauthenticated(ticket, decision)
+        if decision.no_credit:
+            ticket.tags = [*ticket.tags, NO_CREDIT_TAG]
         clocks = track(app.sla, session, ticket, now)
         _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
@@ -355,7 +365,7 @@ def _decide_and_apply(
             to=[sender],
             language=language,
             context={
-                "reason": _public_reason(identity.refusal),
+                "reason": decision.refusal_code or _public_reason(identity.refusal),
                 "ticket": None,
                 "requester_name": msg.from_name,
             },
@@ -465,21 +475,39 @@ def _public_reason(refusal: str | None) -> str:
     return "unknown_sender"
 
 
+def _credit_check(
+    app: App,
+    session: Session,
+    org_id: str,
+    found: Classification,
+    decision: Decision,
+    now: datetime,
+    rejection_recently_sent: bool,
+) -> Decision:
+    """An organisation on prepaid credit with none left: a P1 is always taken; other
+    new tickets are flagged or, when the organisation's policy says so, refused."""
+    if found.priority == "P1" or not exhausted(app, session, org_id, now):
+        return decision
+    if app.settings.credits.when_exhausted_for(org_id) == "reject":
+        why = f"no support credit left for {org_id} ({found.priority})"
+        send = not rejection_recently_sent
+        return Decision("rejected", why, send_rejection=send, refusal_code="no_credit")
+    return replace(decision, reason=f"{decision.reason}; no support credit left", no_credit=True)
+
+
 def _create_ticket(
     app: App,
     session: Session,
     msg: ParsedMessage,
-    contact_id: int,
+    contact: Contact,
+    found: Classification,
     decision: Decision,
     now: datetime,
-) -> tuple[Ticket, Classification]:
-    contact = session.get(Contact, contact_id)
-    assert contact is not None
+) -> Ticket:
     org = contact.organisation
     copied = [a for a in (*msg.to, *msg.cc) if a != contact.email]
     cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
     tickets = app.settings.tickets
-    found = classify_mail(app, msg, org, contact.role, now)
     seq = next_sequence(session, now.year)
     ticket = Ticket(
         number=format_number(tickets.number_format, now.year, seq),
@@ -507,7 +535,7 @@ def _create_ticket(
         old=None, new=found.priority, reason=found.why or "no rule set it: the default",
     )  # fmt: skip
     session.add(event)
-    return ticket, found
+    return ticket
 
 
 def classify_mail(
@@ -568,12 +596,13 @@ def _queue_created_mail(
         deadlines = [
             {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
         ]
+        credit = credit_context(app, session, ticket.organisation, now, flagged=decision.no_credit)
         app.mailer.queue(
             session,
             kind="ack",
             to=[ticket.requester.email],
             language=ticket.language,
-            context={**context, "targets": deadlines},
+            context={**context, "targets": deadlines, "credit": credit},
             now=now,
             ticket=ticket,
             answers=msg.message_id,

@@ -13,6 +13,8 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.credits.billing import bill_time, confirm_bug
+from mailgate.credits.ledger import shortfall
 from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.message import Envelope, ParsedMessage
 from mailgate.pipeline.screen import Screening
@@ -58,6 +60,9 @@ def handle_staff_mail(
     problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
     if mail.commands and screening.sender_authenticated is False:
         problems.insert(0, Problem(0, "", "the mail failed sender authentication (DKIM/DMARC)"))
+    bug = any(c.name == "bug" for c in mail.commands)
+    if not problems and plan.spent_minutes:
+        problems += _credit_problem(app, session, ticket, mail, plan, bug, now)
     if problems:
         _refuse(app, session, ticket, msg, problems, now)
         listed = "; ".join(f"line {p.line}: {p.reason}" for p in problems)
@@ -87,8 +92,11 @@ def handle_staff_mail(
     reason = f"by mail {msg.message_id or ''}".strip()
     apply_changes(session, ticket, plan.changes, now=now, actor_kind="staff", actor=sender,
                   reason=reason, article_id=article.id)  # fmt: skip
-    record_time(session, ticket, plan.spent_minutes, staff_email=sender, now=now,
-                article_id=article.id)  # fmt: skip
+    if bug:  # before the time of this mail is billed: it is free too
+        confirm_bug(session, ticket, actor=sender, now=now)
+    spent = record_time(session, ticket, plan.spent_minutes, staff_email=sender, now=now,
+                        article_id=article.id)  # fmt: skip
+    bill_time(app, session, ticket, spent, now)
     if public:
         _relay(app, session, ticket, msg, body, now)
         status = status_after_staff_reply(ticket.status, settings.status_after_staff_reply)
@@ -116,6 +124,24 @@ def _plan(session: Session, ticket: Ticket, mail: StaffMail, sender: str) -> Pla
         staff={s.email for s in repo.active_staff(session)},
         contacts={c.email for c in repo.contacts_of(session, ticket.organisation_id, copied)},
     )
+
+
+def _credit_problem(
+    app: App,
+    session: Session,
+    ticket: Ticket,
+    mail: StaffMail,
+    plan: Plan,
+    bug: bool,
+    now: datetime,
+) -> list[Problem]:
+    """/spend beyond the organisation's credit (and no overdraft): the mail is refused."""
+    why = shortfall(session, app.settings.credits, ticket, plan.spent_minutes,
+                    urgent=plan.state.urgent, bug=ticket.bug or bug, now=now)  # fmt: skip
+    if why is None:
+        return []
+    first = next(c for c in mail.commands if c.name == "spend")
+    return [Problem(first.line, f"/spend {first.value}", why)]
 
 
 def _describe(plan: Plan, public: bool, internal: bool) -> str:

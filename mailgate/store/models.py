@@ -122,6 +122,7 @@ class Ticket(Base):
     status: Mapped[str] = mapped_column(String(20), default="new", index=True)
     priority: Mapped[str] = mapped_column(String(2), default="P3")
     urgent: Mapped[bool] = mapped_column(Boolean, default=False)
+    bug: Mapped[bool] = mapped_column(Boolean, default=False)  # confirmed by staff (/bug)
     level: Mapped[str] = mapped_column(String(4), default="L1")
     assignee_id: Mapped[int | None] = mapped_column(ForeignKey("staff.id"))
     # Lower-cased addresses of the organisation's contacts copied on the ticket.
@@ -309,3 +310,39 @@ class State(Base):
 
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class CreditPackRow(Base):
+    """A pack an organisation bought: its size and when it is valid."""
+
+    __tablename__ = "credit_packs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
+    pack: Mapped[str] = mapped_column(String(40))  # its name in settings, when bought
+    credits: Mapped[int] = mapped_column(Integer)
+    activated_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    reference: Mapped[str] = mapped_column(String(200), default="")  # an order or invoice
+    created_at: Mapped[datetime]
+
+
+class CreditEntry(Base):
+    """One line of an organisation's credit ledger. Append-only: a correction is a
+    reversing entry; a balance is a sum."""
+
+    __tablename__ = "credit_entries"
+    __table_args__ = (Index("ix_credit_entries_org_at", "organisation_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"))
+    # purchase | spend | expiry | rollover_out | rollover_in | reversal | overdraft
+    kind: Mapped[str] = mapped_column(String(20))
+    credits: Mapped[int] = mapped_column(Integer)  # signed: + in, - out
+    pack_id: Mapped[int | None] = mapped_column(ForeignKey("credit_packs.id"), index=True)
+    ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
+    time_entry_id: Mapped[int | None] = mapped_column(ForeignKey("time_entries.id"))
+    reverses_id: Mapped[int | None] = mapped_column(ForeignKey("credit_entries.id"))
+    note: Mapped[str] = mapped_column(String(300), default="")
+    at: Mapped[datetime]  # when it takes effect (an expiry: the pack's end)
+    created_at: Mapped[datetime]

@@ -115,15 +115,18 @@ def record_time(
     staff_email: str,
     now: datetime,
     article_id: int | None,
-) -> None:
-    for amount in minutes:
-        session.add(
-            TimeEntry(
-                ticket_id=ticket.id,
-                staff_email=staff_email,
-                minutes=amount,
-                urgent=ticket.urgent,
-                article_id=article_id,
-                created_at=now,
-            )
+) -> list[TimeEntry]:
+    entries = [
+        TimeEntry(
+            ticket_id=ticket.id,
+            staff_email=staff_email,
+            minutes=amount,
+            urgent=ticket.urgent,
+            article_id=article_id,
+            created_at=now,
         )
+        for amount in minutes
+    ]
+    session.add_all(entries)
+    session.flush()
+    return entries

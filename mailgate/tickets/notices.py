@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.credits.billing import credit_context
 from mailgate.outbound.mailer import ticket_context
 from mailgate.store.models import Article, Ticket
 
@@ -15,8 +16,13 @@ from mailgate.store.models import Article, Ticket
 def queue_resolution_notice(
     app: App, session: Session, ticket: Ticket, now: datetime, *, auto_resolved: bool
 ) -> None:
-    """Tell the customer the ticket is resolved, and how long a reply reopens it."""
-    context = {"reopen_days": app.settings.tickets.reopen_days, "auto_resolved": auto_resolved}
+    """Tell the customer the ticket is resolved, how long a reply reopens it, and
+    the credit left when the organisation is on prepaid credit."""
+    context = {
+        "reopen_days": app.settings.tickets.reopen_days,
+        "auto_resolved": auto_resolved,
+        "credit": credit_context(app, session, ticket.organisation, now),
+    }
     _to_customer(app, session, ticket, "resolved", context, now)
 
 

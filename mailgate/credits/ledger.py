@@ -1,0 +1,344 @@
+"""An organisation's prepaid credit: packs bought, and the append-only ledger.
+
+Every change is a new `CreditEntry`: a purchase, a spend, an expiry, a
+rollover (out of one pack, into another, at the same moment), a reversal (a
+correction names the entry it reverses), an overdraft and its repayment.
+A pack's remaining credit and an organisation's balance are sums, so the
+statement always reconciles with the balance.
+
+Writers lock the organisation's row first (a no-op under SQLite, where
+BEGIN IMMEDIATE already serialises writers; `FOR UPDATE` on PostgreSQL), so
+two spends on the last credit cannot both take it.
+
+Organisations that never bought a pack are not on prepaid credit: their time
+is recorded, nothing is charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailgate.config import Credits
+from mailgate.credits.rules import add_months, allocate, cost
+from mailgate.store.models import CreditEntry, CreditPackRow, Organisation, Ticket, TimeEntry
+
+
+class CreditError(Exception):
+    """A request the ledger refuses; the message says why, for the operator or staff."""
+
+
+class NotEnoughCredit(CreditError):
+    pass
+
+
+@dataclass(frozen=True)
+class PackBalance:
+    id: int
+    pack: str
+    remaining: int
+    activated_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Balance:
+    organisation_id: str
+    total: int  # may be negative: an overdraft
+    packs: tuple[PackBalance, ...]  # valid now, with credit left, oldest expiry first
+    on_credit: bool  # has the organisation ever bought a pack?
+
+    @property
+    def next_expiry(self) -> datetime | None:
+        return self.packs[0].expires_at if self.packs else None
+
+
+@dataclass(frozen=True)
+class Charge:
+    credits: int  # what the time entry cost (0: free, or not on credit)
+    entries: tuple[CreditEntry, ...]
+    balance_before: int
+    balance_after: int
+
+
+@dataclass(frozen=True)
+class Statement:
+    organisation_id: str
+    start: datetime | None
+    end: datetime | None
+    opening: int
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    closing: int = 0
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def _lock(session: Session, org_id: str) -> Organisation:
+    org = session.scalar(select(Organisation).where(Organisation.id == org_id).with_for_update())
+    if org is None:
+        raise CreditError(f"no organisation {org_id!r} in the directory")
+    return org
+
+
+def _remaining(session: Session, pack_ids: Sequence[int]) -> dict[int, int]:
+    rows = session.execute(
+        select(CreditEntry.pack_id, func.sum(CreditEntry.credits))
+        .where(CreditEntry.pack_id.in_(pack_ids))
+        .group_by(CreditEntry.pack_id)
+    )
+    return {pack_id: total or 0 for pack_id, total in rows}
+
+
+def _packs(session: Session, org_id: str) -> list[CreditPackRow]:
+    query = (
+        select(CreditPackRow)
+        .where(CreditPackRow.organisation_id == org_id)
+        .order_by(CreditPackRow.expires_at, CreditPackRow.id)
+    )
+    return list(session.scalars(query))
+
+
+def balance(session: Session, org_id: str, now: datetime) -> Balance:
+    """The balance as the ledger stands (call `settle` first to book due expiries)."""
+    packs = _packs(session, org_id)
+    remaining = _remaining(session, [p.id for p in packs])
+    total = session.scalar(
+        select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
+            CreditEntry.organisation_id == org_id
+        )
+    )
+    valid = tuple(
+        PackBalance(p.id, p.pack, remaining.get(p.id, 0), p.activated_at, p.expires_at)
+        for p in packs
+        if p.activated_at <= now < p.expires_at and remaining.get(p.id, 0) > 0
+    )
+    return Balance(org_id, int(total or 0), valid, bool(packs))
+
+
+# -- writing ---------------------------------------------------------------------
+
+
+def _entry(session: Session, org_id: str, kind: str, credits: int, at: datetime,
+           now: datetime, **fields: Any) -> CreditEntry:  # fmt: skip
+    entry = CreditEntry(organisation_id=org_id, kind=kind, credits=credits, at=at,
+                        created_at=now, **{"note": "", **fields})  # fmt: skip
+    session.add(entry)
+    return entry
+
+
+def add_pack(
+    session: Session,
+    settings: Credits,
+    org_id: str,
+    pack_name: str,
+    *,
+    activated: datetime,
+    reference: str,
+    now: datetime,
+) -> CreditPackRow:
+    """Record a bought pack: a purchase entry; an overdraft is repaid from it first."""
+    pack = settings.packs.get(pack_name)
+    if pack is None:
+        known = ", ".join(sorted(settings.packs)) or "none"
+        raise CreditError(f"no pack {pack_name!r} in settings credits.packs (known: {known})")
+    _lock(session, org_id)
+    settle(session, settings, org_id, activated)
+    row = CreditPackRow(
+        organisation_id=org_id,
+        pack=pack_name,
+        credits=pack.size,
+        activated_at=activated,
+        expires_at=add_months(activated, pack.validity_months),
+        reference=reference[:200],
+        created_at=now,
+    )
+    session.add(row)
+    session.flush()
+    note = f"pack {pack_name}" + (f", {reference}" if reference else "")
+    _entry(session, org_id, "purchase", pack.size, activated, now, pack_id=row.id,
+           note=note[:300])  # fmt: skip
+    debt = -int(
+        session.scalar(
+            select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
+                CreditEntry.organisation_id == org_id, CreditEntry.pack_id.is_(None)
+            )
+        )
+        or 0
+    )
+    if debt > 0:  # the overdraft is paid back out of the new pack
+        repaid = min(debt, pack.size)
+        _entry(session, org_id, "repayment", -repaid, activated, now, pack_id=row.id,
+               note="overdraft paid back from this pack")  # fmt: skip
+        _entry(session, org_id, "repayment", repaid, activated, now,
+               note=f"overdraft paid back from pack #{row.id}")  # fmt: skip
+    session.flush()
+    return row
+
+
+def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> list[CreditEntry]:
+    """Book what ended by `now`: each pack past its end with credit left either rolls
+    it into a pack activated before that end (when `rollover`), or expires it. Dated
+    at the pack's end, whenever this runs; running it twice books nothing twice."""
+    booked: list[CreditEntry] = []
+    packs = _packs(session, org_id)
+    for pack in packs:  # oldest end first, so a chain of rollovers settles in order
+        if pack.expires_at > now:
+            break
+        left = _remaining(session, [pack.id]).get(pack.id, 0)
+        if left <= 0:
+            continue
+        into = _rollover_target(packs, pack) if settings.rollover else None
+        if into is None:
+            booked.append(_entry(session, org_id, "expiry", -left, pack.expires_at, now,
+                                 pack_id=pack.id, note=f"pack #{pack.id} ended"))  # fmt: skip
+        else:
+            booked += [
+                _entry(session, org_id, "rollover_out", -left, pack.expires_at, now,
+                       pack_id=pack.id, note=f"carried over into pack #{into.id}"),
+                _entry(session, org_id, "rollover_in", left, pack.expires_at, now,
+                       pack_id=into.id, note=f"carried over from pack #{pack.id}"),
+            ]  # fmt: skip
+        session.flush()
+    return booked
+
+
+def _rollover_target(packs: Sequence[CreditPackRow], ending: CreditPackRow) -> CreditPackRow | None:
+    """The newest pack activated before `ending` ends and still valid after it."""
+    candidates = [
+        p for p in packs if p.id != ending.id and p.activated_at < ending.expires_at < p.expires_at
+    ]
+    return max(candidates, key=lambda p: (p.activated_at, p.id), default=None)
+
+
+def charge(
+    session: Session,
+    settings: Credits,
+    ticket: Ticket,
+    entry: TimeEntry,
+    now: datetime,
+) -> Charge:
+    """Deduct a time entry from the oldest valid packs first. NotEnoughCredit when
+    the organisation may not overdraw and has too little."""
+    org_id = ticket.organisation_id
+    _lock(session, org_id)
+    settle(session, settings, org_id, now)
+    before = balance(session, org_id, now)
+    credits = cost(entry.minutes, urgent=entry.urgent, bug=ticket.bug,
+                   urgent_multiplier=settings.urgent_multiplier)  # fmt: skip
+    if not before.on_credit or credits == 0:
+        return Charge(0, (), before.total, before.total)
+    taken, missing = allocate(credits, [(p.id, p.remaining) for p in before.packs])
+    if missing and not settings.overdraft_for(org_id):
+        raise NotEnoughCredit(
+            f"{ticket.number}: {credits} credit(s) needed, {max(before.total, 0)} left "
+            f"for {org_id} (buy a pack: mailgate credits add {org_id} PACK)"
+        )
+    note = f"{entry.minutes} min" + (" urgent" if entry.urgent else "") + f" by {entry.staff_email}"
+    booked = [
+        _entry(session, org_id, "spend", -amount, now, now, pack_id=pack_id,
+               ticket_id=ticket.id, time_entry_id=entry.id, note=note[:300])
+        for pack_id, amount in taken
+    ]  # fmt: skip
+    if missing:
+        booked.append(_entry(session, org_id, "overdraft", -missing, now, now,
+                             ticket_id=ticket.id, time_entry_id=entry.id,
+                             note=(note + ", beyond the balance")[:300]))  # fmt: skip
+    session.flush()
+    return Charge(credits, tuple(booked), before.total, before.total - credits)
+
+
+def reverse_ticket(session: Session, ticket: Ticket, now: datetime, why: str) -> list[CreditEntry]:
+    """Give back every credit spent on a ticket (a confirmed bug): one reversing
+    entry per spend not yet reversed, into the pack it came from."""
+    _lock(session, ticket.organisation_id)
+    reversed_ids = select(CreditEntry.reverses_id).where(CreditEntry.reverses_id.is_not(None))
+    spends = session.scalars(
+        select(CreditEntry).where(
+            CreditEntry.ticket_id == ticket.id,
+            CreditEntry.kind.in_(("spend", "overdraft")),
+            CreditEntry.id.not_in(reversed_ids),
+        )
+    ).all()
+    booked = [
+        _entry(session, ticket.organisation_id, "reversal", -spend.credits, now, now,
+               pack_id=spend.pack_id, ticket_id=ticket.id, reverses_id=spend.id,
+               note=f"{why} (reverses #{spend.id})"[:300])
+        for spend in spends
+    ]  # fmt: skip
+    session.flush()
+    return booked
+
+
+def statement(
+    session: Session, org_id: str, start: datetime | None, end: datetime | None
+) -> Statement:
+    """Entries with `start <= at < end`, the balance before and after, totals per kind."""
+    opening = 0
+    if start is not None:
+        opening = int(
+            session.scalar(
+                select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
+                    CreditEntry.organisation_id == org_id, CreditEntry.at < start
+                )
+            )
+            or 0
+        )
+    query = (
+        select(CreditEntry, Ticket.number)
+        .outerjoin(Ticket, Ticket.id == CreditEntry.ticket_id)
+        .where(CreditEntry.organisation_id == org_id)
+    )
+    if start is not None:
+        query = query.where(CreditEntry.at >= start)
+    if end is not None:
+        query = query.where(CreditEntry.at < end)
+    running, lines, totals = opening, [], {}
+    for e, number in session.execute(query.order_by(CreditEntry.at, CreditEntry.id)):
+        running += e.credits
+        totals[e.kind] = totals.get(e.kind, 0) + e.credits
+        lines.append({
+            "id": e.id, "at": e.at.isoformat(), "kind": e.kind, "credits": e.credits,
+            "balance": running, "pack": e.pack_id, "ticket": number,
+            "reverses": e.reverses_id, "note": e.note,
+        })  # fmt: skip
+    return Statement(org_id, start, end, opening, lines, running, totals)
+
+
+def shortfall(
+    session: Session,
+    settings: Credits,
+    ticket: Ticket,
+    minutes: Sequence[int],
+    *,
+    urgent: bool,
+    bug: bool,
+    now: datetime,
+) -> str | None:
+    """Why these time entries cannot be charged (too little credit, no overdraft), or None.
+
+    Checked before a staff mail's commands are applied, under the same lock the
+    charge takes, so the mail is refused as a whole instead of half applied."""
+    org_id = ticket.organisation_id
+    if not settings.enabled or settings.overdraft_for(org_id):
+        return None
+    _lock(session, org_id)
+    settle(session, settings, org_id, now)
+    current = balance(session, org_id, now)
+    needed = sum(
+        cost(m, urgent=urgent, bug=bug, urgent_multiplier=settings.urgent_multiplier)
+        for m in minutes
+    )
+    available = sum(p.remaining for p in current.packs)
+    if not current.on_credit or needed <= available:
+        return None
+    return (
+        f"/spend needs {needed} credit(s) and {org_id} has {available} left; "
+        f"nothing was applied (a pack: mailgate credits add {org_id} PACK)"
+    )

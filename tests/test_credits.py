@@ -1,0 +1,292 @@
+"""Prepaid support credit: quarter-hours, urgent ×2, bugs free, oldest pack first,
+expiry and rollover at their dates, a statement that reconciles, safe concurrent
+spends, and what the customer is told (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from mailgate.cli import main
+from mailgate.credits.rules import add_months, cost, periods
+from mailgate.store.models import CreditEntry, Ticket
+from tests.conftest import ROOT, Installation, make_mail, reply_to
+
+ORG = "acme"
+
+
+def cli(inst: Installation, *args: str) -> int:
+    return main(["--config", str(inst.settings_file), *args])
+
+
+def balance(inst: Installation, capsys: pytest.CaptureFixture[str], now: str | None = None) -> dict:
+    capsys.readouterr()
+    assert cli(inst, "credits", "balance", ORG, "--json", *(["--now", now] if now else [])) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def open_ticket(inst: Installation, n: int = 1, subject: str = "Export question") -> str:
+    result = inst.ingest(make_mail(subject=subject, message_id=f"t{n}@acme.example",
+                                   body="How do I export?\n"))  # fmt: skip
+    assert result.outcome == "created"
+    return result.ticket
+
+
+def spend(inst: Installation, capsys, ticket: str, duration: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli(inst, "credits", "spend", ticket, duration)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# -- the arithmetic ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("minutes", "expected"), [(1, 1), (15, 1), (16, 2), (90, 6), (0, 0)])
+def test_started_quarter_hours(minutes: int, expected: int) -> None:
+    assert periods(minutes) == expected
+
+
+def test_urgent_costs_double_and_a_confirmed_bug_nothing_unless_urgent() -> None:
+    assert cost(16, urgent=False, bug=False, urgent_multiplier=2) == 2
+    assert cost(16, urgent=True, bug=False, urgent_multiplier=2) == 4
+    assert cost(16, urgent=False, bug=True, urgent_multiplier=2) == 0
+    assert cost(16, urgent=True, bug=True, urgent_multiplier=2) == 4
+
+
+def test_months_are_calendar_months() -> None:
+    assert add_months(datetime(2026, 1, 31, tzinfo=UTC), 1) == datetime(2026, 2, 28, tzinfo=UTC)
+    assert add_months(datetime(2026, 11, 23, tzinfo=UTC), 12) == datetime(2027, 11, 23, tzinfo=UTC)
+
+
+# -- spending ---------------------------------------------------------------------------
+
+
+def test_spends_round_up_and_come_from_the_oldest_pack_first(inst: Installation, capsys) -> None:
+    assert cli(inst, "credits", "add", ORG, "light", "--activated", "2026-06-01") == 0
+    assert (
+        cli(
+            inst, "credits", "add", ORG, "10h", "--activated", "2026-11-01", "--reference", "INV-42"
+        )
+        == 0
+    )
+    ticket = open_ticket(inst)
+    for duration, charged in (("1m", 1), ("15m", 1), ("16m", 2), ("1h30", 6)):
+        code, out = spend(inst, capsys, ticket, duration)
+        assert code == 0 and f"{charged} credit(s) charged" in out, out
+    found = balance(inst, capsys)
+    assert found["balance"] == 20 + 40 - 10
+    # light (20, valid until 2027-06-01) is used first; the 10h pack is untouched.
+    assert [(p["pack"], p["remaining"]) for p in found["packs"]] == [("light", 10), ("10h", 40)]
+
+
+def test_a_spend_larger_than_the_oldest_pack_continues_in_the_next(inst, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-06-01")
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 24 credits: 20 + 4
+    assert [(p["pack"], p["remaining"]) for p in balance(inst, capsys)["packs"]] == [("light", 16)]
+    with inst.session() as session:
+        spends = session.scalars(select(CreditEntry).where(CreditEntry.kind == "spend")).all()
+        assert sorted(e.credits for e in spends) == [-20, -4]
+
+
+def test_without_credit_or_overdraft_a_spend_is_refused_and_nothing_recorded(inst, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    code, out = spend(inst, capsys, ticket, "5h15")  # 21 credits
+    assert code == 1 and "21 credit(s) needed, 20 left" in out
+    assert balance(inst, capsys)["balance"] == 20
+    with inst.session() as session:
+        assert session.scalars(select(CreditEntry.kind)).all() == ["purchase"]
+
+
+def test_an_organisation_never_on_credit_is_not_charged(inst: Installation, capsys) -> None:
+    ticket = open_ticket(inst)
+    code, out = spend(inst, capsys, ticket, "2h")
+    assert code == 0 and "0 credit(s) charged" in out
+    assert balance(inst, capsys) == {"organisation": ORG, "balance": 0, "packs": []}
+
+
+# -- staff by mail: /spend, /urgent, /bug ----------------------------------------------
+
+
+def staff_mail(inst: Installation, body: str, n: int) -> str:
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    reply = reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
+                     message_id=f"bob-{n}@support.example")  # fmt: skip
+    return inst.ingest(reply).reason
+
+
+def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "maxi", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    staff_mail(inst, "/spend 20m\n", 1)  # 2 credits
+    assert balance(inst, capsys)["balance"] == 98
+    staff_mail(inst, "/bug\n/spend 1h\n", 2)  # confirmed bug: the 20 min back, the hour free
+    assert balance(inst, capsys)["balance"] == 100
+    with inst.session() as session:
+        (reversal,) = session.scalars(select(CreditEntry).where(CreditEntry.kind == "reversal"))
+        assert reversal.credits == 2 and "confirmed bug" in reversal.note
+        assert session.scalars(select(Ticket.bug)).one() is True
+    urgent = open_ticket(inst, 2, subject="Other question")
+    assert urgent != ticket
+    with inst.session() as session:
+        t = session.scalars(select(Ticket).where(Ticket.number == urgent)).one()
+        t.urgent = True
+        session.commit()
+    assert spend(inst, capsys, urgent, "16m")[0] == 0
+    assert balance(inst, capsys)["balance"] == 96  # 2 periods × 2
+
+
+def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    open_ticket(inst)
+    reason = staff_mail(inst, "/priority P2\n/spend 6h\nDone.\n", 1)
+    assert "commands refused, nothing applied" in reason and "needs 24 credit(s)" in reason
+    assert balance(inst, capsys)["balance"] == 20
+    with inst.session() as session:
+        assert session.scalars(select(Ticket.priority)).one() != "P2"
+
+
+# -- expiry and rollover at their dates -------------------------------------------------
+
+
+def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    assert balance(inst, capsys, "2026-11-30T23:59:59+00:00")["balance"] == 20
+    assert balance(inst, capsys, "2026-12-01T00:00:00+00:00")["balance"] == 0
+    with inst.session() as session:
+        (expiry,) = session.scalars(select(CreditEntry).where(CreditEntry.kind == "expiry"))
+        assert (expiry.credits, expiry.at) == (-20, datetime(2026, 12, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize("rollover", [True, False], ids=["rollover", "no-rollover"])
+def test_credits_roll_over_into_a_pack_bought_before_they_expire(
+    install: Callable[..., Installation], capsys, rollover: bool
+) -> None:
+    inst = install(settings={"credits": {"rollover": rollover}})
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    found = balance(inst, capsys, "2026-12-01T00:00:00+00:00")
+    assert found["balance"] == (40 if rollover else 20)
+    # The carried-over credits end with the pack they moved into.
+    assert [(p["remaining"], p["expires_at"][:10]) for p in found["packs"]] == [
+        (40 if rollover else 20, "2027-11-01")
+    ]
+
+
+def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    cli(inst, "credits", "add", ORG, "10h", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "45m")
+    capsys.readouterr()
+    assert cli(inst, "credits", "statement", ORG, "--json", "--now", "2026-12-02T00:00+00:00") == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["closing"] == sum(found["totals"].values()) == found["entries"][-1]["balance"]
+    assert found["closing"] == balance(inst, capsys, "2026-12-02T00:00+00:00")["balance"] == 57
+    assert {k: v for k, v in found["totals"].items()} == {
+        "purchase": 60, "spend": -3, "rollover_out": -17, "rollover_in": 17,
+    }  # fmt: skip
+    capsys.readouterr()
+    assert cli(inst, "credits", "statement", ORG, "--csv", "--from", "2026-11-02",
+               "--to", "2026-11-30") == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "id,at,kind,credits,balance,pack,ticket,reverses,note"
+    assert len(lines) == 2 and ",spend,-3,57," in lines[1] and ticket in lines[1]
+
+
+# -- concurrency --------------------------------------------------------------------
+
+
+def spend_in_processes(inst: Installation, ticket: str) -> list[subprocess.CompletedProcess]:
+    command = [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file),
+               "credits", "spend", ticket, "15m"]  # fmt: skip
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ}) for _ in range(2)]  # fmt: skip
+    return [subprocess.CompletedProcess(p.args, p.wait(60), *p.communicate()) for p in procs]
+
+
+@pytest.mark.parametrize("overdraft", [False, True], ids=["refused", "overdraft"])
+def test_two_concurrent_spends_on_the_last_credit(
+    install: Callable[..., Installation], capsys, overdraft: bool
+) -> None:
+    inst = install(settings={"credits": {"organisations": {ORG: {"overdraft": overdraft}}}})
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "4h45")  # 19 of 20: one credit left
+    results = spend_in_processes(inst, ticket)
+    codes = sorted(r.returncode for r in results)
+    if overdraft:
+        assert codes == [0, 0]
+        assert balance(inst, capsys)["balance"] == -1
+        with inst.session() as session:
+            kinds = session.scalars(select(CreditEntry.kind).order_by(CreditEntry.id)).all()
+        assert kinds[-2:] == ["spend", "overdraft"]
+    else:
+        assert codes == [0, 1], [r.stderr for r in results]
+        assert "1 credit(s) needed, 0 left" in next(r.stderr for r in results if r.returncode)
+        assert balance(inst, capsys)["balance"] == 0
+
+
+# -- what the customer is told ----------------------------------------------------------
+
+
+def test_the_low_balance_notice_is_sent_once(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "3h")  # 12 left: above 8
+    spend(inst, capsys, ticket, "1h15")  # 7 left: below
+    spend(inst, capsys, ticket, "15m")  # 6 left: still below, no second notice
+    notices = [m for m in inst.sent() if "crédit" in str(m["Subject"]).lower()]
+    assert len(notices) == 1, [m["Subject"] for m in inst.sent()]
+    assert notices[0]["To"] == "alice@acme.example" and "7" in str(notices[0]["Subject"])
+
+
+def test_the_expiry_notice_comes_thirty_days_before_and_once(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    for day in ("2026-10-31T12:00+00:00", "2026-11-01T00:00+00:00", "2026-11-02T00:00+00:00"):
+        assert cli(inst, "credits", "sweep", "--now", day) == 0
+    (notice,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"
+                 and "20" in str(m["Subject"])]  # fmt: skip
+    assert "30 novembre 2026" in notice.get_body(("plain",)).get_content()
+
+
+def test_the_ack_tells_the_balance(inst: Installation) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    open_ticket(inst)
+    (ack,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    text = ack.get_body(("plain",)).get_content()
+    assert "20" in text and "31 octobre 2027" in text
+
+
+@pytest.mark.parametrize("policy", ["flag", "reject"])
+def test_an_exhausted_organisation_gets_new_tickets_flagged_or_refused(install, policy) -> None:
+    inst = install(settings={"credits": {"when_exhausted": policy}})
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-01-01")  # long expired
+    result = inst.ingest(make_mail(subject="Export question", body="How do I export?\n"))
+    if policy == "flag":
+        assert result.outcome == "created" and "no support credit left" in result.reason
+        with inst.session() as session:
+            assert "credit-exhausted" in session.scalars(select(Ticket.tags)).one()
+    else:
+        assert result.outcome == "rejected" and "no support credit left" in result.reason
+        (notice,) = inst.sent()
+        assert "crédit" in notice.get_body(("plain",)).get_content()
+    # A P1 is always taken.
+    urgent = inst.ingest(make_mail(subject="Production down", message_id="p1@acme.example",
+                                   body="Nobody can log in, production is down.\n"))  # fmt: skip
+    assert urgent.outcome == "created" and "credit" not in urgent.reason
+    with inst.session() as session:
+        assert (
+            session.scalars(select(Ticket.priority).where(Ticket.number == urgent.ticket)).one()
+            == "P1"
+        )
