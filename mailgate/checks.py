@@ -71,6 +71,7 @@ def check_organisation_keys(settings: Settings, settings_file: Path) -> list[str
     keyed = {
         "hygiene.authentication.organisations": settings.hygiene.authentication.organisations,
         "sla.organisations": settings.sla.organisations,
+        "credits.organisations": settings.credits.organisations,
     }
     return [
         f"{settings_file}: {key}: {org_id}: no such organisation in {settings.directory} "
