@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def context(kind: str, **overrides: object) -> dict[str, object]:
             "about": "subject 'Re: <script>alert('x')</script>'",
             "reason": "circuit breaker: 10 tickets with this subject in the last hour",
         },
+        "credit": {"balance": 12, "expires": "23 November 2027", "flagged": False},
+        "org_name": "Société & Fils <script>alert('x')</script>",
+        "balance": 3,
+        "threshold": 8,
+        "expires": "23 November 2027",
+        "credits": 5,
+        "rollover": True,
         "support_address": "support@example.com",
         "language": "xx",
     }
@@ -367,6 +375,215 @@ def test_sla_due_markup_is_escaped(shipped: TemplateSet, kind: str, language: st
     assert "&lt;b&gt;Tuesday&lt;/b&gt; 24 November &lt;i&gt;at&lt;/i&gt; 11:00" in rendered.html
     assert "<b>Tuesday</b> 24 November <i>at</i> 11:00" in rendered.text
     assert "\n" not in rendered.subject
+
+
+# Prepaid support credit: dates as the ledger formats them, and the words the mails use.
+EXPIRES = {"en": "23 November 2027", "fr": "23 novembre 2027", "es": "23 de noviembre de 2027"}
+CREDITS = {"en": "{} credits", "fr": "{} crédits", "es": "{} créditos"}
+ONE_CREDIT = {"en": "1 credit", "fr": "1 crédit", "es": "1 crédito"}
+ONE_LEFT = {"en": "support credit: 1 credit (", "fr": "Il vous reste 1 crédit de support",
+            "es": "Le queda 1 crédito de soporte"}  # fmt: skip
+ZERO_CREDITS = {"en": "0 credits", "fr": "0 crédit", "es": "0 créditos"}  # French: singular
+CREDIT_WORD = {"en": "credit", "fr": "crédit", "es": "crédito"}
+QUARTER_HOUR = {"en": "1 credit = 15 minutes of support",
+                "fr": "1 crédit = 15 minutes d'assistance",
+                "es": "1 crédito = 15 minutos de soporte"}  # fmt: skip
+USED_UP = {"en": "prepaid support credit is used up",
+           "fr": "crédit de support prépayé de votre organisation est épuisé",
+           "es": "crédito de soporte prepago de su organización se ha agotado"}  # fmt: skip
+ACCEPTED = {"en": "we have of course accepted your request",
+            "fr": "nous avons bien entendu pris en compte votre demande",
+            "es": "hemos aceptado su solicitud"}  # fmt: skip
+NEW_PACK = {"en": "buy a new pack", "fr": "acheter un nouveau pack",
+            "es": "comprar un nuevo paquete"}  # fmt: skip
+EXPIRING = {"en": "{} support credits", "fr": "{} crédits de support",
+            "es": "{} créditos de soporte"}  # fmt: skip
+ONE_EXPIRING = {"en": "1 support credit will", "fr": "1 crédit de support expirera",
+                "es": "1 crédito de soporte caducará"}  # fmt: skip
+PREPAID = {"en": "{0} prepaid support credit{1}", "fr": "{0} crédit{1} de support prépayé{1}",
+           "es": "{0} crédito{1} de soporte prepago"}  # fmt: skip
+BALANCE = {"en": "(balance: {})", "fr": "(solde : {})", "es": "(saldo: {})"}
+
+
+def flat(text: str) -> str:
+    """Text with its line breaks as spaces: the plain-text part wraps sentences by hand."""
+    return " ".join(text.replace("&#39;", "'").split())
+
+
+def credit(
+    balance: int = 12, expires: str | None = None, flagged: bool = False
+) -> dict[str, object]:
+    return {"balance": balance, "expires": expires, "flagged": flagged}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", ["ack", "resolved"])
+def test_credit_balance_and_expiry_shown(shipped: TemplateSet, kind: str, language: str) -> None:
+    values = context(kind, credit=credit(12, EXPIRES[language]))
+    rendered = shipped.render(kind, language, values)
+    for part in (flat(rendered.text), flat(rendered.html)):
+        assert CREDITS[language].format(12) in part
+        assert QUARTER_HOUR[language] in part
+        assert EXPIRES[language] in part
+        assert USED_UP[language] not in part and ACCEPTED[language] not in part
+    # One credit left: singular, and no expiry date when the ledger has none.
+    one = shipped.render(kind, language, context(kind, credit=credit(1)))
+    assert ONE_LEFT[language] in one.text and ONE_LEFT[language] in one.html
+    assert CREDITS[language].format(1) not in one.text
+    assert "None" not in one.text + one.html and EXPIRES[language] not in one.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", ["ack", "resolved"])
+def test_no_credit_no_word_about_it(shipped: TemplateSet, kind: str, language: str) -> None:
+    without = shipped.render(kind, language, context(kind, credit=None))
+    assert CREDIT_WORD[language] not in without.text.lower()
+    assert CREDIT_WORD[language] not in without.html.lower()
+    assert "None" not in without.text + without.html
+    # On prepaid credit, the same mail with one paragraph more.
+    with_credit = shipped.render(kind, language, context(kind))
+    assert with_credit.subject == without.subject
+    paragraphs = with_credit.text.split("\n\n")
+    extra = [p for p in paragraphs if CREDIT_WORD[language] in p.lower()]
+    assert len(extra) == 1 and QUARTER_HOUR[language] in flat(extra[0])
+    assert "\n\n".join(p for p in paragraphs if p not in extra) == without.text
+    html_extra = re.findall(r"<p>[^<]*</p>\n", with_credit.html)
+    html_extra = [p for p in html_extra if CREDIT_WORD[language] in p.lower()]
+    assert len(html_extra) == 1
+    assert with_credit.html.replace(html_extra[0], "") == without.html
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", ["ack", "resolved"])
+def test_credit_used_up(shipped: TemplateSet, kind: str, language: str) -> None:
+    zero = shipped.render(kind, language, context(kind, credit=credit(0)))
+    overdraft = shipped.render(kind, language, context(kind, credit=credit(-3)))
+    for rendered in (zero, overdraft):
+        for part in (flat(rendered.text), flat(rendered.html)):
+            assert USED_UP[language] in part
+            assert NEW_PACK[language] in part
+            assert ACCEPTED[language] not in part  # not flagged
+            assert QUARTER_HOUR[language] not in part
+    assert BALANCE[language].format(CREDITS[language].format(-3)) in overdraft.text
+    assert BALANCE[language].split("{")[0] not in zero.text + zero.html  # no "(balance: 0 …)"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_flagged_ack_says_the_ticket_was_accepted(shipped: TemplateSet, language: str) -> None:
+    rendered = shipped.render("ack", language, context("ack", credit=credit(0, flagged=True)))
+    for part in (flat(rendered.text), flat(rendered.html)):
+        assert USED_UP[language] in part
+        assert ACCEPTED[language] in part
+        assert NEW_PACK[language] in part
+    assert rendered.subject.startswith("[SUP-2026-000042] Re: ")  # nothing alarming up there
+    # The resolved notice shows the balance as it is now; acceptance is old news there.
+    resolved = shipped.render(
+        "resolved", language, context("resolved", credit=credit(0, flagged=True))
+    )
+    assert USED_UP[language] in flat(resolved.text)
+    assert ACCEPTED[language] not in flat(resolved.text)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_credit_expiry_markup_is_escaped(shipped: TemplateSet, language: str) -> None:
+    hostile = credit(12, "<b>23</b> November\r\n2027 <script>x</script>")
+    rendered = shipped.render("ack", language, context("ack", credit=hostile))
+    assert "<b>" not in rendered.html and "<script" not in rendered.html
+    assert "&lt;b&gt;23&lt;/b&gt; November 2027 &lt;script&gt;x&lt;/script&gt;" in rendered.html
+    assert "<b>23</b> November 2027 <script>x</script>" in rendered.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_credit_low_content(shipped: TemplateSet, language: str) -> None:
+    values = context("credit_low", expires=EXPIRES[language])
+    rendered = shipped.render("credit_low", language, values)
+    assert CREDITS[language].format(3) in rendered.subject
+    assert "SUP-" not in rendered.subject
+    for part in (flat(rendered.text), flat(rendered.html)):
+        assert CREDITS[language].format(3) in part
+        assert CREDITS[language].format(8) in part  # the threshold
+        assert EXPIRES[language] in part
+        assert QUARTER_HOUR[language] in part
+        assert NEW_PACK[language] in part
+        assert "support@example.com" in part
+    assert "Société & Fils" in rendered.text
+    one = shipped.render("credit_low", language, context("credit_low", balance=1, expires=None))
+    assert ONE_CREDIT[language] in one.subject and CREDITS[language].format(1) not in one.subject
+    assert "None" not in one.text + one.html
+    # Used up or overdrawn (the ledger passes no expiry date then).
+    for balance, count in ((0, ZERO_CREDITS[language]), (-2, CREDITS[language].format(-2))):
+        values = context("credit_low", balance=balance, expires=None)
+        out = shipped.render("credit_low", language, values)
+        assert BALANCE[language].format(count) in out.subject
+        assert USED_UP[language].split()[-1] in out.subject  # "up", "épuisé", "agotado"
+        assert QUARTER_HOUR[language] not in out.text
+        assert "None" not in out.text + out.html
+    assert BALANCE[language].format(CREDITS[language].format(-2)) in flat(out.text)
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_credit_low_large_numbers(shipped: TemplateSet, language: str) -> None:
+    values = context("credit_low", balance=12500, threshold=20000)
+    rendered = shipped.render("credit_low", language, values)
+    shown = {"en": "12,500", "fr": "12\u202f500", "es": "12.500"}[language]  # fr: narrow nbsp
+    assert CREDITS[language].format(shown) in rendered.text
+    assert CREDITS[language].format(shown) in rendered.html
+    assert CREDITS[language].format(flat(shown)) in rendered.subject  # whitespace made plain
+    small = shipped.render("credit_low", language, context("credit_low", threshold=1500))
+    assert (
+        CREDITS[language].format({"en": "1,500", "fr": "1\u202f500", "es": "1500"}[language])
+        in small.text
+    )
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_credit_expiry_content(shipped: TemplateSet, language: str) -> None:
+    values = context("credit_expiry", expires=EXPIRES[language])
+    rendered = shipped.render("credit_expiry", language, values)
+    assert EXPIRING[language].format(5) in rendered.subject
+    assert EXPIRES[language] in rendered.subject
+    assert "SUP-" not in rendered.subject
+    rollover = {"en": "carried over into it", "fr": "y seront reportés", "es": "se sumarán a él"}
+    lost = {"en": "cannot be carried over", "fr": "ne peuvent pas être reportés",
+            "es": "no se pueden trasladar"}  # fmt: skip
+    for part in (flat(rendered.text), flat(rendered.html)):
+        assert PREPAID[language].format(5, "s") in part and EXPIRES[language] in part
+        assert rollover[language] in part and lost[language] not in part
+    assert "Société & Fils" in rendered.text
+    kept = shipped.render("credit_expiry", language, context("credit_expiry", rollover=False))
+    assert lost[language] in flat(kept.text) and lost[language] in flat(kept.html)
+    assert rollover[language] not in flat(kept.text)
+    one = shipped.render("credit_expiry", language, context("credit_expiry", credits=1))
+    assert ONE_EXPIRING[language] in one.subject
+    for part in (flat(one.text), flat(one.html)):
+        assert PREPAID[language].format(1, "") in part
+        assert PREPAID[language].format(1, "s") not in part
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", ["credit_low", "credit_expiry"])
+def test_credit_notice_names_are_escaped(shipped: TemplateSet, kind: str, language: str) -> None:
+    values = context(kind, org_name="<b>Acme</b> & Co", person_name="José <b>Müller</b>")
+    rendered = shipped.render(kind, language, values)
+    assert "<b>Acme" not in rendered.html and "<b>Müller" not in rendered.html
+    assert "&lt;b&gt;Acme&lt;/b&gt; &amp; Co" in rendered.html
+    assert "José &lt;b&gt;Müller&lt;/b&gt;" in rendered.html
+    assert "<b>Acme</b> & Co" in rendered.text and "José <b>Müller</b>" in rendered.text
+    # No names: the mail still reads well ("Hello,", "your organisation").
+    bare = shipped.render(kind, language, context(kind, org_name="", person_name=""))
+    assert bare.text.split("\n")[0] in ("Hello,", "Bonjour,", "Hola:")
+    assert " ," not in bare.text and ",," not in bare.text
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_rejection_no_credit(shipped: TemplateSet, language: str) -> None:
+    rendered = shipped.render("rejection", language, context("rejection", reason="no_credit"))
+    generic = shipped.render("rejection", language, context("rejection", reason="x"))
+    for part in (flat(rendered.text), flat(rendered.html)):
+        assert USED_UP[language] in part
+        assert NEW_PACK[language] in part
+    assert rendered.subject == generic.subject  # the subject says nothing about why
+    assert USED_UP[language] not in flat(generic.text)
 
 
 def test_sparse_values_render(shipped: TemplateSet) -> None:

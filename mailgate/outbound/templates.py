@@ -35,7 +35,15 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # targets: list of dicts: kind ("first_response" | "workaround" | "resolution"),
     # due (a string already in the customer's language and time zone); empty when
     # the SLA is off.
-    "ack": frozenset({"ticket", "requester_name", "targets", "support_address", "language"}),
+    # credit (ack and resolved): None when the organisation is not on prepaid credit
+    # or credits are disabled (nothing is said about credit), else a dict: balance
+    # (int, credits left; <= 0 when used up, < 0 an overdraft), expires (when the
+    # oldest remaining credits expire, a string already in the customer's language;
+    # None when nothing is left to expire), flagged (bool: the organisation had no
+    # credit left when the ticket was opened; the ack says it was accepted anyway).
+    "ack": frozenset(
+        {"ticket", "requester_name", "targets", "credit", "support_address", "language"}
+    ),
     "rejection": frozenset({"requester_name", "reason", "support_address", "language"}),
     "staff_new_ticket": frozenset(
         {"ticket", "requester_name", "text", "attachments", "support_address", "language"}
@@ -52,7 +60,15 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     # reopen_days: a reply within that many days reopens the ticket (0: never);
     # auto_resolved: resolved because the customer did not answer our question.
     "resolved": frozenset(
-        {"ticket", "requester_name", "reopen_days", "auto_resolved", "support_address", "language"}
+        {
+            "ticket",
+            "requester_name",
+            "reopen_days",
+            "auto_resolved",
+            "credit",
+            "support_address",
+            "language",
+        }
     ),
     # resolve_after_days: business days until it is resolved automatically (0: never).
     "waiting_reminder": frozenset(
@@ -72,6 +88,28 @@ CONTEXT_KEYS: Mapping[str, frozenset[str]] = {
     "spoof_notice": frozenset({"person_name", "support_address", "language"}),
     # alert: dict: about (an address, "ticket …" or "subject '…'"), reason (English).
     "operator_alert": frozenset({"alert", "support_address", "language"}),
+    # Prepaid credit notices to an organisation's admins, no ticket. person_name: the
+    # admin's name ("" when unknown); org_name: the organisation's name (may be "").
+    # credit_low, once when the balance drops below the low-balance level: balance
+    # (int, may be <= 0), threshold (int: that level), expires (as in `credit` above:
+    # a formatted date or None).
+    "credit_low": frozenset(
+        {
+            "person_name",
+            "org_name",
+            "balance",
+            "threshold",
+            "expires",
+            "support_address",
+            "language",
+        }
+    ),
+    # credit_expiry, some days before credits expire unused: credits (int: how many
+    # will expire), expires (str: the date, formatted), rollover (bool: a pack bought
+    # before that date carries them over).
+    "credit_expiry": frozenset(
+        {"person_name", "org_name", "credits", "expires", "rollover", "support_address", "language"}
+    ),
 }
 KINDS = tuple(CONTEXT_KEYS)
 ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
@@ -165,6 +203,18 @@ _SAMPLE_TARGETS = (
     {"kind": "new_target", "due": "lundi 1 décembre à 08:00"},
 )
 
+# Prepaid credit: an expiry date as the daemon formats it, with markup and a line break.
+_SAMPLE_EXPIRES = "<b>23 novembre</b>\r\n2027"
+
+
+def _sample_credit(kind: str, sparse: bool) -> dict[str, Any] | None:
+    """The ack's and resolved notice's `credit`; sparse: used up (ack) or none at all."""
+    if not sparse:
+        return {"balance": 1234567, "expires": _SAMPLE_EXPIRES, "flagged": False}
+    if kind == "resolved":
+        return None
+    return {"balance": -5, "expires": None, "flagged": True}
+
 
 def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
     """Data shaped like the daemon's, hostile on purpose (non-ASCII, markup, CR/LF).
@@ -172,7 +222,10 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
     `sparse` gives the degenerate values the daemon may also pass: no names,
     an empty subject and text, day counts of 0 (a setting turned off), one
     bare refused command, no SLA targets (SLA off), an SLA clock of an unknown
-    kind with a 0-minute target.
+    kind with a 0-minute target, prepaid credit used up or overdrawn with no
+    expiry date (the ack's ticket flagged; no credit at all for `resolved`),
+    0 credits about to expire without rollover. The full values have markup and
+    a line break in the expiry date and seven-digit credit counts.
     """
     full: dict[str, Any] = {
         "ticket": {
@@ -217,6 +270,16 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
             else "alice@acme.example",
             "reason": "loop cap: 5 automatic mails to alice@acme.example in the last hour",
         },
+        "credit": _sample_credit(kind, sparse),
+        "org_name": "" if sparse else "Société Générale d'Équipement & Cie <b>SA</b>",
+        "balance": -5 if sparse else 1234567,
+        "threshold": 0 if sparse else 2000000,
+        # A date, or None (nothing left to expire) except for credit_expiry.
+        "expires": _SAMPLE_EXPIRES
+        if not sparse
+        else ("1 janvier 2030" if kind == "credit_expiry" else None),
+        "credits": 0 if sparse else 1234567,
+        "rollover": not sparse,
         "support_address": "support@example.com",
         "language": "en",
     }
