@@ -12,9 +12,10 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -624,9 +625,10 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
 
     app = load_app(args)
     now = app.clock()
-    activated = parse_day(args.activated, "--activated") or now
     try:
         with app.sessions.begin() as session:
+            org = _known_org(session, args.org)
+            activated = _activation(args.activated, org.timezone) or now
             row = add_pack(session, app.settings.credits, args.org, args.pack,
                            activated=activated, reference=args.reference, now=now)  # fmt: skip
             summary = f"{args.org}: pack {row.pack} (+{row.credits} credits), valid until "
@@ -727,11 +729,24 @@ def cmd_credits_sweep(args: argparse.Namespace) -> int:
     return _sweep_once(args, sweep)
 
 
-def _known_org(session: Session, org_id: str) -> None:
+def _known_org(session: Session, org_id: str) -> Any:
     from mailgate.store.models import Organisation
 
-    if session.get(Organisation, org_id) is None:
+    org = session.get(Organisation, org_id)
+    if org is None:
         raise CommandError(f"no organisation {org_id!r} in the directory")
+    return org
+
+
+def _activation(value: str | None, timezone: str) -> datetime | None:
+    """A date is midnight where the organisation is: its pack ends at its midnight too."""
+    if value is not None and len(value) == 10:
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise CommandError(f"--activated {value}: not an ISO date, e.g. 2026-11-01") from None
+        return datetime.combine(day, time(), tzinfo=ZoneInfo(timezone))
+    return parse_now(value, "--activated")
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:

@@ -161,11 +161,13 @@ def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation
 
 def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, capsys) -> None:
     cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
-    assert balance(inst, capsys, "2026-11-30T23:59:59+00:00")["balance"] == 20
-    assert balance(inst, capsys, "2026-12-01T00:00:00+00:00")["balance"] == 0
+    # Activated on 1 December 2025 in Brussels (the organisation's time zone): valid
+    # until midnight there, twelve months later.
+    assert balance(inst, capsys, "2026-11-30T23:59:59+01:00")["balance"] == 20
+    assert balance(inst, capsys, "2026-12-01T00:00:00+01:00")["balance"] == 0
     with inst.session() as session:
         (expiry,) = session.scalars(select(CreditEntry).where(CreditEntry.kind == "expiry"))
-        assert (expiry.credits, expiry.at) == (-20, datetime(2026, 12, 1, tzinfo=UTC))
+        assert (expiry.credits, expiry.at) == (-20, datetime(2026, 11, 30, 23, tzinfo=UTC))
 
 
 @pytest.mark.parametrize("rollover", [True, False], ids=["rollover", "no-rollover"])
@@ -178,8 +180,8 @@ def test_credits_roll_over_into_a_pack_bought_before_they_expire(
     found = balance(inst, capsys, "2026-12-01T00:00:00+00:00")
     assert found["balance"] == (40 if rollover else 20)
     # The carried-over credits end with the pack they moved into.
-    assert [(p["remaining"], p["expires_at"][:10]) for p in found["packs"]] == [
-        (40 if rollover else 20, "2027-11-01")
+    assert [(p["remaining"], p["expires_at"][:16]) for p in found["packs"]] == [
+        (40 if rollover else 20, "2027-10-31T23:00")  # midnight in Brussels
     ]
 
 
@@ -243,9 +245,9 @@ def test_two_concurrent_spends_on_the_last_credit(
 def test_the_low_balance_notice_is_sent_once(inst: Installation, capsys) -> None:
     cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
-    spend(inst, capsys, ticket, "3h")  # 12 left: above 8
-    spend(inst, capsys, ticket, "1h15")  # 7 left: below
-    spend(inst, capsys, ticket, "15m")  # 6 left: still below, no second notice
+    spend(inst, capsys, ticket, "2h45")  # 11 credits: 9 left, above 8
+    spend(inst, capsys, ticket, "30m")  # 2: 7 left, below
+    spend(inst, capsys, ticket, "15m")  # 1: 6 left, still below: no second notice
     notices = [m for m in inst.sent() if "crédit" in str(m["Subject"]).lower()]
     assert len(notices) == 1, [m["Subject"] for m in inst.sent()]
     assert notices[0]["To"] == "alice@acme.example" and "7" in str(notices[0]["Subject"])
