@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     csp.add_argument("duration", metavar="DURATION", help="45m, 1h30, 1.5h, …")
     csp.add_argument("--by", default="operator", help="who did the work (default: operator)")
     csp.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
+    crv = command("reverse", cmd_credits_reverse,
+                  "correct a spend: a reversing entry gives its credits back", credits)  # fmt: skip
+    crv.add_argument("entry", type=int, metavar="ENTRY", help="the spend's id in the statement")
+    crv.add_argument("--note", default="corrected by an operator")
     csw = command("sweep", cmd_credits_sweep,
                   "book expiries and send expiry notices (the daemon does it hourly)",
                   credits)  # fmt: skip
@@ -720,6 +724,19 @@ def cmd_credits_spend(args: argparse.Namespace) -> int:
     after = f", balance {charged.balance_after}" if charged and charged.entries else ""
     print(f"{args.ticket}: {minutes} min recorded, {cost} credit(s) charged{after}")
     _send_queued(app)
+    return EX_OK
+
+
+def cmd_credits_reverse(args: argparse.Namespace) -> int:
+    from mailgate.credits.ledger import CreditError, reverse_entry
+
+    app = load_app(args, sync_directory=False)
+    try:
+        with app.sessions.begin() as session:
+            reversal = reverse_entry(session, args.entry, app.clock(), args.note)
+            print(f"spend #{args.entry} reversed by #{reversal.id}: {reversal.credits:+d} credits")
+    except CreditError as exc:
+        raise CommandError(str(exc)) from None
     return EX_OK
 
 

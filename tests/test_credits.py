@@ -185,6 +185,22 @@ def test_credits_roll_over_into_a_pack_bought_before_they_expire(
     ]
 
 
+def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, capsys) -> None:
+    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "1h")
+    with inst.session() as session:
+        (spent,) = session.scalars(select(CreditEntry.id).where(CreditEntry.kind == "spend"))
+    assert cli(inst, "credits", "reverse", str(spent), "--note", "logged twice") == 0
+    assert f"spend #{spent} reversed" in capsys.readouterr().out
+    assert cli(inst, "credits", "reverse", str(spent)) == 1
+    assert "already reversed" in capsys.readouterr().err
+    assert balance(inst, capsys)["balance"] == 20
+    with inst.session() as session:
+        kinds = session.scalars(select(CreditEntry.kind).order_by(CreditEntry.id)).all()
+    assert kinds == ["purchase", "spend", "reversal"]  # nothing rewritten
+
+
 def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> None:
     cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
     cli(inst, "credits", "add", ORG, "10h", "--activated", "2026-11-01")

@@ -254,6 +254,22 @@ def charge(
     return Charge(credits, tuple(booked), before.total, before.total - credits)
 
 
+def reverse_entry(session: Session, entry_id: int, now: datetime, why: str) -> CreditEntry:
+    """Correct one spend (time logged by mistake): a reversing entry into its pack."""
+    entry = session.get(CreditEntry, entry_id)
+    if entry is None or entry.kind not in ("spend", "overdraft"):
+        raise CreditError(f"no spend #{entry_id} (see 'mailgate credits statement ORG')")
+    _lock(session, entry.organisation_id)
+    done = session.scalar(select(CreditEntry.id).where(CreditEntry.reverses_id == entry_id))
+    if done is not None:
+        raise CreditError(f"spend #{entry_id} was already reversed by #{done}")
+    reversal = _entry(session, entry.organisation_id, "reversal", -entry.credits, now, now,
+                      pack_id=entry.pack_id, ticket_id=entry.ticket_id, reverses_id=entry.id,
+                      note=f"{why} (reverses #{entry.id})"[:300])  # fmt: skip
+    session.flush()
+    return reversal
+
+
 def reverse_ticket(session: Session, ticket: Ticket, now: datetime, why: str) -> list[CreditEntry]:
     """Give back every credit spent on a ticket (a confirmed bug): one reversing
     entry per spend not yet reversed, into the pack it came from."""
