@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
@@ -27,6 +27,7 @@ from mailgate.store.db import SchemaError
 from mailgate.tickets import repository as repo
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
+T = TypeVar("T")
 
 log = logging.getLogger("mailgate")
 
@@ -644,14 +645,9 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
 
 
 def cmd_credits_balance(args: argparse.Namespace) -> int:
-    from mailgate.credits.ledger import balance, settle
+    from mailgate.credits.ledger import balance
 
-    app = load_app(args)
-    now = parse_now(args.now) or app.clock()
-    with app.sessions.begin() as session:
-        _known_org(session, args.org)
-        settle(session, app.settings.credits, args.org, now)
-        found = balance(session, args.org, now)
+    found = _settled(args, lambda session, now: balance(session, args.org, now))
     packs = [{"id": p.id, "pack": p.pack, "remaining": p.remaining,
               "expires_at": p.expires_at.isoformat()} for p in found.packs]  # fmt: skip
     if args.json:
@@ -667,16 +663,10 @@ def cmd_credits_balance(args: argparse.Namespace) -> int:
 def cmd_credits_statement(args: argparse.Namespace) -> int:
     import csv
 
-    from mailgate.credits.ledger import settle, statement
+    from mailgate.credits.ledger import statement
 
-    app = load_app(args)
-    now = parse_now(args.now) or app.clock()
-    with app.sessions.begin() as session:
-        _known_org(session, args.org)
-        settle(session, app.settings.credits, args.org, now)
-        found = statement(
-            session, args.org, parse_day(args.start, "--from"), parse_day(args.end, "--to")
-        )
+    start, end = parse_day(args.start, "--from"), parse_day(args.end, "--to")
+    found = _settled(args, lambda session, now: statement(session, args.org, start, end))
     if args.json:
         print_json({"organisation": found.organisation_id, "opening": found.opening,
                     "entries": found.entries, "closing": found.closing,
@@ -744,6 +734,18 @@ def cmd_credits_sweep(args: argparse.Namespace) -> int:
     from mailgate.credits.billing import sweep
 
     return _sweep_once(args, sweep)
+
+
+def _settled(args: argparse.Namespace, read: Callable[[Session, datetime], T]) -> T:
+    """Read an organisation's ledger after booking the expiries due by --now."""
+    from mailgate.credits.ledger import settle
+
+    app = load_app(args)
+    now = parse_now(args.now) or app.clock()
+    with app.sessions.begin() as session:
+        _known_org(session, args.org)
+        settle(session, app.settings.credits, args.org, now)
+        return read(session, now)
 
 
 def _known_org(session: Session, org_id: str) -> Any:
