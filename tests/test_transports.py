@@ -110,7 +110,8 @@ def ack_mail(**overrides: Any) -> bytes:
     rendered = TemplateSet(TEMPLATES).render("ack", "fr", {
         "ticket": {"number": "SUP-2026-000042", "subject": "Échec de l'export",
                    "priority": "P2", "status": "new", "org_name": "ACME"},
-        "requester_name": "Alice Martin", "support_address": "support@example.com", "targets": [],
+        "requester_name": "Alice Martin", "support_address": "support@example.com",
+        "targets": [], "credit": None,
     })  # fmt: skip
     args: dict[str, Any] = dict(
         from_="Support <support@example.com>",
