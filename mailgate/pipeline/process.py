@@ -313,7 +313,7 @@ def _decide_and_apply(
         authentication_policy=policy,
     )
     if decision.send_spoof_notice:
-        _queue_spoof_notice(app, session, identity, msg, now)
+        _queue_spoof_notice(app, session, identity, now)
     if decision.outcome == "created" and envelope.source not in OPERATOR_CHOSEN:
         decision = _circuit_breaker(app, session, identity, msg, decision, now)
 
@@ -331,9 +331,7 @@ def _decide_and_apply(
                                 author_kind="customer", now=now,
                                 authentication=screening.authentication)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
-        _flag_unauthenticated(ticket, decision)
-        if decision.no_credit:
-            ticket.tags = [*ticket.tags, NO_CREDIT_TAG]
+        _flag(ticket, decision)
         clocks = track(app.sla, session, ticket, now)
         _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
@@ -354,7 +352,7 @@ def _decide_and_apply(
                                 author_kind="customer", now=now,
                                 authentication=screening.authentication)  # fmt: skip
         record.article_id = article.id
-        _flag_unauthenticated(ticket, decision)
+        _flag(ticket, decision)
         _after_customer_reply(app, session, ticket, msg, decision, article.id, now)
         return _record(session, record, decision, ticket.number, decision.matched_by)
     if decision.outcome == "rejected" and decision.send_rejection:
@@ -403,15 +401,16 @@ def _circuit_breaker(
     return Decision("quarantined", f"circuit breaker: {why}")
 
 
-def _flag_unauthenticated(ticket: Ticket, decision: Decision) -> None:
-    """Accepted under the `prefer` policy: staff see the flag on the ticket."""
-    if decision.unauthenticated and UNAUTHENTICATED_TAG not in ticket.tags:
-        ticket.tags = [*ticket.tags, UNAUTHENTICATED_TAG]
+def _flag(ticket: Ticket, decision: Decision) -> None:
+    """What staff should see on the ticket: accepted under the `prefer` policy, or
+    with the organisation's credit used up."""
+    for tag, applies in ((UNAUTHENTICATED_TAG, decision.unauthenticated),
+                         (NO_CREDIT_TAG, decision.no_credit)):  # fmt: skip
+        if applies and tag not in ticket.tags:
+            ticket.tags = [*ticket.tags, tag]
 
 
-def _queue_spoof_notice(
-    app: App, session: Session, identity: Identity, msg: ParsedMessage, now: datetime
-) -> None:
+def _queue_spoof_notice(app: App, session: Session, identity: Identity, now: datetime) -> None:
     """Tell the real owner of the address, at most once per period, that mail
     claiming to be from them was held. Nothing from the held mail is repeated:
     its text is the forger's."""
