@@ -7,11 +7,14 @@ outbound mail to a Maildir under tmp_path/var/sent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
 import email.policy
 import mailbox
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -67,6 +70,25 @@ NO_LOOP_LIMITS: dict[str, Any] = {
         }
     }
 }
+
+
+@contextlib.contextmanager
+def smtp_listener(inst: Installation) -> Iterator[int]:
+    """The daemon's SMTP listener in this process (so the test's clock and DNS stub
+    drive it), on the port it bound; stopped at the end."""
+    from mailgate.intake.smtp import SmtpListener
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    listener = SmtpListener(lambda: inst.app, inst.app.settings.intake.smtp, inst.root)
+    ((_, port),) = asyncio.run_coroutine_threadsafe(listener.start(), loop).result(10)
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(listener.stop(1), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 def no_dns(name: str, timeout: float = 5) -> bytes | None:
@@ -174,6 +196,13 @@ def make_mail(
         msg[name] = value
     msg.set_content(body)
     return msg
+
+
+def staff_answer(inst: Installation, body: str, message_id: str) -> EmailMessage:
+    """Bob answering the first staff notice from his mail client."""
+    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"]))
+    return reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
+                    message_id=message_id)  # fmt: skip
 
 
 def reply_to(

@@ -6,11 +6,9 @@ DNS stub: no test queries the real DNS (RELIABILITY.md §3, checklist 9, 10, 12)
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import smtplib
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -19,10 +17,9 @@ import dkim
 import pytest
 from sqlalchemy import select
 
-from mailgate.intake.smtp import SmtpListener
 from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, IngestRecord, Ticket
-from tests.conftest import Installation, make_mail, reply_to
+from tests.conftest import Installation, make_mail, smtp_listener, staff_answer
 
 SELECTOR = b"s2026"
 REQUIRE_ACME = {"hygiene": {"authentication": {"organisations": {"acme": "require"}}}}
@@ -197,10 +194,7 @@ def test_off_checks_nothing(install, keys) -> None:
 
 
 def staff_reply(inst: Installation, body: str) -> EmailMessage:
-    """Bob answers the staff notice of the first ticket, from his mail client."""
-    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"]))
-    return reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
-                    message_id="bob-1@support.example")  # fmt: skip
+    return staff_answer(inst, body, "bob-1@support.example")
 
 
 def test_staff_commands_need_an_authenticated_mail_under_prefer(install, keys) -> None:
@@ -277,15 +271,8 @@ def smtp_desk(install, keys) -> Iterator[tuple[Installation, int]]:
         keys,
         {**REQUIRE_ACME, "intake": {"smtp": {"port": 0, "trusted_authserv_ids": [PROVIDER]}}},
     )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    listener = SmtpListener(lambda: inst.app, inst.app.settings.intake.smtp, inst.root)
-    ((_, port),) = asyncio.run_coroutine_threadsafe(listener.start(), loop).result(10)
-    yield inst, port
-    asyncio.run_coroutine_threadsafe(listener.stop(1), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with smtp_listener(inst) as port:
+        yield inst, port
 
 
 def test_smtp_results_claiming_our_id_are_stripped_and_never_trusted(smtp_desk) -> None:

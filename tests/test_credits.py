@@ -17,7 +17,7 @@ from sqlalchemy import select
 from mailgate.cli import main
 from mailgate.credits.rules import add_months, cost, periods
 from mailgate.store.models import CreditEntry, Ticket
-from tests.conftest import ROOT, Installation, make_mail, reply_to
+from tests.conftest import ROOT, Installation, make_mail, staff_answer
 
 ORG = "acme"
 
@@ -119,10 +119,7 @@ def test_an_organisation_never_on_credit_is_not_charged(inst: Installation, caps
 
 
 def staff_mail(inst: Installation, body: str, n: int) -> str:
-    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
-    reply = reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
-                     message_id=f"bob-{n}@support.example")  # fmt: skip
-    return inst.ingest(reply).reason
+    return inst.ingest(staff_answer(inst, body, f"bob-{n}@support.example")).reason
 
 
 def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsys) -> None:

@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailgate.store.models import Article, IngestRecord, OutboxMail, Ticket
-from tests.conftest import Installation, make_mail, reply_to
+from tests.conftest import Installation, make_mail, staff_answer
 from tests.daemon import RunningDaemon, start_daemon
 from tests.smtp_sink import Sink
 
@@ -315,13 +315,7 @@ def test_line_breaks_in_a_relayed_attachment_name_never_reach_its_header(
     """A staff reply's attachments go to the customer: their names become
     Content-Disposition parameters (RFC 2231 and RFC 2047 forms here)."""
     inst.ingest(make_mail())
-    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
-    staff_reply = reply_to(
-        notice,
-        sender="Bob Durand <bob@support.example>",
-        body="The fix is attached.\n",
-        message_id="b1@support.example",
-    )
+    staff_reply = staff_answer(inst, "The fix is attached.\n", "b1@support.example")
     staff_reply.add_attachment(b"a", maintype="application", subtype="pdf", filename="ONE")
     staff_reply.add_attachment(b"b", maintype="application", subtype="pdf", filename="TWO")
     raw = staff_reply.as_bytes()

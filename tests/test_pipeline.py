@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, AttachmentRow, IngestRecord, OutboxMail, Ticket
-from tests.conftest import Installation, make_mail, reply_to
+from tests.conftest import Installation, make_mail, reply_to, staff_answer
 
 
 def count(inst: Installation, model: type) -> int:
@@ -571,13 +571,7 @@ def test_reply_to_resolved_ticket_reopens_within_window(inst: Installation, cloc
 
 def test_staff_reply_is_relayed_to_the_customer(inst: Installation) -> None:
     created = inst.ingest(make_mail())
-    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
-    staff_reply = reply_to(
-        notice,
-        sender="Bob Durand <bob@support.example>",
-        body="Please clear your cache and retry.\n",
-        message_id="b1@support.example",
-    )
+    staff_reply = staff_answer(inst, "Please clear your cache and retry.\n", "b1@support.example")
     result = inst.ingest(staff_reply)
     assert (result.outcome, result.ticket) == ("threaded", created.ticket)
     relayed = [m for m in inst.sent() if m["To"] == "alice@acme.example"]

@@ -25,7 +25,14 @@ from mailgate.cli import sync_directory_if_changed
 from mailgate.config import load_settings
 from mailgate.sla.sweep import SlaSweepReport, sweep
 from mailgate.store.models import OutboxMail, SlaClock, Ticket, TicketEvent
-from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, make_mail, reply_to
+from tests.conftest import (
+    NO_LOOP_LIMITS,
+    Clockwork,
+    Installation,
+    make_mail,
+    reply_to,
+    staff_answer,
+)
 
 BOB = "Bob Durand <bob@support.example>"
 LEAD = "lead@support.example"
@@ -60,8 +67,7 @@ def sla_mail(inst: Installation, kind: str) -> list[OutboxMail]:
 
 
 def bob_says(inst: Installation, body: str, message_id: str) -> None:
-    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"]))
-    result = inst.ingest(reply_to(notice, sender=BOB, body=body, message_id=message_id))
+    result = inst.ingest(staff_answer(inst, body, message_id))
     assert result.outcome in ("threaded", "command"), result
 
 
@@ -339,8 +345,7 @@ def test_sla_report(inst: Installation, clock: Clockwork) -> None:
     inst.ingest(first)
     inst.ingest(make_mail(message_id="r2@acme.example", subject="Cannot log in again"))
     clock.now = utc(23, 9, 50)
-    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
-    inst.ingest(reply_to(notice, sender=BOB, body="Looking.\n", message_id="b1@support.example"))
+    inst.ingest(staff_answer(inst, "Looking.\n", "b1@support.example"))
     out = mailgate(inst, "sla", "report", "--json", "--now", "2026-11-23T12:00:00+00:00")
     assert out.returncode == 0, out.stderr
     rows = {r["priority"]: r for r in json.loads(out.stdout)}

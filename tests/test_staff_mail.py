@@ -7,12 +7,10 @@ and staff see is read from the sink.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import smtplib
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from email.message import EmailMessage
@@ -21,9 +19,8 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from mailgate.intake.smtp import SmtpListener
 from mailgate.store.models import Article, OutboxMail, Ticket, TicketEvent, TimeEntry
-from tests.conftest import ROOT, Installation, make_mail, reply_to
+from tests.conftest import ROOT, Installation, make_mail, reply_to, smtp_listener
 from tests.smtp_sink import Received, Sink
 
 SUPPORT = "support@example.com"
@@ -88,15 +85,8 @@ def desk(install: Callable[..., Installation], sink: Sink) -> Iterator[Desk]:
             "intake": {"smtp": {"port": 0}},
         }
     )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    listener = SmtpListener(lambda: inst.app, inst.app.settings.intake.smtp, inst.root)
-    ((_, port),) = asyncio.run_coroutine_threadsafe(listener.start(), loop).result(10)
-    yield Desk(inst, sink, port)
-    asyncio.run_coroutine_threadsafe(listener.stop(1), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with smtp_listener(inst) as port:
+        yield Desk(inst, sink, port)
 
 
 def staff_notice(desk: Desk) -> EmailMessage:

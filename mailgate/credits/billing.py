@@ -16,7 +16,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
-from mailgate.credits.ledger import Balance, Charge, balance, charge, reverse_ticket, settle
+from mailgate.credits.ledger import (
+    Balance,
+    Charge,
+    balance,
+    charge,
+    reverse_ticket,
+    settle,
+    settled_balance,
+)
 from mailgate.outbound.dates import format_day
 from mailgate.store.models import (
     Contact,
@@ -65,9 +73,8 @@ def exhausted(app: App, session: Session, org_id: str, now: datetime) -> bool:
     settings = app.settings.credits
     if not settings.enabled:
         return False
-    settle(session, settings, org_id, now)
-    current = balance(session, org_id, now)
-    return current.on_credit and sum(p.remaining for p in current.packs) <= 0
+    current = settled_balance(session, settings, org_id, now)
+    return current.on_credit and current.spendable <= 0
 
 
 def credit_context(
@@ -76,8 +83,7 @@ def credit_context(
     """`credit` for acks and resolution mails; None when the organisation is not on credit."""
     if not app.settings.credits.enabled:
         return None
-    settle(session, app.settings.credits, org.id, now)
-    current = balance(session, org.id, now)
+    current = settled_balance(session, app.settings.credits, org.id, now)
     if not current.on_credit:
         return None
     return {"balance": current.total, "expires": _expiry(current, org), "flagged": flagged}

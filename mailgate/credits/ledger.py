@@ -54,6 +54,11 @@ class Balance:
     on_credit: bool  # has the organisation ever bought a pack?
 
     @property
+    def spendable(self) -> int:
+        """What valid packs still hold; an overdraft does not lower it."""
+        return sum(p.remaining for p in self.packs)
+
+    @property
     def next_expiry(self) -> datetime | None:
         return self.packs[0].expires_at if self.packs else None
 
@@ -182,6 +187,12 @@ def add_pack(
     return row
 
 
+def settled_balance(session: Session, settings: Credits, org_id: str, now: datetime) -> Balance:
+    """The balance at `now`, after booking the expiries and rollovers due by then."""
+    settle(session, settings, org_id, now)
+    return balance(session, org_id, now)
+
+
 def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> list[CreditEntry]:
     """Book what ended by `now`: each pack past its end with credit left either rolls
     it into a pack activated before that end (when `rollover`), or expires it. Dated
@@ -228,8 +239,7 @@ def charge(
     the organisation may not overdraw and has too little."""
     org_id = ticket.organisation_id
     _lock(session, org_id)
-    settle(session, settings, org_id, now)
-    before = balance(session, org_id, now)
+    before = settled_balance(session, settings, org_id, now)
     credits = cost(entry.minutes, urgent=entry.urgent, bug=ticket.bug,
                    urgent_multiplier=settings.urgent_multiplier)  # fmt: skip
     if not before.on_credit or credits == 0:
@@ -345,16 +355,14 @@ def shortfall(
     if not settings.enabled or settings.overdraft_for(org_id):
         return None
     _lock(session, org_id)
-    settle(session, settings, org_id, now)
-    current = balance(session, org_id, now)
+    current = settled_balance(session, settings, org_id, now)
     needed = sum(
         cost(m, urgent=urgent, bug=bug, urgent_multiplier=settings.urgent_multiplier)
         for m in minutes
     )
-    available = sum(p.remaining for p in current.packs)
-    if not current.on_credit or needed <= available:
+    if not current.on_credit or needed <= current.spendable:
         return None
     return (
-        f"/spend needs {needed} credit(s) and {org_id} has {available} left; "
+        f"/spend needs {needed} credit(s) and {org_id} has {current.spendable} left; "
         f"nothing was applied (a pack: mailgate credits add {org_id} PACK)"
     )

@@ -21,12 +21,15 @@ _PATTERNS = {
 
 def format_when(instant: datetime, timezone: str, language: str) -> str:
     """`instant` as the reader's wall clock shows it, in words of their language."""
-    pattern = _PATTERNS.get(language, _PATTERNS["en"])
-    locale = language if language in _PATTERNS else "en"
-    return format_datetime(instant, pattern, tzinfo=ZoneInfo(timezone), locale=locale)
+    locale = _locale(language)
+    return format_datetime(instant, _PATTERNS[locale], tzinfo=ZoneInfo(timezone), locale=locale)
 
 
 def format_day(instant: datetime, timezone: str, language: str) -> str:
     """The reader's calendar day of `instant`: "23 novembre 2027", "23 November 2027"."""
-    locale = language if language in _PATTERNS else "en"
-    return format_date(instant.astimezone(ZoneInfo(timezone)).date(), "long", locale=locale)
+    day = instant.astimezone(ZoneInfo(timezone)).date()
+    return format_date(day, "long", locale=_locale(language))
+
+
+def _locale(language: str) -> str:
+    return language if language in _PATTERNS else "en"

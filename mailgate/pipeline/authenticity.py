@@ -27,7 +27,7 @@ stub and no test needs the internet.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -128,16 +128,14 @@ def aligned(signing_domain: str, from_domain: str, *, strict: bool) -> bool:
 
 
 def trusted_results(
-    raw: bytes, trusted_ids: Sequence[str]
+    fields: Sequence[str], trusted_ids: Sequence[str]
 ) -> list[authres.AuthenticationResultsHeader]:
-    """The A-R fields we believe: the top run written by trusted authserv-ids."""
+    """The A-R fields (top first) we believe: the top run written by trusted authserv-ids."""
     trusted = {t.lower() for t in trusted_ids}
     believed = []
-    for field in _fields(raw):
-        if field.name != "authentication-results":
-            continue
+    for value in fields:
         try:
-            header = authres.AuthenticationResultsHeader.parse_value(field.value)
+            header = authres.AuthenticationResultsHeader.parse_value(value)
         except Exception:  # noqa: BLE001 - unreadable: written by someone we cannot trust
             break
         if str(header.authserv_id or "").lower() not in trusted:
@@ -177,19 +175,17 @@ def _dmarc_strict(from_domain: str, dnsfunc: DnsFunc, timeout: float) -> bool:
     return False
 
 
-def _signatures(raw: bytes) -> list[dict[bytes, bytes]]:
-    found = []
-    for field in _fields(raw):
-        if field.name == "dkim-signature":
-            try:
-                found.append(parse_tag_value(field.value.encode("utf-8", "replace")))
-            except InvalidTagValueList:
-                found.append({})
-    return found
+def _tags(value: str) -> dict[bytes, bytes]:
+    try:
+        return parse_tag_value(value.encode("utf-8", "replace"))
+    except InvalidTagValueList:
+        return {}  # counted, so that the indexes stay dkimpy's
 
 
-def _from_dkim(raw: bytes, from_domain: str, dnsfunc: DnsFunc, timeout: float) -> Verdict:
-    signatures = _signatures(raw)
+def _from_dkim(
+    raw: bytes, fields: Sequence[str], from_domain: str, dnsfunc: DnsFunc, timeout: float
+) -> Verdict:
+    signatures = [_tags(value) for value in fields]
     if not signatures:
         return Verdict(False, "no DKIM signature")
     strict = _dmarc_strict(from_domain, dnsfunc, timeout)
@@ -216,16 +212,20 @@ def _from_dkim(raw: bytes, from_domain: str, dnsfunc: DnsFunc, timeout: float) -
 
 def verify_sender(
     raw: bytes,
+    headers: Mapping[str, Sequence[str]],
     from_domain: str,
     trusted_ids: Sequence[str],
     *,
     dnsfunc: DnsFunc | None,
     timeout: float,
 ) -> Verdict:
-    """Is the mail vouched for by its From domain? Never raises."""
-    if trusted_ids and (found := _from_results(trusted_results(raw, trusted_ids), from_domain)):
+    """Is the mail vouched for by its From domain? `headers`: the parsed mail's
+    fields by lower-cased name, top first. Never raises."""
+    results = trusted_results(headers.get("authentication-results", ()), trusted_ids)
+    if trusted_ids and (found := _from_results(results, from_domain)):
         return found
-    return _from_dkim(raw, from_domain, dnsfunc or dkim.dnsplug.get_txt, timeout)
+    signatures = headers.get("dkim-signature", ())
+    return _from_dkim(raw, signatures, from_domain, dnsfunc or dkim.dnsplug.get_txt, timeout)
 
 
 def policy_for(settings: Authentication, identity: Identity) -> str:

@@ -134,7 +134,7 @@ def process(
     except ParseError as exc:
         msg, screening = None, Screening("quarantined", f"not parsed: {exc}")
     if msg and msg.sender and screening.outcome is None:
-        screening = _authenticate(app, raw, msg.sender, screening, envelope)
+        screening = _authenticate(app, raw, msg, screening, envelope)
     key = dedupe_key(raw, msg)
     for attempt in (1, 2):
         try:
@@ -184,15 +184,16 @@ def _take_from_quarantine(session: Session, record_id: int) -> IngestRecord:
 
 
 def _authenticate(
-    app: App, raw: bytes, sender: str, screening: Screening, envelope: Envelope
+    app: App, raw: bytes, msg: ParsedMessage, screening: Screening, envelope: Envelope
 ) -> Screening:
     """Verify the sender's domain (DNS: outside the transaction)."""
     settings = app.settings.hygiene.authentication
-    if not checks_anyone(settings):
+    if not checks_anyone(settings) or msg.sender is None:
         return screening
     verdict = verify_sender(
         raw,
-        sender.rpartition("@")[2],
+        msg.headers,
+        msg.sender.rpartition("@")[2],
         envelope.trusted_authserv_ids,
         dnsfunc=app.dns,
         timeout=settings.dns_timeout_seconds,
