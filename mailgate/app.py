@@ -23,7 +23,7 @@ from mailgate.pipeline.parse import Limits, limits_from
 from mailgate.pipeline.rules import RuleSet, load_rules
 from mailgate.pipeline.thread import tag_pattern
 from mailgate.sla.policy import SlaPolicy
-from mailgate.store.blobs import BlobStore
+from mailgate.store.blobs import Blobs, BlobStore, DatabaseBlobStore
 from mailgate.store.db import ensure_schema, make_engine, session_factory
 from mailgate.tickets.tokens import Signer, load_or_create_secret
 
@@ -51,7 +51,12 @@ class App:
         return session_factory(self.engine)
 
     @cached_property
-    def blobs(self) -> BlobStore:
+    def blobs(self) -> Blobs:
+        choice = self.settings.blob_store
+        if choice == "auto":
+            choice = "database" if self.engine.dialect.name == "postgresql" else "directory"
+        if choice == "database":
+            return DatabaseBlobStore(self.sessions)
         return BlobStore(self.settings.path(self.settings.data_dir) / "blobs")
 
     @cached_property

@@ -3,6 +3,10 @@
 `install` writes settings.yaml and directory.yaml (from the shipped ones, with
 overrides) into tmp_path and returns an App on it: SQLite under tmp_path/var,
 outbound mail to a Maildir under tmp_path/var/sent.
+
+The modules in `BOTH_DATABASES` run every test that uses `install` twice: on
+SQLite and on a real PostgreSQL cluster started once per session
+(tests/postgres.py), each test in a fresh database of its own.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import functools
 import mailbox
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -29,8 +35,11 @@ from mailgate.clock import Clock
 from mailgate.config import load_settings
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import Result, process
+from mailgate.store.db import make_engine, upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
+# The storage, pipeline and SLA tests: what must behave the same on both databases.
+BOTH_DATABASES = {"test_store", "test_pipeline", "test_sla", "test_postgres"}
 NOW = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
 
 
@@ -137,6 +146,18 @@ def clock() -> Clockwork:
     return Clockwork()
 
 
+@functools.cache
+def _migrated_sqlite() -> bytes:
+    """An empty database at the current schema, migrated once per test process:
+    each installation starts from a copy instead of running every migration."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "template.db"
+        engine = make_engine(f"sqlite:///{path}")
+        upgrade(engine)
+        engine.dispose()  # checkpoints the WAL into the file
+        return path.read_bytes()
+
+
 def install_at(
     root: Path,
     clock: Clock,
@@ -144,7 +165,7 @@ def install_at(
     directory: dict[str, Any] | None = None,
 ) -> Installation:
     """The shipped settings and directory (or the given ones) under `root`."""
-    data = yaml.safe_load((ROOT / "settings.yaml").read_text())
+    data = yaml.load((ROOT / "settings.yaml").read_text(), Loader=yaml.CSafeLoader)
     data = deep_update(
         data, {"templates_dir": str(ROOT / "templates"), "rules_dir": str(ROOT / "rules")}
     )
@@ -153,7 +174,10 @@ def install_at(
     # and exercises every policy.
     deep_update(data, {"hygiene": {"authentication": {"policy": "off", "staff_policy": "off"}}})
     deep_update(data, settings or {})
-    (root / "settings.yaml").write_text(yaml.safe_dump(data))
+    (root / "settings.yaml").write_text(yaml.dump(data, Dumper=yaml.CSafeDumper))
+    if data["database_url"] == "sqlite:///var/mailgate.db":
+        (root / "var").mkdir(exist_ok=True)
+        (root / "var" / "mailgate.db").write_bytes(_migrated_sqlite())
     if directory is None:
         shutil.copy(ROOT / "directory.yaml", root / "directory.yaml")
     else:
@@ -161,11 +185,46 @@ def install_at(
     return Installation(root, clock)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    only_sqlite = metafunc.definition.get_closest_marker("sqlite_only")
+    if "database" in metafunc.fixturenames and module in BOTH_DATABASES and not only_sqlite:
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One PostgreSQL cluster for the whole session; CI installs postgresql, so no skip."""
+    from tests.postgres import start_postgres
+
+    cluster = start_postgres()
+    yield cluster
+    cluster.destroy()
+
+
 @pytest.fixture
-def install(tmp_path: Path, clock: Clockwork) -> Callable[..., Installation]:
+def database(request: pytest.FixtureRequest) -> str:
+    """`sqlite` unless the module runs on both databases (see BOTH_DATABASES)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database_url(database: str, request: pytest.FixtureRequest) -> str | None:
+    """A fresh PostgreSQL database, or None for the installation's own SQLite file."""
+    if database == "postgresql":
+        return request.getfixturevalue("postgres").fresh_database()
+    return None
+
+
+@pytest.fixture
+def install(
+    tmp_path: Path, clock: Clockwork, database_url: str | None
+) -> Callable[..., Installation]:
     def make(
         settings: dict[str, Any] | None = None, directory: dict[str, Any] | None = None
     ) -> Installation:
+        if database_url is not None:
+            settings = deep_update({"database_url": database_url}, settings or {})
         return install_at(tmp_path, clock, settings, directory)
 
     return make

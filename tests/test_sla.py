@@ -428,6 +428,7 @@ def test_reminders_go_to_the_assignee_when_there_is_one(install, clock: Clockwor
     assert reminder["To"] == "zoe@support.example" and number in str(reminder["Subject"])
 
 
+@pytest.mark.sqlite_only  # EXPLAIN QUERY PLAN is SQLite's own
 def test_the_sweep_reads_due_clocks_through_the_index(inst: Installation) -> None:
     """What keeps a sweep's cost to what is due (bench/sla.py measures it)."""
     from sqlalchemy import text

@@ -97,10 +97,7 @@ def _quarantined(session: Session, record_id: int) -> IngestRecord:
 
 
 def _held(app: App, record: IngestRecord) -> Held:
-    size = None
-    if record.raw_sha256:
-        path = app.blobs.path_for(record.raw_sha256)
-        size = path.stat().st_size if path.exists() else None
+    size = app.blobs.size(record.raw_sha256) if record.raw_sha256 else None
     return Held(
         record.id,
         record.received_at,

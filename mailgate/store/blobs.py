@@ -1,8 +1,16 @@
-"""Content-addressed files under data_dir: raw mail and attachments.
+"""Content-addressed raw mail and attachments, in files or in the database.
 
-A blob is written to a temporary file, fsynced, renamed into place and its
-folder fsynced, all before the transaction that refers to it commits. A crash
-in between leaves at most an unreferenced file, never a row without its bytes.
+Either store writes a blob durably before the transaction that refers to it
+commits. A crash in between leaves at most an unreferenced blob, never a row
+without its bytes. A missing blob is `FileNotFoundError` from both.
+
+- `BlobStore` (files under data_dir): a temporary file, fsynced, renamed into
+  place and its folder fsynced. The default on SQLite, where the database is a
+  file on the same machine anyway.
+- `DatabaseBlobStore` (the `blobs` table): the default on PostgreSQL. Several
+  instances then need no shared filesystem, one backup (or replica) holds the
+  rows and their bytes consistently, and durability is PostgreSQL's commit
+  rather than a network filesystem's idea of fsync and rename.
 """
 
 from __future__ import annotations
@@ -10,8 +18,27 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.store.durable import write_durably
+from mailgate.store.models import Blob
+
+
+class Blobs(Protocol):
+    def put(self, data: bytes) -> str: ...
+    def get(self, sha256: str) -> bytes: ...
+    def size(self, sha256: str) -> int | None: ...
+    def delete(self, sha256: str) -> None: ...
+
+
+def _checked(sha256: str) -> str:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"not a sha256 digest: {sha256!r}")
+    return sha256
 
 
 class BlobStore:
@@ -20,8 +47,7 @@ class BlobStore:
         self.fsync = fsync
 
     def path_for(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise ValueError(f"not a sha256 digest: {sha256!r}")
+        _checked(sha256)
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
     def put(self, data: bytes) -> str:
@@ -39,5 +65,43 @@ class BlobStore:
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
 
+    def size(self, sha256: str) -> int | None:
+        path = self.path_for(sha256)
+        return path.stat().st_size if path.exists() else None
+
     def delete(self, sha256: str) -> None:
         self.path_for(sha256).unlink(missing_ok=True)
+
+
+class DatabaseBlobStore:
+    """Each put commits in a short transaction of its own, like the file store's
+    fsync: the bytes are durable before the unit of work that refers to them."""
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with self.sessions.begin() as session:
+            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+            session.execute(
+                dialect.insert(Blob)
+                .values(sha256=digest, data=data, size=len(data))
+                .on_conflict_do_nothing(index_elements=["sha256"])
+            )
+        return digest
+
+    def get(self, sha256: str) -> bytes:
+        with self.sessions() as session:
+            data = session.scalar(select(Blob.data).where(Blob.sha256 == _checked(sha256)))
+        if data is None:
+            raise FileNotFoundError(f"no blob {sha256}")
+        return bytes(data)
+
+    def size(self, sha256: str) -> int | None:
+        with self.sessions() as session:
+            return session.scalar(select(Blob.size).where(Blob.sha256 == _checked(sha256)))
+
+    def delete(self, sha256: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(delete(Blob).where(Blob.sha256 == _checked(sha256)))

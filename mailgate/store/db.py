@@ -42,6 +42,9 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine, busy_timeout_ms, gate)
         return engine
+    if url.startswith("postgresql://"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -44,6 +44,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+class Clipped(TypeDecorator[str]):
+    """A string column for text that comes from mail: cut to the column's length.
+
+    PostgreSQL refuses a value longer than varchar(n) where SQLite stores it
+    whole, so a 1,000-character Message-ID or subject would fail the unit of
+    work on one and not the other. Lookups bind through the same type, so a
+    clipped Message-ID still finds its clipped self.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        length = self.impl.length  # type: ignore[attr-defined]
+        return value if value is None or len(value) <= length else value[:length]
+
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -117,7 +134,7 @@ class Ticket(Base):
     number: Mapped[str] = mapped_column(String(64), unique=True)
     organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
     requester_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id"))
-    subject: Mapped[str] = mapped_column(String(998))
+    subject: Mapped[str] = mapped_column(Clipped(998))
     subject_key: Mapped[str | None] = mapped_column(String(64))  # see pipeline/breaker.py
     status: Mapped[str] = mapped_column(String(20), default="new", index=True)
     priority: Mapped[str] = mapped_column(String(2), default="P3")
@@ -156,13 +173,13 @@ class Article(Base):
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
     direction: Mapped[str] = mapped_column(String(3))  # in | out
     author_kind: Mapped[str] = mapped_column(String(10))  # customer | staff | system
-    author_email: Mapped[str | None] = mapped_column(String(320))
-    author_name: Mapped[str] = mapped_column(String(200), default="")
+    author_email: Mapped[str | None] = mapped_column(Clipped(320))
+    author_name: Mapped[str] = mapped_column(Clipped(200), default="")
     visibility: Mapped[str] = mapped_column(String(10), default="public")  # public | internal
-    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    message_id: Mapped[str | None] = mapped_column(Clipped(998), index=True)
     in_reply_to: Mapped[str | None] = mapped_column(Text)
     references: Mapped[list[str]] = mapped_column(default=list)
-    subject: Mapped[str] = mapped_column(String(998), default="")
+    subject: Mapped[str] = mapped_column(Clipped(998), default="")
     text: Mapped[str] = mapped_column(Text, default="")
     html: Mapped[str | None] = mapped_column(Text)
     raw_sha256: Mapped[str | None] = mapped_column(String(64))
@@ -171,7 +188,7 @@ class Article(Base):
     delivery_error: Mapped[str | None] = mapped_column(Text)
     # Inbound: the sender-authentication verdict at intake ("pass: dkim=pass
     # d=…", "none: no DKIM signature"); None when not checked (policy off).
-    authentication: Mapped[str | None] = mapped_column(String(300))
+    authentication: Mapped[str | None] = mapped_column(Clipped(300))
     created_at: Mapped[datetime]
 
     ticket: Mapped[Ticket] = relationship(back_populates="articles", foreign_keys=[ticket_id])
@@ -187,10 +204,10 @@ class TicketEvent(Base):
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
     at: Mapped[datetime]
     actor_kind: Mapped[str] = mapped_column(String(10))  # customer | staff | system
-    actor: Mapped[str | None] = mapped_column(String(320))  # the address; None for system
+    actor: Mapped[str | None] = mapped_column(Clipped(320))  # the address; None for system
     field: Mapped[str] = mapped_column(String(20))  # status | priority | urgent | level | ...
-    old: Mapped[str | None] = mapped_column(String(320))
-    new: Mapped[str | None] = mapped_column(String(320))
+    old: Mapped[str | None] = mapped_column(Clipped(320))
+    new: Mapped[str | None] = mapped_column(Clipped(320))
     reason: Mapped[str] = mapped_column(Text, default="")
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
 
@@ -241,11 +258,11 @@ class AttachmentRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     article_id: Mapped[int] = mapped_column(ForeignKey("articles.id"), index=True)
-    filename: Mapped[str] = mapped_column(String(255))  # sanitised display name only
-    content_type: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(Clipped(255))  # sanitised display name only
+    content_type: Mapped[str] = mapped_column(Clipped(255))
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))  # the file under data_dir
-    content_id: Mapped[str | None] = mapped_column(String(998))
+    content_id: Mapped[str | None] = mapped_column(Clipped(998))
     inline: Mapped[bool] = mapped_column(Boolean, default=False)
 
     article: Mapped[Article] = relationship(back_populates="attachments")
@@ -260,11 +277,11 @@ class IngestRecord(Base):
     # Unique for the first delivery; NULL on duplicates, which point at the first.
     dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
     duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_records.id"))
-    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    message_id: Mapped[str | None] = mapped_column(Clipped(998), index=True)
     source: Mapped[str] = mapped_column(String(20))
     envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    sender: Mapped[str | None] = mapped_column(String(320))
-    subject: Mapped[str] = mapped_column(String(998), default="")
+    sender: Mapped[str | None] = mapped_column(Clipped(320))
+    subject: Mapped[str] = mapped_column(Clipped(998), default="")
     outcome: Mapped[str] = mapped_column(String(20), index=True)
     reason: Mapped[str] = mapped_column(Text)
     matched_by: Mapped[str | None] = mapped_column(String(40))
@@ -289,7 +306,7 @@ class OutboxMail(Base):
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
     nonce: Mapped[str] = mapped_column(String(32))  # in our Message-ID and VERP sender
-    message_id: Mapped[str] = mapped_column(String(998), index=True)
+    message_id: Mapped[str] = mapped_column(Clipped(998), index=True)
     envelope_from: Mapped[str] = mapped_column(String(320))
     recipient: Mapped[str] = mapped_column(String(320))  # first recipient, for rate limits
     recipients: Mapped[list[str]] = mapped_column()
@@ -301,6 +318,17 @@ class OutboxMail(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
+
+
+class Blob(Base):
+    """Raw mail and attachments, by content, when they live in the database
+    (the default on PostgreSQL: every instance reaches them; see store/blobs.py)."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
 
 
 class State(Base):
@@ -343,6 +371,6 @@ class CreditEntry(Base):
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     time_entry_id: Mapped[int | None] = mapped_column(ForeignKey("time_entries.id"))
     reverses_id: Mapped[int | None] = mapped_column(ForeignKey("credit_entries.id"))
-    note: Mapped[str] = mapped_column(String(300), default="")
+    note: Mapped[str] = mapped_column(Clipped(300), default="")
     at: Mapped[datetime]  # when it takes effect (an expiry: the pack's end)
     created_at: Mapped[datetime]

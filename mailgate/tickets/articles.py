@@ -8,13 +8,13 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from mailgate.pipeline.message import ParsedMessage
-from mailgate.store.blobs import BlobStore
+from mailgate.store.blobs import Blobs
 from mailgate.store.models import Article, AttachmentRow, Ticket
 
 
 def store_inbound(
     session: Session,
-    blobs: BlobStore | None,
+    blobs: Blobs | None,
     ticket: Ticket,
     msg: ParsedMessage,
     raw_sha: str | None,
