@@ -22,6 +22,7 @@ instead of running every migration again.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -100,10 +101,8 @@ class Cluster:
         return self.url(name)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -18,8 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
 from mailgate.store.db import current_revision, ensure_schema, head_revision, make_engine
-from mailgate.store.models import Base, Blob, IngestRecord, Ticket
-from tests.conftest import ROOT, Installation, make_mail
+from mailgate.store.models import Base, Blob, IngestRecord, Ticket, TicketSequence
+from tests.conftest import NOW, ROOT, Installation, make_mail
 
 
 def test_empty_database_is_migrated_on_first_use(tmp_path: Path) -> None:
@@ -150,8 +150,22 @@ def test_two_processes_ingesting_at_once_get_unique_numbers(
     assert len(numbers) == 30 and len(set(numbers)) == 30
     year = datetime.now(UTC).year  # the subprocesses run on the real clock
     assert sorted(numbers) == [f"SUP-{year}-{i:06d}" for i in range(1, 31)]
+    counter = (
+        "SELECT last FROM ticket_sequences"
+        if inst.app.engine.dialect.name == "sqlite"
+        else f"SELECT last_value FROM ticket_number_{year}"  # a sequence: nobody waits on a row
+    )
     with inst.app.engine.connect() as conn:
-        assert conn.execute(text("SELECT last FROM ticket_sequences")).scalar() == 30
+        assert conn.execute(text(counter)).scalar() == 30
+
+
+def test_numbers_carry_on_from_the_years_counter(inst: Installation) -> None:
+    """A database that handed out 41 numbers this year goes on with 42 on either backend."""
+    with inst.session() as s, s.begin():
+        s.add(TicketSequence(year=NOW.year, last=41))
+    first = inst.ingest(make_mail(message_id="n1@acme.example"))
+    second = inst.ingest(make_mail(message_id="n2@acme.example", subject="another"))
+    assert (first.ticket, second.ticket) == (f"SUP-{NOW.year}-000042", f"SUP-{NOW.year}-000043")
 
 
 def test_a_failed_transaction_hands_the_database_to_the_next_writer(tmp_path: Path) -> None:

@@ -1,21 +1,37 @@
-"""Tracking numbers: sequential per year, unique across processes.
+"""Tracking numbers: sequential per year, unique across processes and instances.
 
-The counter row is incremented with UPDATE … RETURNING inside the message's
-transaction, so the row lock (PostgreSQL) or the database write lock (SQLite,
-BEGIN IMMEDIATE) serialises concurrent writers and a rolled-back unit of work
-gives its number back.
+- SQLite: a counter row per year, incremented with UPDATE … RETURNING inside
+  the message's transaction. The database write lock (BEGIN IMMEDIATE)
+  serialises writers anyway, and a rolled-back unit of work gives its number
+  back: no gaps.
+- PostgreSQL: a sequence per year (`ticket_number_2026`). A counter row would
+  be locked from the increment to the commit, so every instance creating a
+  ticket would queue behind the slowest transaction; `nextval` never waits.
+  The price is a gap when a unit of work rolls back after taking a number
+  (a crash, or a concurrent duplicate delivery): numbers identify tickets,
+  they do not count them. A year's sequence starts after that year's counter
+  row, so a database that ran on counter rows carries on where it was.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from mailgate.store.models import TicketSequence
 
+# (database URL, year) whose sequence is known to exist: sequences are never dropped.
+_sequences: set[tuple[str, int]] = set()
+
 
 def next_sequence(session: Session, year: int) -> int:
+    if session.get_bind().dialect.name == "postgresql":
+        return _from_sequence(session, year)
+    return _from_counter_row(session, year)
+
+
+def _from_counter_row(session: Session, year: int) -> int:
     for _ in range(3):
         seq = session.execute(
             update(TicketSequence)
@@ -34,9 +50,25 @@ def next_sequence(session: Session, year: int) -> int:
     raise RuntimeError(f"could not allocate a tracking number for {year}")
 
 
+def _from_sequence(session: Session, year: int) -> int:
+    name = f"ticket_number_{int(year)}"
+    key = (str(session.get_bind().url), year)
+    if key not in _sequences:
+        start = (
+            session.scalar(select(TicketSequence.last).where(TicketSequence.year == year)) or 0
+        ) + 1
+        for _ in range(3):
+            try:
+                # Two instances creating the year's sequence at once: one of them
+                # gets a unique violation on the catalogue and tries again.
+                with session.begin_nested():
+                    session.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {name} START {start}"))
+                break
+            except (IntegrityError, ProgrammingError):
+                continue
+        _sequences.add(key)
+    return int(session.scalar(text(f"SELECT nextval('{name}')")))
+
+
 def format_number(number_format: str, year: int, seq: int) -> str:
     return number_format.format(year=year, seq=seq)
-
-
-def last_sequence(session: Session, year: int) -> int:
-    return session.scalar(select(TicketSequence.last).where(TicketSequence.year == year)) or 0
