@@ -3,6 +3,9 @@
 - the SMTP listener (mailgate.intake.smtp), when enabled;
 - the outbox sender, woken as soon as a commit queued mail and on a timer;
 - APScheduler for the periodic jobs (outbox retry, housekeeping);
+- leadership (mailgate.store.leadership): with several instances on one
+  database, only the leader polls IMAP and runs the lifecycle, SLA and
+  credit sweeps; the others take over within LEADERSHIP_SECONDS of its death;
 - systemd integration: READY=1 once listening, WATCHDOG=1 from the event
   loop (a stuck loop gets the service restarted), STOPPING=1, STATUS.
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
 from mailgate import systemd_notify
 from mailgate.app import App
@@ -35,7 +39,9 @@ from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener
 from mailgate.observability import Metrics
+from mailgate.outbound.outbox import next_attempt
 from mailgate.sla.sweep import sweep as sla_sweep
+from mailgate.store.leadership import Leadership, leadership_for
 from mailgate.store.models import OutboxMail
 from mailgate.tickets.sweep import sweep
 
@@ -45,6 +51,8 @@ OUTBOX_RETRY_SECONDS = 30  # due retries are found at most this late
 HOUSEKEEPING_SECONDS = 60  # outbox gauges and the systemd status line
 LIFECYCLE_SECONDS = 300  # reminders, automatic resolution and closing: day-scale deadlines
 CREDITS_SECONDS = 3600  # credit expiries and their notices: day-scale dates
+LEADERSHIP_SECONDS = 5  # how often a standby instance asks to lead: the takeover delay
+LEADER_JOBS = ("lifecycle", "credits", "sla")  # run by the leader only
 
 
 class OutboxSender:
@@ -68,11 +76,22 @@ class OutboxSender:
                 break
             try:
                 await self._loop.run_in_executor(self._pool, self._send_all_due)
+            except DBAPIError as exc:  # down or restarting: an operator sees one line
+                log.warning("outbox round: %s; retrying at the next wake-up", _unavailable(exc))
             except Exception:  # noqa: BLE001 - the sender must outlive one bad round
                 log.exception("outbox round failed; retrying at the next wake-up")
 
     def _send_all_due(self) -> None:
-        self._app().send_outbox()
+        app = self._app()
+        app.send_outbox()
+        # Wake again when the next retry falls due, not at the next periodic poke:
+        # a relay back up after a short outage gets its backlog within seconds.
+        with app.sessions() as session:
+            due = next_attempt(session)
+        if due is not None:
+            delay = (due - app.clock()).total_seconds()
+            if delay < OUTBOX_RETRY_SECONDS:
+                self._loop.call_soon_threadsafe(self._loop.call_later, max(delay, 0.1), self.poke)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -87,6 +106,11 @@ class Daemon:
         self.listener: SmtpListener | None = None
         self.stop_requested = asyncio.Event()
         self.metrics: Metrics | None = None
+        self.leadership: Leadership | None = None
+        self.leading = False
+        self.mailboxes: list[Mailbox] = []
+        self.fault: Fault | None = None
+        self.scheduler: AsyncIOScheduler | None = None
 
     def current_app(self) -> App:
         assert self.app is not None
@@ -99,7 +123,7 @@ class Daemon:
         self.app.on_outbox.append(sender.poke)
         settings = self.app.settings
 
-        fault = Fault.from_env()  # tests only: a crash point on demand
+        self.fault = fault = Fault.from_env()  # tests only: a crash point on demand
         tasks = [asyncio.create_task(sender.run(), name="outbox")]
         if settings.intake.smtp.enabled:
             self.listener = SmtpListener(
@@ -107,11 +131,10 @@ class Daemon:
             )
             for host, port in await self.listener.start():
                 log.info("SMTP listening on %s:%d", host, port)
-        mailboxes = [Mailbox(self.current_app, box, fault) for box in settings.intake.mailboxes]
-        for mailbox in mailboxes:
-            mailbox.start()
+        self.leadership = leadership_for(self.app.engine)
+        await self.check_leadership()  # a lone instance leads before its first sweep
         self.metrics = _start_metrics(settings)
-        scheduler = AsyncIOScheduler(event_loop=loop)
+        self.scheduler = scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
         scheduler.add_job(
             self.housekeeping,
@@ -119,9 +142,11 @@ class Daemon:
             seconds=HOUSEKEEPING_SECONDS,
             next_run_time=datetime.now(UTC),  # a first status line right away
         )
+        scheduler.add_job(self.check_leadership, "interval", seconds=LEADERSHIP_SECONDS)
         scheduler.add_job(
             self.lifecycle_sweep,
             "interval",
+            id="lifecycle",
             seconds=LIFECYCLE_SECONDS,
             next_run_time=datetime.now(UTC),  # what fell due while we were down
         )
@@ -129,6 +154,7 @@ class Daemon:
             scheduler.add_job(
                 self.credits_sweep,
                 "interval",
+                id="credits",
                 seconds=CREDITS_SECONDS,
                 next_run_time=datetime.now(UTC),  # expiries that fell due while we were down
                 max_instances=1,
@@ -138,6 +164,7 @@ class Daemon:
             scheduler.add_job(
                 self.sla_sweep,
                 "interval",
+                id="sla",
                 seconds=settings.sla.sweep_seconds,
                 next_run_time=datetime.now(UTC),
                 max_instances=1,  # a slow sweep is not run twice at once
@@ -163,8 +190,7 @@ class Daemon:
             self.metrics.stop()
         if self.listener is not None:
             await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
-        # A mailbox finishes the message in hand (its move included) and logs out.
-        await asyncio.gather(*(asyncio.to_thread(m.stop) for m in mailboxes))
+        await self.step_down()
         await sender.stop()
         for task in tasks:
             task.cancel()
@@ -193,6 +219,35 @@ class Daemon:
         log.info("reloaded settings, directory and templates")
         systemd_notify.ready("serving")
 
+    async def check_leadership(self) -> None:
+        """Take the lead when it is free, or notice that we lost it."""
+        assert self.leadership is not None
+        leading = await asyncio.to_thread(self.leadership.acquire)
+        if leading and not self.leading:
+            self.leading = True
+            log.info("leading: this instance polls IMAP and runs the scheduled sweeps")
+            settings = self.current_app().settings
+            self.mailboxes = [
+                Mailbox(self.current_app, box, self.fault) for box in settings.intake.mailboxes
+            ]
+            for mailbox in self.mailboxes:
+                mailbox.start()
+            if self.scheduler is not None:  # a takeover: what fell due meanwhile, now
+                for job in LEADER_JOBS:
+                    if self.scheduler.get_job(job) is not None:
+                        self.scheduler.modify_job(job, next_run_time=datetime.now(UTC))
+        elif not leading and self.leading:
+            log.warning("no longer leading: IMAP polling and sweeps stop here")
+            await self.step_down()
+
+    async def step_down(self) -> None:
+        self.leading = False
+        # A mailbox finishes the message in hand (its move included) and logs out.
+        await asyncio.gather(*(asyncio.to_thread(m.stop) for m in self.mailboxes))
+        self.mailboxes = []
+        if self.leadership is not None:
+            await asyncio.to_thread(self.leadership.release)
+
     async def lifecycle_sweep(self) -> None:
         await self._sweep("lifecycle", sweep)
 
@@ -203,11 +258,17 @@ class Daemon:
         await self._sweep("credits", credits_sweep)
 
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
+        if not self.leading:
+            return
         app = self.current_app()
+        log.debug("%s sweep starting", name)
         try:
             await asyncio.to_thread(job, app, app.clock())
+        except DBAPIError as exc:
+            log.warning("%s sweep: %s; the next run retries", name, _unavailable(exc))
         except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
             log.exception("%s sweep failed", name)
+        log.debug("%s sweep done", name)
 
     async def housekeeping(self) -> None:
         app = self.current_app()
@@ -219,16 +280,21 @@ class Daemon:
                 due = OutboxMail.status.in_(("queued", "sending"))
                 return session.scalar(select(func.count()).where(due)) or 0
 
-        queued = await asyncio.get_running_loop().run_in_executor(None, depth)
+        try:
+            queued = await asyncio.get_running_loop().run_in_executor(None, depth)
+        except DBAPIError as exc:
+            log.warning("housekeeping: %s", _unavailable(exc))
+            systemd_notify.status(f"serving; {_unavailable(exc)}")
+            return
         systemd_notify.status(self.status_line(queued))
 
     def status_line(self, queued: int) -> str:
-        """`serving; 12 message(s) via SMTP (10 created, 2 rejected); 0 mail(s) queued`."""
+        """`serving (leader); 12 message(s) via SMTP (10 created, 2 rejected); 0 mail(s) queued`."""
         outcomes = self.listener.runner.outcomes if self.listener else {}
         detail = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
         total = sum(outcomes.values())
         return (
-            f"serving; {total} message(s) via SMTP"
+            f"serving ({'leader' if self.leading else 'standby'}); {total} message(s) via SMTP"
             + (f" ({detail})" if detail else "")
             + f"; {queued} mail(s) queued"
         )
@@ -270,6 +336,10 @@ def _check_tls_files(settings: Settings) -> None:
             raise ConfigError(
                 [f"intake.smtp.tls_cert_file/tls_key_file: cannot load the certificate: {exc}"]
             ) from None
+
+
+def _unavailable(exc: DBAPIError) -> str:
+    return "database unavailable: " + str(exc.orig or exc).strip().splitlines()[0]
 
 
 def _start_metrics(settings: Settings) -> Metrics | None:

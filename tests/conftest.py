@@ -165,6 +165,7 @@ def install_at(
     directory: dict[str, Any] | None = None,
 ) -> Installation:
     """The shipped settings and directory (or the given ones) under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
     data = yaml.load((ROOT / "settings.yaml").read_text(), Loader=yaml.CSafeLoader)
     data = deep_update(
         data, {"templates_dir": str(ROOT / "templates"), "rules_dir": str(ROOT / "rules")}

@@ -52,6 +52,7 @@ def start_daemon(
     settings: dict[str, Any] | None = None,
     directory: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> RunningDaemon:
     """Install under `root` (relay: `sink`), start `mailgate run`, wait until it listens."""
     port = free_port()
@@ -62,14 +63,19 @@ def start_daemon(
             "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
         }
     inst = install_at(root, Clockwork(), deep_update(base, settings or {}), directory)
-    return launch(inst, port, env)
+    return launch(inst, port, env, args)
 
 
-def launch(inst: Installation, port: int, env: dict[str, str] | None = None) -> RunningDaemon:
-    """Start `mailgate run` on an installation (again, after a crash) and wait for it."""
+def launch(
+    inst: Installation,
+    port: int,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> RunningDaemon:
+    """Start `mailgate run [args]` on an installation (again, after a crash) and wait for it."""
     log = inst.root / "daemon.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run"],
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run", *args],
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

@@ -91,10 +91,11 @@ class Sink:
     _controller: Controller | None = None
     _handler: _Handler | None = None
 
-    def start(self) -> Sink:
+    def start(self, port: int | None = None) -> Sink:
+        """On `port` (a relay that comes back where it was) or a free one."""
         self._handler = _Handler(self)
         # aiosmtpd's Controller checks readiness by connecting, so it needs the port up front.
-        self._controller = Controller(self._handler, hostname="127.0.0.1", port=free_port())
+        self._controller = Controller(self._handler, hostname="127.0.0.1", port=port or free_port())
         self._controller.start()
         return self
 

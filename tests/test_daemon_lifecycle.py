@@ -43,7 +43,7 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
         )
         try:
             got = notifications(sock, "READY=1")
-            got += notifications(sock, "STATUS=serving; 0 message(s) via SMTP")
+            got += notifications(sock, "STATUS=serving (leader); 0 message(s) via SMTP")
             got += notifications(sock, "WATCHDOG=1")
             got += notifications(sock, "WATCHDOG=1")  # again: pinged from the running loop
         finally:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, or_, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.outbound.transports import (
@@ -322,6 +322,13 @@ def _notify_staff(
 
 def _listing(replies: Mapping[str, str]) -> str:
     return "; ".join(f"{rcpt}: {reply}" for rcpt, reply in replies.items())
+
+
+def next_attempt(session: Session) -> datetime | None:
+    """When the earliest queued mail falls due (a retry after its backoff), if any."""
+    return session.scalar(
+        select(func.min(OutboxMail.next_attempt_at)).where(OutboxMail.status == "queued")
+    )
 
 
 def retry(session: Session, ids: list[int] | None, now: datetime) -> int:
