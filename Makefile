@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Test workers: one per CPU, at most 4 (the load tests each keep a CPU busy).
+JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: run test lint bench demo clean
 
@@ -16,7 +18,7 @@ run: $(BIN)/.installed
 	$(BIN)/mailgate --config settings.yaml run
 
 test: $(BIN)/.installed
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(JOBS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mailgate tests bench

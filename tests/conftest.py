@@ -186,6 +186,13 @@ def install_at(
     return Installation(root, clock)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long load tests first: with several workers (pytest-xdist, see the
+    Makefile) they start at once and the short tests fill in around them,
+    instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
     only_sqlite = metafunc.definition.get_closest_marker("sqlite_only")

@@ -182,6 +182,7 @@ def test_oversize_data_is_refused_with_552_and_nothing_stored(
 # -- failures ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_locked_database_gets_451_and_the_retry_lands_once(
     daemon: RunningDaemon, sink: Sink
 ) -> None:
@@ -226,6 +227,7 @@ def test_sigterm_during_data_never_acknowledges_a_lost_message(
         assert stored == []
 
 
+@pytest.mark.slow
 def test_concurrent_clients_each_get_one_outcome_and_one_ack(tmp_path: Path, sink: Sink) -> None:
     clients, per_client = 50, 20
     directory = yaml.safe_load((Path(__file__).parents[1] / "directory.yaml").read_text())

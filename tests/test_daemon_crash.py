@@ -131,6 +131,7 @@ def deliver_once(port: int, raw: bytes) -> str | None:
     return match.group(1).decode()
 
 
+@pytest.mark.slow
 def test_sigkill_at_each_crash_point_stores_every_acknowledged_message_once(
     tmp_path: Path, sink: Sink
 ) -> None:

@@ -361,6 +361,7 @@ def seeds() -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 def test_atheris_finds_no_unhandled_exception(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -290,6 +290,7 @@ def test_killed_between_commit_and_move_one_ticket_one_ack(
     assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 1
 
 
+@pytest.mark.slow
 def test_500_messages_appended_while_the_daemon_runs(tmp_path: Path, dovecot: Dovecot) -> None:
     inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
     running = launch(inst, port)

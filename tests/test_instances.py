@@ -114,6 +114,7 @@ def clone_tickets(inst: Any, total: int) -> None:
 TICKETS = 334
 
 
+@pytest.mark.slow
 def test_two_instances_send_each_of_1000_due_reminders_once_across_a_leader_kill(
     tmp_path: Path, postgres: Cluster, sink: Sink
 ) -> None:
@@ -175,12 +176,13 @@ SESSIONS = 20
 ROUNDS = [(("after_commit", "before_commit")[r % 2], 3 + (r * 7) % 19) for r in range(20)]
 
 
+@pytest.mark.slow
 def test_sigkill_one_of_two_instances_20_times_under_1000_messages(
     tmp_path: Path, postgres: Cluster, sink: Sink
 ) -> None:
     url = postgres.fresh_database()
     settings = instance_settings(url, tmp_path)
-    a = start_daemon(tmp_path / "a", sink, settings, env={FAULT_ENV: "%s:%d" % ROUNDS[0]})
+    a = start_daemon(tmp_path / "a", sink, settings, env={FAULT_ENV: "{}:{}".format(*ROUNDS[0])})
     b = start_daemon(tmp_path / "b", sink, settings)
     inst = b.inst
     mids = [f"pg-crash-{i}@acme.example" for i in range(MESSAGES)]
@@ -293,6 +295,7 @@ def own_cluster() -> Any:
     cluster.destroy()
 
 
+@pytest.mark.slow
 def test_postgres_stopped_mid_intake_answers_451_and_stores_once_after_restart(
     tmp_path: Path, own_cluster: Cluster, sink: Sink
 ) -> None:
@@ -368,6 +371,7 @@ def test_postgres_stopped_mid_intake_answers_451_and_stores_once_after_restart(
 # --- the relay down for a while ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_relay_down_then_both_instances_drain_the_outbox_once(
     tmp_path: Path, postgres: Cluster
 ) -> None:
@@ -411,3 +415,39 @@ def test_relay_down_then_both_instances_drain_the_outbox_once(
     assert len(ids) == total and set(ids.values()) == {1}, "a mail delivered twice"
     logs = "".join(d.log() for d in daemons)
     assert "retry" in logs
+
+
+# --- IMAP: polled by the leader only, taken over when it dies ----------------------
+
+
+@pytest.mark.slow
+def test_only_the_leader_polls_imap_and_a_standby_takes_over(
+    tmp_path: Path, postgres: Cluster
+) -> None:
+    from tests.dovecot import start_dovecot
+    from tests.test_imap import PROCESSED, held, mail, settings_for
+
+    server = start_dovecot(tmp_path / "dovecot")
+    try:
+        imap = settings_for(server, password_env=None, password_file=str(tmp_path / "imap.pw"))
+        (tmp_path / "imap.pw").write_text(server.password)
+        settings = instance_settings(postgres.fresh_database(), tmp_path, intake={"imap": imap})
+        daemons = [start_daemon(tmp_path / n, None, settings) for n in ("a", "b")]
+        leader, standby = sorted(daemons, key=lambda d: "leading:" not in d.log())
+        for n in range(3):
+            server.append(mail(n))
+        wait_until(lambda: held(server, PROCESSED) == 3, 30, "the leader files 3 mails")
+        assert "imap " in leader.log() and "imap " not in standby.log()
+        leader.proc.kill()
+        died = time.monotonic()
+        for n in range(3, 6):
+            server.append(mail(n))
+        wait_until(lambda: held(server, PROCESSED) == 6, 30, "the standby takes over")
+        print(f"IMAP taken over and 3 mails filed {time.monotonic() - died:.1f} s after the kill")
+        standby.stop()
+        with standby.inst.session() as s:
+            assert s.scalar(select(func.count()).select_from(Ticket)) == 6
+            per_message = Counter(s.scalars(select(IngestRecord.message_id)))
+        assert set(per_message.values()) == {1}
+    finally:
+        server.stop()

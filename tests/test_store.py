@@ -17,9 +17,23 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
-from mailgate.store.db import current_revision, ensure_schema, head_revision, make_engine
+from mailgate.store.db import (
+    HEAD_REVISION,
+    MIGRATIONS,
+    current_revision,
+    ensure_schema,
+    head_revision,
+    make_engine,
+)
 from mailgate.store.models import Base, Blob, IngestRecord, Ticket, TicketSequence
 from tests.conftest import NOW, ROOT, Installation, make_mail
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    """HEAD_REVISION spares the daemon reading the scripts at start; it must not lag."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory(str(MIGRATIONS)).get_current_head() == HEAD_REVISION
 
 
 def test_empty_database_is_migrated_on_first_use(tmp_path: Path) -> None:

@@ -16,16 +16,20 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The newest migration. Kept here so that starting the daemon does not import
+# Alembic and read every migration script (a third of a second, paid at each
+# restart); tests/test_store.py checks it against migrations/versions/.
+HEAD_REVISION = "0007"
 
 
 class SchemaError(Exception):
@@ -45,7 +49,20 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
     if url.startswith("postgresql://"):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    return create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT, **kwargs)
+
+
+# libpq options: a server that vanished without closing the connection (power
+# cut, network partition) is noticed within about half a minute, not after the
+# kernel's 15 minutes of retransmissions. The leader's lock check relies on it.
+POSTGRES_CONNECT = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms: unacknowledged data
+}
 
 
 class _WriterGate:
@@ -126,23 +143,30 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["engine"] = engine
     return config
 
 
-def head_revision() -> str | None:
-    script = ScriptDirectory(str(MIGRATIONS))
-    return script.get_current_head()
+def head_revision() -> str:
+    return HEAD_REVISION
 
 
 def current_revision(engine: Engine) -> str | None:
+    """What Alembic recorded in `alembic_version`; None for an empty database."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:  # no such table: never migrated
+            return None
 
 
 def upgrade(engine: Engine) -> None:
+    from alembic import command
+
     command.upgrade(alembic_config(engine), "head")
 
 
@@ -165,6 +189,4 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def _has_tables(engine: Engine) -> bool:
-    from sqlalchemy import inspect
-
     return bool(inspect(engine).get_table_names())
