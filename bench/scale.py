@@ -95,7 +95,9 @@ def send(port: int, messages: list[bytes]) -> None:
         for raw in messages:
             msg = email.message_from_bytes(raw, policy=email.policy.compat32)
             sender = email.utils.parseaddr(msg["From"])[1]
-            client.sendmail(sender, ["support@example.com"], raw)
+            # smtplib leaves the line ends of bytes alone; SMTP wants CRLF.
+            crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            client.sendmail(sender, ["support@example.com"], crlf)
 
 
 def throughput(work: Path, messages: list[bytes], url: str | None, instances: int) -> float:
