@@ -47,6 +47,14 @@ from tests.postgres import Cluster, start_postgres  # noqa: E402
 CONNECTIONS = 8
 
 
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+
+
 def install(work: Path, settings: dict[str, Any]) -> Path:
     data = yaml.safe_load((ROOT / "settings.yaml").read_text())
     data.update(templates_dir=str(ROOT / "templates"), rules_dir=str(ROOT / "rules"))
@@ -57,11 +65,7 @@ def install(work: Path, settings: dict[str, Any]) -> Path:
         "auto_mail_per_address_per_hour", "auto_mail_per_address_per_day",
         "auto_mail_per_ticket_per_hour", "tickets_per_sender_per_hour",
         "tickets_per_subject_per_hour")}}  # fmt: skip
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
+    merge(data, settings)
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.yaml").write_text(yaml.safe_dump(data))
     (work / "directory.yaml").write_text(yaml.safe_dump(directory()))
