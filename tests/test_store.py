@@ -163,14 +163,17 @@ def test_two_processes_ingesting_at_once_get_unique_numbers(
         numbers = list(s.scalars(select(Ticket.number)))
     assert len(numbers) == 30 and len(set(numbers)) == 30
     year = datetime.now(UTC).year  # the subprocesses run on the real clock
-    assert sorted(numbers) == [f"SUP-{year}-{i:06d}" for i in range(1, 31)]
-    counter = (
-        "SELECT last FROM ticket_sequences"
-        if inst.app.engine.dialect.name == "sqlite"
-        else f"SELECT last_value FROM ticket_number_{year}"  # a sequence: nobody waits on a row
-    )
     with inst.app.engine.connect() as conn:
-        assert conn.execute(text(counter)).scalar() == 30
+        if inst.app.engine.dialect.name == "sqlite":  # a counter row: no gaps
+            assert sorted(numbers) == [f"SUP-{year}-{i:06d}" for i in range(1, 31)]
+            assert conn.execute(text("SELECT last FROM ticket_sequences")).scalar() == 30
+        else:
+            # A sequence: nobody waits on a row, and the unit of work that lost a
+            # race for the same mail (rolled back, then found it a duplicate)
+            # leaves a gap (tickets/numbers.py).
+            last = conn.execute(text(f"SELECT last_value FROM ticket_number_{year}")).scalar()
+            assert all(n.startswith(f"SUP-{year}-") for n in numbers)
+            assert max(int(n.rsplit("-", 1)[1]) for n in numbers) <= last
 
 
 def test_numbers_carry_on_from_the_years_counter(inst: Installation) -> None:

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import Session
 
@@ -52,22 +52,31 @@ def _from_counter_row(session: Session, year: int) -> int:
 
 def _from_sequence(session: Session, year: int) -> int:
     name = f"ticket_number_{int(year)}"
-    key = (str(session.get_bind().url), year)
+    bind = session.get_bind()
+    key = (str(bind.url), year)
     if key not in _sequences:
+        _create_sequence(bind.engine, name, year)  # type: ignore[union-attr]
+        _sequences.add(key)
+    return int(session.scalar(text(f"SELECT nextval('{name}')")))
+
+
+def _create_sequence(engine: Engine, name: str, year: int) -> None:
+    """Created and committed on a connection of its own: inside the message's
+    transaction it would be invisible to other transactions until that commits,
+    and gone if it rolls back, while this process already believed in it."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         start = (
-            session.scalar(select(TicketSequence.last).where(TicketSequence.year == year)) or 0
+            conn.scalar(select(TicketSequence.last).where(TicketSequence.year == year)) or 0
         ) + 1
         for _ in range(3):
             try:
-                # Two instances creating the year's sequence at once: one of them
-                # gets a unique violation on the catalogue and tries again.
-                with session.begin_nested():
-                    session.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {name} START {start}"))
-                break
+                conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {name} START {start}"))
+                return
             except (IntegrityError, ProgrammingError):
+                # Another instance created it at the same moment (a unique
+                # violation on the catalogue): IF NOT EXISTS sees it now.
                 continue
-        _sequences.add(key)
-    return int(session.scalar(text(f"SELECT nextval('{name}')")))
+    raise RuntimeError(f"could not create the sequence {name}")
 
 
 def format_number(number_format: str, year: int, seq: int) -> str:
