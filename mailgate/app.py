@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import threading
 from collections.abc import Callable
@@ -62,6 +64,11 @@ class App:
     @cached_property
     def signer(self) -> Signer:
         return Signer(load_or_create_secret(self.settings.path(self.settings.tickets.secret_file)))
+
+    @cached_property
+    def log_key(self) -> bytes:
+        """Keys the hashes that stand for addresses in the logs (observability.py)."""
+        return hmac.new(self.signer.secret, b"mailgate log addresses", hashlib.sha256).digest()
 
     @cached_property
     def templates(self) -> TemplateSet:

@@ -72,6 +72,7 @@ def check_organisation_keys(settings: Settings, settings_file: Path) -> list[str
         "hygiene.authentication.organisations": settings.hygiene.authentication.organisations,
         "sla.organisations": settings.sla.organisations,
         "credits.organisations": settings.credits.organisations,
+        "retention.organisations": settings.retention.organisations,
     }
     return [
         f"{settings_file}: {key}: {org_id}: no such organisation in {settings.directory} "

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from mailgate.app import App
 from mailgate.config import ConfigError, Settings, config_path, load_settings
-from mailgate.observability import setup_logging
+from mailgate.observability import set_log_key, setup_logging
 from mailgate.store.db import SchemaError
 from mailgate.tickets import repository as repo
 
@@ -209,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     qr.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
     qd = command("delete", cmd_quarantine_delete, "drop held mail (the record stays)", qsub)
     qd.add_argument("ids", nargs="+", type=int, metavar="ID")
+
+    retention = sub.add_parser("retention", help="personal data kept only as long as needed")
+    rsub = retention.add_subparsers(metavar="ACTION")
+    rr = command("run", cmd_retention_run,
+                 "anonymise closed tickets past retention, delete old quarantined mail",
+                 rsub)  # fmt: skip
+    rr.add_argument("--dry-run", action="store_true", help="say what it would do, change nothing")
+    rr.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+
+    gdpr = sub.add_parser("gdpr", help="one person's data: export or erase")
+    gsub = gdpr.add_subparsers(metavar="ACTION")
+    ge = command("export", cmd_gdpr_export, "everything stored about a person", gsub)
+    ge.add_argument("email", metavar="EMAIL")
+    ge.add_argument("--format", choices=("json", "zip"), default="json")
+    ge.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    gr = command("erase", cmd_gdpr_erase, "remove a person from everything stored", gsub)
+    gr.add_argument("email", metavar="EMAIL")
+    gr.add_argument("--yes", action="store_true", help="really erase (without: say what it would)")
+    gh = command("log-hash", cmd_gdpr_log_hash,
+                 "the keyed hash that stands for an address in the logs", gsub)  # fmt: skip
+    gh.add_argument("email", metavar="EMAIL")
     return parser
 
 
@@ -218,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
     settings = load_settings(args.config)
     app = App(settings)
+    set_log_key(app.log_key)
     app.rules  # noqa: B018 - a broken rule file stops here, listed, before any mail is touched
     if sync_directory:
         sync_directory_if_changed(app)
@@ -780,6 +802,69 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
                     ["ID", "RECEIVED", "SOURCE", "FROM", "SUBJECT", "REASON"])  # fmt: skip
     else:
         print("quarantine empty")
+    return EX_OK
+
+
+def cmd_retention_run(args: argparse.Namespace) -> int:
+    from mailgate.privacy.retention import run
+
+    app = load_app(args, sync_directory=False)
+    report = run(app, parse_now(args.now) or app.clock(), dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"would anonymise {len(report.tickets)} ticket(s)"
+              + (f": {', '.join(report.tickets)}" if report.tickets else "")
+              + f"; would delete {report.records} quarantined or rejected mail(s)")  # fmt: skip
+    else:
+        print(report)
+    return EX_OK
+
+
+def cmd_gdpr_export(args: argparse.Namespace) -> int:
+    from mailgate.privacy.gdpr import UnknownPerson, export, export_zip
+
+    try:
+        data, files = export(load_app(args, sync_directory=False), args.email)
+    except UnknownPerson as exc:
+        raise CommandError(str(exc)) from None
+    if args.format == "zip":
+        content = export_zip(data, files)
+    else:
+        content = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+    if args.output:
+        Path(args.output).write_bytes(content)
+    else:
+        sys.stdout.buffer.write(content)
+    return EX_OK
+
+
+def cmd_gdpr_erase(args: argparse.Namespace) -> int:
+    from mailgate.privacy.gdpr import UnknownPerson, erase
+
+    app = load_app(args, sync_directory=False)
+    try:
+        report = erase(app, args.email, app.clock(), dry_run=not args.yes)
+    except UnknownPerson as exc:
+        raise CommandError(str(exc)) from None
+    if not args.yes:
+        print(f"would erase: {report}\nrun again with --yes to erase")
+        return EX_PROBLEM
+    print(f"erased: {report}")
+    if app.settings.directory is not None:
+        from mailgate.directory import load_directory
+
+        listed = load_directory(app.settings.path(app.settings.directory))
+        if any(c.email.lower() == args.email.lower() for o in listed.organisations
+               for c in o.contacts):  # fmt: skip
+            print(f"warning: {app.settings.directory} still lists this address: remove it,"
+                  " or the next directory sync brings the contact back",
+                  file=sys.stderr)  # fmt: skip
+    return EX_OK
+
+
+def cmd_gdpr_log_hash(args: argparse.Namespace) -> int:
+    from mailgate.observability import address_hasher
+
+    print(address_hasher(load_app(args, sync_directory=False).log_key)(args.email))
     return EX_OK
 
 

@@ -416,6 +416,27 @@ class Credits(Strict):
         return self.when_exhausted
 
 
+class RetentionOverride(Strict):
+    closed_days: int = Field(gt=0)
+
+
+class Retention(Strict):
+    """How long support data is kept (RELIABILITY §6, mailgate/privacy/)."""
+
+    enabled: bool = True  # the daemon's leader runs it hourly; `mailgate retention run` by hand
+    # A closed ticket this many days old loses its raw mail, attachments, HTML and
+    # outbound bytes, and its people become per-ticket pseudonyms.
+    closed_days: int = Field(365, gt=0)
+    # Quarantined mail, and mail rejected from senders outside the directory.
+    quarantine_days: int = Field(30, gt=0)
+    batch: int = Field(200, gt=0, le=2000)  # tickets per transaction-sized step
+    organisations: dict[str, RetentionOverride] = {}
+
+    def closed_days_for(self, org_id: str) -> int:
+        found = self.organisations.get(org_id)
+        return found.closed_days if found else self.closed_days
+
+
 class Limits(Strict):
     """Past these, mail is quarantined with the reason instead of parsed (RELIABILITY §5)."""
 
@@ -488,6 +509,7 @@ class Settings(Strict):
     sla: Sla = Sla()
     hygiene: Hygiene = Hygiene()
     credits: Credits = Credits()
+    retention: Retention = Retention()
     # Where relative paths were resolved from; not a key operators write.
     base_dir: Path = Field(Path("."), exclude=True)
 

@@ -4,8 +4,8 @@
 - the outbox sender, woken as soon as a commit queued mail and on a timer;
 - APScheduler for the periodic jobs (outbox retry, housekeeping);
 - leadership (mailgate.store.leadership): with several instances on one
-  database, only the leader polls IMAP and runs the lifecycle, SLA and
-  credit sweeps; the others take over within LEADERSHIP_SECONDS of its death;
+  database, only the leader polls IMAP and runs the lifecycle, SLA, credit
+  and retention jobs; the others take over within LEADERSHIP_SECONDS of its death;
 - systemd integration: READY=1 once listening, WATCHDOG=1 from the event
   loop (a stuck loop gets the service restarted), STOPPING=1, STATUS.
 
@@ -38,8 +38,9 @@ from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener
-from mailgate.observability import Metrics
+from mailgate.observability import Metrics, set_log_key
 from mailgate.outbound.outbox import next_attempt
+from mailgate.privacy.retention import run as retention_run
 from mailgate.sla.sweep import sweep as sla_sweep
 from mailgate.store.leadership import Leadership, leadership_for
 from mailgate.store.models import OutboxMail
@@ -52,7 +53,8 @@ HOUSEKEEPING_SECONDS = 60  # outbox gauges and the systemd status line
 LIFECYCLE_SECONDS = 300  # reminders, automatic resolution and closing: day-scale deadlines
 CREDITS_SECONDS = 3600  # credit expiries and their notices: day-scale dates
 LEADERSHIP_SECONDS = 5  # how often a standby instance asks to lead: the takeover delay
-LEADER_JOBS = ("lifecycle", "credits", "sla")  # run by the leader only
+RETENTION_SECONDS = 3600  # retention periods are counted in days
+LEADER_JOBS = ("lifecycle", "credits", "sla", "retention")  # run by the leader only
 
 
 class OutboxSender:
@@ -160,6 +162,16 @@ class Daemon:
                 max_instances=1,
                 coalesce=True,
             )
+        if settings.retention.enabled:
+            scheduler.add_job(
+                self.retention_run,
+                "interval",
+                id="retention",
+                seconds=RETENTION_SECONDS,
+                next_run_time=datetime.now(UTC),
+                max_instances=1,
+                coalesce=True,
+            )
         if settings.sla.enabled:
             scheduler.add_job(
                 self.sla_sweep,
@@ -257,6 +269,9 @@ class Daemon:
     async def credits_sweep(self) -> None:
         await self._sweep("credits", credits_sweep)
 
+    async def retention_run(self) -> None:
+        await self._sweep("retention", retention_run)
+
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         if not self.leading:
             return
@@ -305,6 +320,7 @@ def build_app(settings: Settings, reuse: App | None = None) -> App:
     from mailgate.cli import sync_directory_if_changed
 
     app = App(settings)
+    set_log_key(app.log_key)
     if reuse is not None and reuse.settings.database_url == settings.database_url:
         app.engine = reuse.engine  # type: ignore[misc] - keep the pool across reloads
     problems = app.templates.check()

@@ -6,6 +6,12 @@ structured fields as `extra={"mailgate": {...}}`, as the pipeline does for
 every message it decides; JSON output merges them into the object, text
 output appends them as `key=value`.
 
+Addresses in log lines are replaced by a keyed hash (`addr:1f0c9a…`) unless
+debug logging is on (-v): the journal is kept longer and read by more people
+than the database, and holds no personal data this way. The key derives
+from the token secret, so a hash is stable across restarts and instances;
+`mailgate gdpr log-hash EMAIL` prints the one that stands for an address.
+
 Metrics are off unless `metrics.enabled`; then `Metrics.start` serves them on
 `metrics.host:metrics.port` from a private registry, so nothing else that
 imports prometheus_client adds series to ours.
@@ -13,17 +19,21 @@ imports prometheus_client adds series to ours.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from mailgate.privacy.pseudonyms import ADDRESS
 from mailgate.store.models import OutboxMail
 
 FIELDS_ATTR = "mailgate"  # the key of the structured fields in `extra=`
@@ -34,6 +44,45 @@ CHATTY_LOGGERS = ("apscheduler", "mail.log", "alembic")
 
 
 # -- logs --------------------------------------------------------------------
+
+
+def address_hasher(key: bytes) -> Callable[[str], str]:
+    def hashed(address: str) -> str:
+        digest = hmac.new(key, address.strip().lower().encode(), hashlib.sha256)
+        return "addr:" + digest.hexdigest()[:12]
+
+    return hashed
+
+
+class _Masking:
+    """What the formatters do to addresses: hash them, or (debug) leave them."""
+
+    def __init__(self) -> None:
+        # Until the settings are read, a key of this process's own: still no address.
+        self.hashed: Callable[[str], str] = address_hasher(os.urandom(32))
+        self.enabled = True
+
+    def __call__(self, line: str) -> str:
+        if not self.enabled:
+            return line
+        return ADDRESS.sub(lambda m: self.hashed(m.group(0)), line)
+
+
+_masking = _Masking()
+# Message-IDs look like addresses but name a message, and they are how an operator
+# follows one mail through the logs: these fields keep them.
+MESSAGE_ID_FIELDS = frozenset({"message_id", "in_reply_to", "duplicate_of"})
+
+
+def _masked_field(key: str, value: Any) -> Any:
+    if key in MESSAGE_ID_FIELDS or not _masking.enabled:
+        return value
+    return json.loads(_masking(json.dumps(value, ensure_ascii=False, default=str)))
+
+
+def set_log_key(key: bytes) -> None:
+    """The installation's key, once known (cli.load_app, daemon.build_app)."""
+    _masking.hashed = address_hasher(key)
 
 
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
@@ -62,11 +111,13 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = _masking(super().format(record))
         fields = _fields(record)
         if not fields:
             return line
-        pairs = " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+        pairs = " ".join(
+            f"{key}={_logfmt_value(_masked_field(key, value))}" for key, value in fields.items()
+        )
         head, sep, tail = line.partition("\n")  # keep a traceback below the fields
         return f"{head} {pairs}{sep}{tail}"
 
@@ -85,14 +136,14 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _masking(record.getMessage()),
         }
         for key, value in _fields(record).items():
-            data[f"mailgate_{key}" if key in self.BASE else str(key)] = value
+            data[f"mailgate_{key}" if key in self.BASE else str(key)] = _masked_field(key, value)
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exc"] = _masking(self.formatException(record.exc_info))
         elif record.exc_text:
-            data["exc"] = record.exc_text
+            data["exc"] = _masking(record.exc_text)
         if record.stack_info:
             data["stack"] = self.formatStack(record.stack_info)
         return json.dumps(data, ensure_ascii=False, default=str)
@@ -116,6 +167,7 @@ def setup_logging(
     handler._mailgate = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else level)
+    _masking.enabled = not verbose  # debugging: the addresses as they are
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     return handler

@@ -130,7 +130,8 @@ class Installation:
     def sent(self) -> list[EmailMessage]:
         """Every mail delivered to the outbound Maildir, after sending the queue."""
         self.send_outbox()
-        box = mailbox.Maildir(self.root / "var" / "sent", factory=None, create=True)
+        folder = self.app.settings.path(self.app.settings.outbound.maildir)
+        box = mailbox.Maildir(folder, factory=None, create=True)
         msgs = [
             email.message_from_bytes(box.get_bytes(k), policy=email.policy.default)
             for k in sorted(box.iterkeys())  # names start with time and microseconds

@@ -153,6 +153,8 @@ class Ticket(Base):
     resolved_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
     # waiting_customer: since when, and when the customer was last reminded.
+    # When retention removed its bytes and replaced its people (privacy/retention.py).
+    anonymised_at: Mapped[datetime | None]
     waiting_since: Mapped[datetime | None]
     reminded_at: Mapped[datetime | None]
 
@@ -329,6 +331,19 @@ class Blob(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer)
+
+
+class Erasure(Base):
+    """`mailgate gdpr erase` was run: when and what it changed, never whose data."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime]
+    tickets: Mapped[int] = mapped_column(Integer)
+    articles: Mapped[int] = mapped_column(Integer)
+    records: Mapped[int] = mapped_column(Integer)
+    outbox: Mapped[int] = mapped_column(Integer)
 
 
 class State(Base):

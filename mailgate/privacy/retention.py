@@ -1,0 +1,155 @@
+"""Retention: support data kept only as long as needed (GDPR Art. 5(1)(e)).
+
+Two rules, run hourly by the leader and by `mailgate retention run`:
+
+1. A ticket closed `retention.closed_days` ago (per organisation) loses its
+   raw mail, attachments, HTML and outbound bytes, and its people are replaced
+   by per-ticket pseudonyms (privacy/forget.py). What accounting and reporting
+   need stays: tracking number, organisation, priority, timestamps, SLA clocks,
+   time and credit ledger rows, staff. The ticket is marked `anonymised_at`.
+   A contact removed from the directory (inactive) whose tickets are all
+   anonymised loses its address and name too.
+2. Quarantined mail, and rejected mail (from senders who may not open
+   tickets), `retention.quarantine_days` old is deleted with its raw bytes.
+
+One transaction per ticket (its row locked), on a live system: a run that is killed leaves
+every ticket either done (marked) or untouched, and the next run does the
+rest, nothing twice. Blobs are deleted just before the commit that drops the
+last reference, never after it (see forget.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailgate.app import App
+from mailgate.privacy.forget import (
+    ERASED_DOMAIN,
+    Forgotten,
+    delete_record,
+    drop_blobs,
+    forget_contact,
+    forget_ticket,
+    pseudonyms_for_ticket,
+    ticket_people,
+)
+from mailgate.store.db import forget_old_pages
+from mailgate.store.models import Contact, IngestRecord, Ticket, TicketEvent
+
+log = logging.getLogger("mailgate.retention")
+
+EXPIRED_OUTCOMES = ("quarantined", "rejected")
+
+
+@dataclass
+class RetentionReport:
+    tickets: list[str] = field(default_factory=list)  # tracking numbers anonymised
+    records: int = 0  # quarantined and rejected mails deleted
+    blobs: int = 0  # raw mails and attachments deleted
+    contacts: int = 0  # former contacts whose record no longer names them
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.tickets)} ticket(s) anonymised, {self.records} quarantined or "
+            f"rejected mail(s) deleted, {self.blobs} stored file(s) removed, "
+            f"{self.contacts} former contact(s) anonymised"
+        )
+
+
+def due_tickets(app: App, session: Session, now: datetime) -> list[tuple[int, str]]:
+    """(id, tracking number) of closed tickets past their organisation's retention."""
+    retention = app.settings.retention
+    shortest = min([retention.closed_days, *(o.closed_days for o in
+                                             retention.organisations.values())])  # fmt: skip
+    query = (
+        select(Ticket.id, Ticket.number, Ticket.organisation_id, Ticket.closed_at)
+        .where(
+            Ticket.status == "closed",
+            Ticket.anonymised_at.is_(None),
+            Ticket.closed_at <= now - timedelta(days=shortest),
+        )
+        .order_by(Ticket.closed_at, Ticket.id)
+    )
+    return [
+        (ticket_id, number)
+        for ticket_id, number, org_id, closed_at in session.execute(query)
+        if closed_at <= now - timedelta(days=retention.closed_days_for(org_id))
+    ]
+
+
+def expired_records(
+    app: App, session: Session, now: datetime, limit: int | None = None
+) -> list[IngestRecord]:
+    cutoff = now - timedelta(days=app.settings.retention.quarantine_days)
+    query = select(IngestRecord).where(
+        IngestRecord.outcome.in_(EXPIRED_OUTCOMES),
+        IngestRecord.ticket_id.is_(None),
+        IngestRecord.received_at <= cutoff,
+    )
+    return list(session.scalars(query.order_by(IngestRecord.id).limit(limit)))
+
+
+def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
+    report = RetentionReport()
+    batch = app.settings.retention.batch
+    with app.sessions() as session:
+        due = due_tickets(app, session, now)
+        if dry_run:
+            report.tickets = [number for _, number in due]
+            report.records = len(expired_records(app, session, now))
+            return report
+    for ticket_id, number in due:
+        with app.sessions() as session, session.begin():
+            ticket = session.get_one(Ticket, ticket_id, with_for_update=True)
+            if ticket.anonymised_at is not None:  # another run got there first
+                continue
+            report.blobs += _anonymise(app, session, ticket, now)
+            report.tickets.append(number)
+    while True:
+        with app.sessions() as session, session.begin():
+            records = expired_records(app, session, now, batch)
+            done = Forgotten()
+            for record in records:
+                delete_record(session, record, done)
+            report.blobs += drop_blobs(session, app.blobs, done.blobs)
+            report.records += len(records)
+        if len(records) < batch:
+            break
+    with app.sessions() as session, session.begin():
+        report.contacts = _former_contacts(session)
+    if report.tickets or report.records or report.contacts:
+        forget_old_pages(app.engine)
+        log.info("retention: %s", report)
+    return report
+
+
+def _former_contacts(session: Session) -> int:
+    """Contacts gone from the directory (inactive) with no ticket left to anonymise:
+    nothing needs their address any more."""
+    unfinished = select(Ticket.requester_id).where(Ticket.anonymised_at.is_(None),
+                                                   Ticket.requester_id.is_not(None))  # fmt: skip
+    former = select(Contact).where(
+        Contact.active.is_(False),
+        Contact.id.not_in(unfinished),
+        Contact.email.not_like(f"%@{ERASED_DOMAIN}"),
+    )
+    contacts = list(session.scalars(former))
+    for contact in contacts:
+        forget_contact(contact)
+    return len(contacts)
+
+
+def _anonymise(app: App, session: Session, ticket: Ticket, now: datetime) -> int:
+    names = pseudonyms_for_ticket(session, app.settings.support_address)
+    ticket_people(session, ticket, names)
+    done = forget_ticket(session, ticket, names)
+    ticket.anonymised_at = now
+    why = f"retention: closed on {ticket.closed_at:%Y-%m-%d}"
+    session.add(TicketEvent(ticket_id=ticket.id, at=now, actor_kind="system", actor=None,
+                            field="anonymised", old=None, new=None, reason=why))  # fmt: skip
+    return drop_blobs(session, app.blobs, done.blobs)

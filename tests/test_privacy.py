@@ -1,0 +1,394 @@
+"""Data protection: retention, export and erasure (RELIABILITY §6, checklist 42 and 43).
+
+The proof is a search: after retention or an erasure, the bytes of the
+database file and of everything under data_dir (and the daemon's log) hold
+neither the person's address nor their name. Outbound mail goes to a Maildir
+outside data_dir here: it is the hand-over to delivery, like a relay's queue.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from datetime import timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from mailgate.cli import main
+from mailgate.observability import TextFormatter, address_hasher, set_log_key, setup_logging
+from mailgate.privacy import retention
+from mailgate.privacy.pseudonyms import Pseudonyms
+from mailgate.sla.report import sla_report
+from mailgate.store.models import (
+    Article,
+    AttachmentRow,
+    Contact,
+    Erasure,
+    IngestRecord,
+    OutboxMail,
+    SlaClock,
+    Ticket,
+    TicketEvent,
+)
+from mailgate.tickets.changes import set_status
+from tests.conftest import (
+    NOW,
+    ROOT,
+    Clockwork,
+    Installation,
+    deep_update,
+    install_at,
+    make_mail,
+    reply_to,
+    staff_answer,
+)
+
+ALICE = ("alice@acme.example", "Alice Martin")
+CAROL = ("carol@acme.example", "Carol Petit")
+OUTSIDE = {"outbound": {"maildir": "outgoing"}}  # not under data_dir (var/)
+
+
+def cli(inst: Installation, *args: str) -> int:
+    return main(["--config", str(inst.settings_file), *args])
+
+
+def traces(inst: Installation, *needles: str, log: Path | None = None) -> list[str]:
+    """Files (database, data_dir, log) whose bytes contain any needle, any case."""
+    inst.app.engine.dispose()  # SQLite checkpoints its WAL into the file
+    files = [p for p in (inst.root / "var").rglob("*") if p.is_file()]
+    if log is not None:
+        files.append(log)
+    found = []
+    for path in files:
+        data = path.read_bytes().lower()
+        found += [f"{path.relative_to(inst.root)}: {n}" for n in needles
+                  if n.lower().encode() in data]  # fmt: skip
+    return found
+
+
+def with_attachment(**kwargs: Any) -> EmailMessage:
+    mail = make_mail(**kwargs)
+    mail.add_alternative("<p>Hello, <b>Alice Martin</b> here</p>", subtype="html")
+    mail.add_attachment(b"%PDF-1.4 Alice Martin's invoice", maintype="application",
+                        subtype="pdf", filename="alice-invoice.pdf")  # fmt: skip
+    return mail
+
+
+def two_froms(message_id: str) -> bytes:
+    raw = make_mail(message_id=message_id).as_bytes()
+    return raw.replace(b"From: ", b"From: Mallory <mallory@evil.example>\nFrom: ", 1)
+
+
+def close(inst: Installation, number: str) -> None:
+    with inst.session() as s, s.begin():
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        set_status(s, ticket, "closed", now=inst.clock(), actor_kind="staff",
+                   actor="bob@support.example", reason="done")  # fmt: skip
+
+
+def totals(inst: Installation, capsys: pytest.CaptureFixture[str]) -> tuple[Any, Any]:
+    """What reporting and accounting see: the SLA report and the credit statement."""
+    with inst.session() as s:
+        report = [r.as_dict() for r in sla_report(s, inst.clock(), organisation="acme")]
+    capsys.readouterr()
+    assert cli(inst, "credits", "statement", "acme", "--json", "--now",
+               inst.clock().isoformat()) == 0  # fmt: skip
+    statement = json.loads(capsys.readouterr().out)
+    return report, {k: statement[k] for k in ("opening", "closing", "totals")}
+
+
+def a_year_of_support(inst: Installation, clock: Clockwork) -> str:
+    """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers
+    and spends time; the ticket is closed. Returns its tracking number."""
+    assert cli(inst, "credits", "add", "acme", "10h", "--activated", "2026-11-01") == 0
+    first = with_attachment(to="support@example.com, Carol Petit <carol@acme.example>")
+    number = inst.ingest(first).ticket
+    clock.now += timedelta(minutes=30)
+    inst.ingest(staff_answer(inst, "/spend 45m\nHello Alice, fixed.\n", "bob-1@support.example"))
+    carol = reply_to(first, sender="Carol Petit <carol@acme.example>", body="Thanks Alice!\n",
+                     message_id="carol-1@acme.example")  # fmt: skip
+    assert inst.ingest(carol).ticket == number
+    inst.send_outbox()
+    close(inst, number)
+    return number
+
+
+# --- pseudonyms ---------------------------------------------------------------------
+
+
+def test_pseudonyms_replace_addresses_and_names_but_keep_staff_and_ours() -> None:
+    names = Pseudonyms(keep=frozenset({"bob@support.example"}), keep_domain="example.com")
+    names.forget("Alice@Acme.example", "Alice Martin")
+    text = names.text(
+        "Alice Martin <alice@acme.example> wrote to bob@support.example and "
+        "support@example.com, cc dan@other.example. Regards, Alice. (Malice is a word.)"
+    )
+    assert text == (
+        "Person 1 <person-1@anonymised.invalid> wrote to bob@support.example and "
+        "support@example.com, cc person-2@anonymised.invalid. Regards, Person 1. "
+        "(Malice is a word.)"
+    )
+    only = Pseudonyms(forget_everyone=False)
+    only.forget("carol@acme.example", "Carol Petit")
+    assert only.text("Carol Petit and dan@other.example") == ("Person 1 and dan@other.example")
+
+
+# --- retention (checklist 42) -------------------------------------------------------
+
+
+def test_a_ticket_past_retention_keeps_its_figures_and_loses_its_people(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst = install(settings=OUTSIDE)
+    number = a_year_of_support(inst, clock)
+    # A year and a day later; Alice and Carol have since left ACME (directory sync).
+    clock.now = NOW + timedelta(days=366)
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"] = [
+        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
+    ]
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    assert cli(inst, "directory", "sync") == 0
+    before = totals(inst, capsys)
+
+    capsys.readouterr()
+    assert cli(inst, "retention", "run", "--dry-run", "--now", clock.now.isoformat()) == 0
+    assert f"would anonymise 1 ticket(s): {number}" in capsys.readouterr().out
+    with inst.session() as s:
+        assert s.scalar(select(Ticket.anonymised_at).where(Ticket.number == number)) is None
+
+    assert cli(inst, "retention", "run", "--now", clock.now.isoformat()) == 0
+    assert "1 ticket(s) anonymised" in capsys.readouterr().out
+    with inst.session() as s:
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        articles = list(s.scalars(select(Article).where(Article.ticket_id == ticket.id)))
+        assert (ticket.organisation_id, ticket.priority) == ("acme", "P1")
+        assert ticket.anonymised_at == clock.now and ticket.closed_at is not None
+        assert all(a.raw_sha256 is None and a.html is None for a in articles)
+        assert s.scalar(select(func.count()).select_from(AttachmentRow)) == 0
+        sent = s.scalars(select(OutboxMail.data).where(OutboxMail.ticket_id == ticket.id))
+        assert list(sent) and all(data is None for data in sent)
+        assert s.scalar(select(func.count()).where(SlaClock.ticket_id == ticket.id)) > 0
+        customer = next(a for a in articles if a.direction == "in" and "Carol" not in a.text)
+        assert customer.author_email == "person-1@anonymised.invalid"
+        carol = next(a for a in articles if "Thanks" in a.text)
+        assert (carol.author_email, carol.text) == ("person-2@anonymised.invalid",
+                                                    "Thanks Person 1!\n")  # fmt: skip
+        # Bob stays named: staff are needed for the time and credit reports.
+        assert any(a.author_email == "bob@support.example" for a in articles)
+    assert totals(inst, capsys) == before
+    assert traces(inst, *ALICE, *CAROL, "alice-invoice") == []
+
+
+def test_a_retention_run_killed_half_way_finishes_without_doing_anything_twice(
+    install: Any, clock: Clockwork, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inst = install(settings=OUTSIDE)
+    numbers = []
+    for n in range(5):
+        mail = with_attachment(message_id=f"old-{n}@acme.example", subject=f"Old {n}")
+        numbers.append(inst.ingest(mail).ticket)
+        close(inst, numbers[-1])
+    clock.now = NOW + timedelta(days=400)
+    real, calls = retention.drop_blobs, []
+
+    def killed_on_the_third(*args: Any) -> int:
+        calls.append(1)
+        dropped = real(*args)  # the files are gone...
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # ...and the run dies before that ticket commits
+        return dropped
+
+    monkeypatch.setattr(retention, "drop_blobs", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        retention.run(inst.app, clock.now)
+    monkeypatch.setattr(retention, "drop_blobs", real)
+    with inst.session() as s:
+        done = set(s.scalars(select(Ticket.number).where(Ticket.anonymised_at.is_not(None))))
+    assert done == set(numbers[:2])
+
+    second = retention.run(inst.app, clock.now)
+    assert second.tickets == numbers[2:]  # the interrupted one again, then the rest
+    assert retention.run(inst.app, clock.now).tickets == []
+    with inst.session() as s:
+        marks = s.execute(
+            select(TicketEvent.ticket_id, func.count())
+            .where(TicketEvent.field == "anonymised")
+            .group_by(TicketEvent.ticket_id)
+        ).all()
+        assert len(marks) == 5 and {n for _, n in marks} == {1}
+        assert s.scalar(select(func.count()).where(Article.raw_sha256.is_not(None))) == 0
+    assert not [p for p in (inst.root / "var" / "blobs").rglob("*") if p.is_file()]
+
+
+def test_an_organisation_may_keep_tickets_for_less_time_and_open_tickets_stay(
+    install: Any, clock: Clockwork
+) -> None:
+    inst = install(settings={**OUTSIDE, "retention": {"organisations": {"globex": {
+        "closed_days": 30}}}})  # fmt: skip
+    acme = inst.ingest(make_mail(message_id="a@acme.example")).ticket
+    globex = inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>",
+                                   message_id="g@globex.example")).ticket  # fmt: skip
+    inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>",  # open: never touched
+                          message_id="g2@globex.example", subject="Still open"))  # fmt: skip
+    close(inst, acme)
+    close(inst, globex)
+    clock.now = NOW + timedelta(days=400)
+    assert retention.run(inst.app, NOW + timedelta(days=31)).tickets == [globex]
+    assert retention.run(inst.app, clock.now).tickets == [acme]
+    with inst.session() as s:
+        still = s.scalar(select(Ticket).where(Ticket.subject == "Still open"))
+        assert still.anonymised_at is None and still.requester.email == "hank@globex.example"
+
+
+def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clockwork) -> None:
+    inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
+    stranger = make_mail(sender="Eve <eve@stranger.example>", message_id="e1@stranger.example")
+    assert inst.ingest(stranger).outcome == "rejected"
+    assert inst.ingest(two_froms("q1@acme.example")).outcome == "quarantined"
+    clock.now = NOW + timedelta(days=20)
+    recent = make_mail(sender="Eve <eve@stranger.example>", message_id="e2@stranger.example")
+    inst.ingest(recent)
+    report = retention.run(inst.app, NOW + timedelta(days=31))
+    assert report.records == 2
+    with inst.session() as s:
+        left = list(s.scalars(select(IngestRecord.message_id)))
+    assert left == ["e2@stranger.example"]
+
+
+# --- export ---------------------------------------------------------------------
+
+
+def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst = install(settings=OUTSIDE)
+    # Alice's own ticket, which copies Carol; Carol answers on it.
+    mine = make_mail(to="support@example.com, Carol Petit <carol@acme.example>",
+                     message_id="mine@acme.example", subject="Export fails")  # fmt: skip
+    first = inst.ingest(mine).ticket
+    inst.ingest(reply_to(mine, sender="Carol Petit <carol@acme.example>",
+                         body="Carol here: same for me, call me on 0470 12 34 56.\n",
+                         message_id="carol-2@acme.example"))  # fmt: skip
+    # Hank's ticket (Globex) is nothing of Alice's.
+    inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>", message_id="h@g.example"))
+    # Alice's second ticket, with an attachment.
+    second = inst.ingest(with_attachment(message_id="att@acme.example", subject="Invoice")).ticket
+    out = inst.root / "alice.zip"
+    assert cli(inst, "gdpr", "export", ALICE[0], "--format", "zip", "-o", str(out)) == 0
+    archive = zipfile.ZipFile(io.BytesIO(out.read_bytes()))
+    data = json.loads(archive.read("export.json"))
+    assert data["contact"]["name"] == ALICE[1]
+    assert [t["number"] for t in data["tickets"]] == [first, second]
+    assert data["tickets"][0]["role"] == "requester"
+    texts = [a["text"] for t in data["tickets"] for a in t["articles"]]
+    assert any("nobody can log in" in t for t in texts)
+    attachment = data["tickets"][1]["articles"][0]["attachments"][0]
+    assert archive.read(attachment["file"]) == b"%PDF-1.4 Alice Martin's invoice"
+    everything = b"".join(archive.read(name) for name in archive.namelist()).lower()
+    for other in ("carol", "petit", "0470 12 34 56", "hank", "globex"):
+        assert other.encode() not in everything, other
+
+    # Carol's own export: copied on Alice's ticket; her article is there, Alice's name is not.
+    capsys.readouterr()
+    assert cli(inst, "gdpr", "export", CAROL[0]) == 0
+    carol = json.loads(capsys.readouterr().out)
+    assert [(t["number"], t["role"]) for t in carol["tickets"]] == [(first, "copied")]
+    assert any("0470 12 34 56" in a["text"] for a in carol["tickets"][0]["articles"])
+    assert "alice" not in json.dumps(carol).lower()
+
+
+# --- erasure (checklist 43) -------------------------------------------------------
+
+
+def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.daemon import start_daemon
+    from tests.smtp_sink import Sink
+
+    sink = Sink().start()
+    try:
+        daemon = start_daemon(tmp_path, sink, {"credits": {"enabled": False}})
+        with daemon.smtp() as smtp:
+            for mail in (with_attachment(message_id="e1@acme.example", subject="Broken export"),
+                         make_mail(message_id="e2@acme.example", subject="Second question",
+                                   to="support@example.com, carol@acme.example")):  # fmt: skip
+                smtp.send_message(mail)
+            # Two From fields: held as "ambiguous sender", with no sender recorded.
+            smtp.sendmail(ALICE[0], ["support@example.com"], two_froms("e3@acme.example"))
+        inst = daemon.inst
+        inst.app.send_outbox()
+        daemon.stop()
+    finally:
+        sink.stop()
+    with inst.session() as s:
+        outcomes = sorted(s.scalars(select(IngestRecord.outcome)))
+    assert outcomes == ["created", "created", "quarantined"]
+    log = daemon.log_file
+    assert ALICE[0] not in log.read_text()  # hashed from the start (no -v)
+    set_log_key(inst.app.log_key)
+    assert address_hasher(inst.app.log_key)(ALICE[0]) in log.read_text()
+    before = traces(inst, ALICE[0], log=log)
+    assert before, "the test would prove nothing"
+
+    capsys.readouterr()
+    assert cli(inst, "gdpr", "erase", ALICE[0]) == 1  # without --yes: only what it would do
+    assert "would erase: 2 ticket(s)" in capsys.readouterr().out
+    assert cli(inst, "gdpr", "erase", ALICE[0], "--yes") == 0
+    out = capsys.readouterr()
+    assert "erased: 2 ticket(s)" in out.out and "still lists this address" in out.err
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).select_from(Ticket)) == 2  # kept for ACME
+        assert s.scalar(select(func.count()).where(IngestRecord.outcome == "quarantined")) == 0
+        erasure = s.scalar(select(Erasure))
+        assert (erasure.tickets, erasure.records) == (2, 1)
+        carol = s.scalar(select(Contact).where(Contact.email == CAROL[0]))
+        assert carol is not None and carol.name == CAROL[1]  # Carol is not erased
+    assert traces(inst, *ALICE, "alice-invoice", log=log) == []
+    assert cli(inst, "gdpr", "export", ALICE[0]) == 1  # nothing left to export
+
+
+def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
+    import logging
+
+    record = logging.LogRecord("mailgate.x", logging.INFO, __file__, 1,
+                               "rejected %s", ("alice@acme.example",), None)  # fmt: skip
+    record.mailgate = {"sender": "Alice@Acme.example"}
+    setup_logging("text", verbose=False)
+    set_log_key(b"k" * 32)
+    line = TextFormatter().format(record)
+    hashed = address_hasher(b"k" * 32)("alice@acme.example")
+    assert "alice@acme.example" not in line.lower() and line.count(hashed) == 2
+    setup_logging("text", verbose=True)
+    assert "alice@acme.example" in TextFormatter().format(record)
+    setup_logging("text", verbose=False)  # the rest of the suite as before
+    inst = install_at(tmp_path, Clockwork())
+    out = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "gdpr",
+         "log-hash", "Alice@acme.example"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == address_hasher(inst.app.log_key)("alice@acme.example")
+
+
+def test_erasing_someone_unknown_or_staff_is_refused(inst: Installation) -> None:
+    assert cli(inst, "gdpr", "erase", "nobody@nowhere.example", "--yes") == 1
+    assert cli(inst, "gdpr", "erase", "bob@support.example", "--yes") == 1
+
+
+def test_settings_name_an_unknown_organisation_in_retention(tmp_path: Path) -> None:
+    inst = install_at(tmp_path, Clockwork(), deep_update(
+        {"retention": {"organisations": {"acmee": {"closed_days": 10}}}}, {}))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "check"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and "retention.organisations: acmee" in out.stdout + out.stderr
