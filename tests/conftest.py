@@ -38,8 +38,8 @@ from mailgate.pipeline.process import Result, process
 from mailgate.store.db import make_engine, upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
-# The storage, pipeline and SLA tests: what must behave the same on both databases.
-BOTH_DATABASES = {"test_store", "test_pipeline", "test_sla", "test_postgres"}
+# The storage, pipeline, SLA and data-protection tests: what must behave the same on both databases.
+BOTH_DATABASES = {"test_store", "test_pipeline", "test_sla", "test_privacy"}
 NOW = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from mailgate.cli import main
 from mailgate.observability import TextFormatter, address_hasher, set_log_key, setup_logging
@@ -61,17 +61,29 @@ def cli(inst: Installation, *args: str) -> int:
 
 
 def traces(inst: Installation, *needles: str, log: Path | None = None) -> list[str]:
-    """Files (database, data_dir, log) whose bytes contain any needle, any case."""
+    """Files (database, data_dir, log) whose bytes contain any needle, any case.
+    On PostgreSQL, the database's part is a data dump and every bytea value."""
+    contents = {}
+    if inst.app.engine.dialect.name == "postgresql":
+        contents["pg_dump"] = pg_dump(inst.app.settings.database_url)
+        with inst.app.engine.connect() as conn:
+            for table, column in (("blobs", "data"), ("outbox", "data")):
+                rows = conn.execute(text(f"SELECT {column} FROM {table}"))
+                contents[f"{table}.{column}"] = b"\n".join(bytes(r[0] or b"") for r in rows)
     inst.app.engine.dispose()  # SQLite checkpoints its WAL into the file
     files = [p for p in (inst.root / "var").rglob("*") if p.is_file()]
-    if log is not None:
-        files.append(log)
-    found = []
-    for path in files:
-        data = path.read_bytes().lower()
-        found += [f"{path.relative_to(inst.root)}: {n}" for n in needles
-                  if n.lower().encode() in data]  # fmt: skip
-    return found
+    files += [log] if log is not None else []
+    contents |= {str(p.relative_to(inst.root.parent)): p.read_bytes() for p in files}
+    return [f"{where}: {n}" for where, data in contents.items() for n in needles
+            if n.lower().encode() in data.lower()]  # fmt: skip
+
+
+def pg_dump(url: str) -> bytes:
+    from tests.postgres import _bin
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    return subprocess.run([_bin("pg_dump"), "--data-only", dsn], check=True,
+                          capture_output=True, timeout=60).stdout  # fmt: skip
 
 
 def with_attachment(**kwargs: Any) -> EmailMessage:
@@ -317,7 +329,8 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
 
     sink = Sink().start()
     try:
-        daemon = start_daemon(tmp_path, sink, {"credits": {"enabled": False}})
+        daemon = start_daemon(tmp_path, sink)
+        assert cli(daemon.inst, "credits", "add", "acme", "10h") == 0
         with daemon.smtp() as smtp:
             for mail in (with_attachment(message_id="e1@acme.example", subject="Broken export"),
                          make_mail(message_id="e2@acme.example", subject="Second question",
@@ -337,8 +350,8 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
     assert ALICE[0] not in log.read_text()  # hashed from the start (no -v)
     set_log_key(inst.app.log_key)
     assert address_hasher(inst.app.log_key)(ALICE[0]) in log.read_text()
-    before = traces(inst, ALICE[0], log=log)
-    assert before, "the test would prove nothing"
+    assert traces(inst, ALICE[0], log=log), "the test would prove nothing"
+    before = totals(inst, capsys)
 
     capsys.readouterr()
     assert cli(inst, "gdpr", "erase", ALICE[0]) == 1  # without --yes: only what it would do
@@ -354,6 +367,7 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
         carol = s.scalar(select(Contact).where(Contact.email == CAROL[0]))
         assert carol is not None and carol.name == CAROL[1]  # Carol is not erased
     assert traces(inst, *ALICE, "alice-invoice", log=log) == []
+    assert totals(inst, capsys) == before
     assert cli(inst, "gdpr", "export", ALICE[0]) == 1  # nothing left to export
 
 
