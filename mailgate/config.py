@@ -86,6 +86,8 @@ class SmtpIntake(Strict):
     command_call_limit: int = Field(20, gt=0)
     max_messages_per_connection: int = Field(100, gt=0)
     max_parallel_messages: int = Field(4, gt=0)  # pipeline runs at once; others wait
+    # Mail held in memory at once, received and being parsed (intake/budget.py).
+    memory_budget_mb: int = Field(256, ge=16)
     # Answer 451 when the pipeline takes longer (RFC 5321 clients give up after 10 min).
     reply_timeout_seconds: int = Field(120, gt=0)
     shutdown_grace_seconds: int = Field(20, gt=0)  # in-flight messages may finish on SIGTERM

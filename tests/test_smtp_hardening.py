@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import ssl
 import time
@@ -146,3 +147,28 @@ def test_bare_line_ends_never_end_data_early(tmp_path: Path, sink: Sink, separat
         assert tickets(daemon) == ["first"]  # one message, never two
     finally:
         daemon.stop()
+
+
+def test_large_messages_take_turns_within_the_memory_budget() -> None:
+    """The second 25 MB message waits for the first one's share; small ones do not."""
+    from mailgate.intake.budget import MemoryBudget, declared_size
+
+    async def scenario() -> list[str]:
+        budget = MemoryBudget(256 * 1024 * 1024)
+        big = budget.cost(declared_size(["SIZE=25000000", "BODY=8BITMIME"]))
+        small = budget.cost(declared_size(["BODY=8BITMIME"]))  # undeclared: 1 MB assumed
+        assert (big, small) == (250_000_000, 10_000_000)
+        order: list[str] = []
+        await budget.reserve(big)
+        waiting = asyncio.create_task(budget.reserve(big))
+        await budget.reserve(small)  # fits beside the first large one
+        order.append("small")
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await budget.release(big)
+        await asyncio.wait_for(waiting, 1)
+        order.append("second large")
+        assert budget.cost(10**9) == budget.limit  # larger than the budget: goes alone
+        return order
+
+    assert asyncio.run(scenario()) == ["small", "second large"]

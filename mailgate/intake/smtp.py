@@ -11,7 +11,8 @@
   message is recognised as a duplicate.
 - Limits: recipients per message (452 4.5.3 beyond), connections in total
   and per client address (421 4.7.0 beyond), a call budget per command
-  (421), and aiosmtpd's timeout, which also bounds a DATA transfer.
+  (421), and aiosmtpd's timeout, which also bounds a DATA transfer. Large
+  messages take turns within `memory_budget_mb` (budget.py).
 - Optional STARTTLS (the operator's certificate and key) and AUTH, only over
   TLS, for a trusted relay.
 
@@ -38,6 +39,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailgate.app import App
 from mailgate.config import SmtpIntake as SmtpSettings
+from mailgate.intake.budget import MemoryBudget, declared_size
 from mailgate.intake.faults import Fault, in_pipeline
 from mailgate.pipeline.message import Envelope as MailEnvelope
 from mailgate.pipeline.process import Result, TemporaryFailure, process
@@ -167,6 +169,16 @@ class Connection(SMTP):
             status = _ENHANCED_REPLIES.get(status, status)
         await super().push(status)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # Before the 354: a large message waits here for its share of memory.
+        options = self.envelope.mail_options if self.envelope else []
+        cost = self.intake.budget.cost(declared_size(options))
+        await self.intake.budget.reserve(cost)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            await self.intake.budget.release(cost)
+
     async def _handle_client(self) -> None:
         # aiosmtpd's per-session coroutine (private, but the one place that
         # runs once per connection before the greeting): admit or refuse here.
@@ -208,6 +220,7 @@ class SmtpListener:
         self.users = _load_users(settings.auth_users_file, base_dir)
         self.servers: list[asyncio.Server] = []
         self.closing = False
+        self.budget = MemoryBudget(settings.memory_budget_mb * 1024 * 1024)
 
     async def start(self) -> list[tuple[str, int]]:
         """Listen on `port`, and with implicit TLS on `tls_port` when set; the addresses."""
