@@ -484,6 +484,11 @@ auth_verbose = yes
   args = uid={uid} gid={gid} home={root / "home"}/%u
 }}
 mail_location = maildir:{root / "mail"}/%u
+# The default 10 sessions per user and address: a test's slow proxy holds each
+# upstream session until its trickle ends, and the test's own checks log in too.
+protocol imap {{
+  mail_max_userip_connections = 100
+}}
 namespace inbox {{
   inbox = yes
   separator = /
