@@ -145,43 +145,18 @@ class Daemon:
             next_run_time=datetime.now(UTC),  # a first status line right away
         )
         scheduler.add_job(self.check_leadership, "interval", seconds=LEADERSHIP_SECONDS)
-        scheduler.add_job(
-            self.lifecycle_sweep,
-            "interval",
-            id="lifecycle",
-            seconds=LIFECYCLE_SECONDS,
-            next_run_time=datetime.now(UTC),  # what fell due while we were down
-        )
-        if settings.credits.enabled:
-            scheduler.add_job(
-                self.credits_sweep,
-                "interval",
-                id="credits",
-                seconds=CREDITS_SECONDS,
-                next_run_time=datetime.now(UTC),  # expiries that fell due while we were down
-                max_instances=1,
-                coalesce=True,
-            )
-        if settings.retention.enabled:
-            scheduler.add_job(
-                self.retention_run,
-                "interval",
-                id="retention",
-                seconds=RETENTION_SECONDS,
-                next_run_time=datetime.now(UTC),
-                max_instances=1,
-                coalesce=True,
-            )
-        if settings.sla.enabled:
-            scheduler.add_job(
-                self.sla_sweep,
-                "interval",
-                id="sla",
-                seconds=settings.sla.sweep_seconds,
-                next_run_time=datetime.now(UTC),
-                max_instances=1,  # a slow sweep is not run twice at once
-                coalesce=True,
-            )
+        # The leader's jobs: each runs at start (what fell due while we were down),
+        # then on its interval; a slow run is never run twice at once.
+        for job, enabled, seconds, run in (
+            ("lifecycle", True, LIFECYCLE_SECONDS, sweep),
+            ("credits", settings.credits.enabled, CREDITS_SECONDS, credits_sweep),
+            ("retention", settings.retention.enabled, RETENTION_SECONDS, retention_run),
+            ("sla", settings.sla.enabled, settings.sla.sweep_seconds, sla_sweep),
+        ):
+            if enabled:
+                scheduler.add_job(self._sweep, "interval", args=(job, run), id=job,
+                                  seconds=seconds, next_run_time=datetime.now(UTC),
+                                  max_instances=1, coalesce=True)  # fmt: skip
         scheduler.start()
         if (interval := systemd_notify.watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
@@ -259,18 +234,6 @@ class Daemon:
         self.mailboxes = []
         if self.leadership is not None:
             await asyncio.to_thread(self.leadership.release)
-
-    async def lifecycle_sweep(self) -> None:
-        await self._sweep("lifecycle", sweep)
-
-    async def sla_sweep(self) -> None:
-        await self._sweep("sla", sla_sweep)
-
-    async def credits_sweep(self) -> None:
-        await self._sweep("credits", credits_sweep)
-
-    async def retention_run(self) -> None:
-        await self._sweep("retention", retention_run)
 
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         if not self.leading:

@@ -69,6 +69,18 @@ def tickets_of(session: Session, email: str) -> list[Ticket]:
     return sorted(found.values(), key=lambda t: t.id)
 
 
+def stored_about(
+    session: Session, email: str
+) -> tuple[Contact | None, list[Ticket], list[IngestRecord]]:
+    """The contact record, the tickets and the mail received from the person."""
+    contact = session.scalar(select(Contact).where(Contact.email == email))
+    tickets = tickets_of(session, email)
+    records = list(session.scalars(select(IngestRecord).where(IngestRecord.sender == email)))
+    if contact is None and not tickets and not records:
+        raise UnknownPerson(f"nothing is stored about {email}")
+    return contact, tickets, records
+
+
 # --- export -----------------------------------------------------------------------
 
 
@@ -77,11 +89,7 @@ def export(app: App, email: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     email = email.lower()
     files: dict[str, bytes] = {}
     with app.sessions() as session:
-        contact = session.scalar(select(Contact).where(Contact.email == email))
-        tickets = tickets_of(session, email)
-        records = list(session.scalars(select(IngestRecord).where(IngestRecord.sender == email)))
-        if contact is None and not tickets and not records:
-            raise UnknownPerson(f"nothing is stored about {email}")
+        contact, tickets, records = stored_about(session, email)
         staff = keep_addresses(session, app.settings.support_address)
         others = _others(session, tickets, email, staff)
         data: dict[str, Any] = {
@@ -221,11 +229,7 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
     email = email.lower()
     report = ErasureReport()
     with app.sessions() as session:
-        contact = session.scalar(select(Contact).where(Contact.email == email))
-        tickets = tickets_of(session, email)
-        records = list(session.scalars(select(IngestRecord).where(IngestRecord.sender == email)))
-        if contact is None and not tickets and not records:
-            raise UnknownPerson(f"nothing is stored about {email}")
+        contact, tickets, records = stored_about(session, email)
         if email in keep_addresses(session, app.settings.support_address):
             raise UnknownPerson(f"{email} is staff: remove them from the directory instead")
         report.contact = contact is not None
