@@ -366,6 +366,8 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
         assert (erasure.tickets, erasure.records) == (2, 1)
         carol = s.scalar(select(Contact).where(Contact.email == CAROL[0]))
         assert carol is not None and carol.name == CAROL[1]  # Carol is not erased
+        # The sending host (a home server can name a person) is not kept either.
+        assert all("client_address" not in e for e in s.scalars(select(IngestRecord.envelope)))
     assert traces(inst, *ALICE, "alice-invoice", log=log) == []
     assert totals(inst, capsys) == before
     assert cli(inst, "gdpr", "export", ALICE[0]) == 1  # nothing left to export

@@ -124,7 +124,11 @@ def forget_record(record: IngestRecord, names: Pseudonyms, done: Forgotten) -> N
     record.subject = names.text(record.subject) or ""
     record.message_id = names.text(record.message_id)
     record.reason = names.text(record.reason) or ""
-    record.envelope = _json_text(record.envelope, names)
+    # The sending host's address and name can point at a person too (a home server).
+    envelope = _json_text(record.envelope, names)
+    if isinstance(envelope, dict):
+        envelope = {k: v for k, v in envelope.items() if k not in ("client_address", "helo")}
+    record.envelope = envelope
 
 
 def forget_outbox(session: Session, mail: OutboxMail, names: Pseudonyms) -> None:
