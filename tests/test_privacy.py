@@ -285,7 +285,8 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
     inst = install(settings=OUTSIDE)
     # Alice's own ticket, which copies Carol; Carol answers on it.
     mine = make_mail(to="support@example.com, Carol Petit <carol@acme.example>",
-                     message_id="mine@acme.example", subject="Export fails")  # fmt: skip
+                     message_id="mine@acme.example", subject="Export fails",
+                     body="Nobody can log in; carol sees it too.\n")  # fmt: skip
     first = inst.ingest(mine).ticket
     inst.ingest(reply_to(mine, sender="Carol Petit <carol@acme.example>",
                          body="Carol here: same for me, call me on 0470 12 34 56.\n",
@@ -302,7 +303,7 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
     assert [t["number"] for t in data["tickets"]] == [first, second]
     assert data["tickets"][0]["role"] == "requester"
     texts = [a["text"] for t in data["tickets"] for a in t["articles"]]
-    assert any("nobody can log in" in t for t in texts)
+    assert "Nobody can log in; someone else sees it too.\n" in texts  # her first name, any case
     attachment = data["tickets"][1]["articles"][0]["attachments"][0]
     assert archive.read(attachment["file"]) == b"%PDF-1.4 Alice Martin's invoice"
     everything = b"".join(archive.read(name) for name in archive.namelist()).lower()

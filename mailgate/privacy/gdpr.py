@@ -40,7 +40,7 @@ from mailgate.privacy.forget import (
     forget_ticket,
     keep_addresses,
 )
-from mailgate.privacy.pseudonyms import ADDRESS, Pseudonyms
+from mailgate.privacy.pseudonyms import Pseudonyms
 from mailgate.store.db import forget_old_pages
 from mailgate.store.models import Contact, Erasure, IngestRecord, OutboxMail, Ticket
 
@@ -91,7 +91,7 @@ def export(app: App, email: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     with app.sessions() as session:
         contact, tickets, records = stored_about(session, email)
         staff = keep_addresses(session, app.settings.support_address)
-        others = _others(session, tickets, email, staff)
+        others = _others(app, session, tickets, email, staff)
         data: dict[str, Any] = {
             "address": email,
             "contact": None
@@ -117,38 +117,27 @@ def export(app: App, email: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     return data, files
 
 
-def _others(session: Session, tickets: list[Ticket], email: str, staff: frozenset[str]) -> Any:
-    """Replaces every other customer's address and name by "someone else"."""
-    names: dict[str, str] = {}
+def _others(
+    app: App, session: Session, tickets: list[Ticket], email: str, staff: frozenset[str]
+) -> Pseudonyms:
+    """Every other customer's address and name (any part of it) reads "someone else"."""
+    others = Pseudonyms(keep=staff | {email}, keep_domain=app.settings.support_domain,
+                        anonymous=SOMEONE_ELSE)  # fmt: skip
     for ticket in tickets:
+        for contact in session.scalars(
+            select(Contact).where(Contact.organisation_id == ticket.organisation_id)
+        ):
+            if contact.email != email:
+                others.forget(contact.email, contact.name)
         for article in ticket.articles:
             author = (article.author_email or "").lower()
-            if author and author != email and author not in staff and article.author_name:
-                names[article.author_name] = SOMEONE_ELSE
-        for contact in session.scalars(
-            select(Contact).where(
-                Contact.organisation_id == ticket.organisation_id, Contact.email != email
-            )
-        ):
-            if contact.name:
-                names[contact.name] = SOMEONE_ELSE
-
-    class Others:
-        @staticmethod
-        def text(value: str | None) -> str | None:
-            if not value:
-                return value
-            value = ADDRESS.sub(lambda m: m.group(0) if m.group(0).lower() in (email, *staff)
-                                else SOMEONE_ELSE, value)  # fmt: skip
-            for name in sorted(names, key=len, reverse=True):
-                value = value.replace(name, SOMEONE_ELSE)
-            return value
-
-    return Others()
+            if author and others.applies_to(author):
+                others.forget(author, article.author_name)
+    return others
 
 
 def _ticket(
-    app: App, ticket: Ticket, email: str, staff: frozenset[str], others: Any,
+    app: App, ticket: Ticket, email: str, staff: frozenset[str], others: Pseudonyms,
     files: dict[str, bytes],
 ) -> dict[str, Any]:  # fmt: skip
     articles = []

@@ -30,6 +30,8 @@ class Pseudonyms:
     keep: frozenset[str] = frozenset()
     keep_domain: str = ""
     forget_everyone: bool = True  # False: only the addresses given to `forget`
+    # One phrase for everyone instead of numbered pseudonyms (an export's "someone else").
+    anonymous: str | None = None
     _addresses: dict[str, str] = field(default_factory=dict)
     _names: dict[str, str] = field(default_factory=dict)
 
@@ -46,7 +48,7 @@ class Pseudonyms:
             return address
         found = self._addresses.get(key)
         if found is None:
-            found = f"person-{len(self._addresses) + 1}@{PSEUDONYM_DOMAIN}"
+            found = self.anonymous or f"person-{len(self._addresses) + 1}@{PSEUDONYM_DOMAIN}"
             self._addresses[key] = found
         return found
 
@@ -76,7 +78,7 @@ class Pseudonyms:
         return self.address(found) if self.applies_to(found) else found
 
     def _name_for(self, pseudonym: str) -> str:
-        return "Person " + pseudonym.split("@")[0].removeprefix("person-")
+        return self.anonymous or "Person " + pseudonym.split("@")[0].removeprefix("person-")
 
     def _name_patterns(self) -> list[tuple[re.Pattern[str], str]]:
         """The full names first, then each part long enough to be a name on its own."""
