@@ -52,6 +52,7 @@ class AdvisoryLock:
         self._key = key
         self._conn: Connection | None = None
         self._guard = threading.Lock()
+        self._unreachable = False  # said once per outage, not every few seconds
 
     def acquire(self) -> bool:
         with self._guard:
@@ -60,6 +61,7 @@ class AdvisoryLock:
                     self._conn.execute(text("SELECT 1"))  # still connected: still ours
                     return True
                 conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._unreachable = False
                 got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key})
                 if got.scalar():
                     self._conn = conn
@@ -67,7 +69,9 @@ class AdvisoryLock:
                 conn.close()
                 return False
             except DBAPIError as exc:
-                log.warning("leadership: database unreachable (%s)", str(exc).splitlines()[0])
+                if not self._unreachable:
+                    log.warning("leadership: database unreachable (%s)", str(exc).splitlines()[0])
+                self._unreachable = True
                 self._drop()
                 return False
 
