@@ -37,7 +37,7 @@ class RunningDaemon:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def wait_for_log(self, text: str, timeout: float = 10) -> None:
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if text in self.log():
