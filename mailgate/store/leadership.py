@@ -22,6 +22,7 @@ transaction that queues it (sla/sweep.py), so an overlap sends nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -77,6 +78,11 @@ class AdvisoryLock:
 
     def release(self) -> None:
         with self._guard:
+            if self._conn is not None:
+                # Unlocked now, not when the server notices the closed connection
+                # (its backend exits a moment later): a standby may take over at once.
+                with contextlib.suppress(DBAPIError):
+                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
             self._drop()
 
     def _drop(self) -> None:
