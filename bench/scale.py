@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 from ingest import directory, generate  # bench/ is on sys.path
-from smtp import free_port
+from smtp import free_port, start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,21 +72,6 @@ def install(work: Path, settings: dict[str, Any]) -> Path:
     return work / "settings.yaml"
 
 
-def start(config: Path) -> Any:
-    import subprocess
-
-    log = config.parent / "daemon.log"
-    cmd = [sys.executable, "-m", "mailgate", "--config", str(config), "run"]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    deadline = time.monotonic() + 60
-    while b"mailgate running" not in log.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"daemon did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return proc
-
-
 def stop(proc: Any) -> None:
     import signal
 
@@ -115,7 +100,7 @@ def throughput(work: Path, messages: list[bytes], url: str | None, instances: in
         }
         if url:
             settings["database_url"] = url
-        procs.append(start(install(work / f"i{i}", settings)))
+        procs.append(start_daemon(install(work / f"i{i}", settings).parent))
     shares = [messages[i::CONNECTIONS] for i in range(CONNECTIONS)]
     threads = [threading.Thread(target=send, args=(ports[i % instances], share))
                for i, share in enumerate(shares)]  # fmt: skip
@@ -200,26 +185,28 @@ def fill(app: Any, articles: int) -> None:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
 
 
+def admin_mail(subject: str, local_id: str, body: str) -> EmailMessage:
+    """From an admin of the bench directory (bench/ingest.py) to support."""
+    msg = EmailMessage()
+    msg["From"] = "Admin <admin0@org1.example>"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{local_id}@org1.example>"
+    msg.set_content(body)
+    return msg
+
+
 def time_lookups(app: Any, rounds: int, tag: str) -> dict[str, float]:
     """Median ms for a threaded reply and for a duplicate delivery."""
     from mailgate.pipeline.process import process
 
     reply_ms, duplicate_ms = [], []
     for i in range(rounds):
-        first = EmailMessage()
-        first["From"] = "Admin <admin0@org1.example>"
-        first["To"] = "support@example.com"
-        first["Subject"] = f"lookup {tag} {i}"
-        first["Message-ID"] = f"<lk-{tag}-{i}@org1.example>"
-        first.set_content("Hello,\nthe export fails.\n")
+        first = admin_mail(f"lookup {tag} {i}", f"lk-{tag}-{i}", "Hello,\nthe export fails.\n")
         process(app, first.as_bytes())
-        reply = EmailMessage()
-        reply["From"] = "Admin <admin0@org1.example>"
-        reply["To"] = "support@example.com"
-        reply["Subject"] = "more details"  # no tag: found by In-Reply-To only
-        reply["Message-ID"] = f"<lk-{tag}-{i}-r@org1.example>"
+        # No tag in the subject: found by In-Reply-To only.
+        reply = admin_mail("more details", f"lk-{tag}-{i}-r", "It fails at 80 %.\n")
         reply["In-Reply-To"] = first["Message-ID"]
-        reply.set_content("It fails at 80 %.\n")
         t = time.perf_counter()
         result = process(app, reply.as_bytes())
         reply_ms.append((time.perf_counter() - t) * 1000)
@@ -266,12 +253,7 @@ def bench_lookups(articles: int, cluster: Cluster, tmp: Path) -> dict[str, Any]:
 
 
 def big_message(i: int, size: int) -> bytes:
-    msg = EmailMessage()
-    msg["From"] = "Admin <admin0@org1.example>"
-    msg["To"] = "support@example.com"
-    msg["Subject"] = f"big attachment {i}"
-    msg["Message-ID"] = f"<big-{i}@org1.example>"
-    msg.set_content("The logs are attached.\n")
+    msg = admin_mail(f"big attachment {i}", f"big-{i}", "The logs are attached.\n")
     # Base64 grows the payload by a third: the whole message is `size` bytes.
     msg.add_attachment(os.urandom(size * 3 // 4 - 4096), maintype="application",
                        subtype="octet-stream", filename=f"logs-{i}.bin")  # fmt: skip
@@ -296,7 +278,7 @@ def bench_memory(cluster: Cluster, tmp: Path, size: int = 25_000_000) -> dict[st
         }
         if backend == "postgresql":
             settings["database_url"] = cluster.fresh_database()
-        proc = start(install(tmp / f"memory-{backend}", settings))
+        proc = start_daemon(install(tmp / f"memory-{backend}", settings).parent)
         idle = peak_rss_mb(proc.pid)
         threads = [threading.Thread(target=send, args=(port, [raw])) for raw in messages]
         for t in threads:

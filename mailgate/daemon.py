@@ -42,6 +42,7 @@ from mailgate.observability import Metrics, set_log_key
 from mailgate.outbound.outbox import next_attempt
 from mailgate.privacy.retention import run as retention_run
 from mailgate.sla.sweep import sweep as sla_sweep
+from mailgate.store.db import unavailable
 from mailgate.store.leadership import Leadership, leadership_for
 from mailgate.store.models import OutboxMail
 from mailgate.tickets.sweep import sweep
@@ -79,7 +80,7 @@ class OutboxSender:
             try:
                 await self._loop.run_in_executor(self._pool, self._send_all_due)
             except DBAPIError as exc:  # down or restarting: an operator sees one line
-                log.warning("outbox round: %s; retrying at the next wake-up", _unavailable(exc))
+                log.warning("outbox round: %s; retrying at the next wake-up", unavailable(exc))
             except Exception:  # noqa: BLE001 - the sender must outlive one bad round
                 log.exception("outbox round failed; retrying at the next wake-up")
 
@@ -243,7 +244,7 @@ class Daemon:
         try:
             await asyncio.to_thread(job, app, app.clock())
         except DBAPIError as exc:
-            log.warning("%s sweep: %s; the next run retries", name, _unavailable(exc))
+            log.warning("%s sweep: %s; the next run retries", name, unavailable(exc))
         except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
             log.exception("%s sweep failed", name)
         log.debug("%s sweep done", name)
@@ -261,8 +262,8 @@ class Daemon:
         try:
             queued = await asyncio.get_running_loop().run_in_executor(None, depth)
         except DBAPIError as exc:
-            log.warning("housekeeping: %s", _unavailable(exc))
-            systemd_notify.status(f"serving; {_unavailable(exc)}")
+            log.warning("housekeeping: %s", unavailable(exc))
+            systemd_notify.status(f"serving; {unavailable(exc)}")
             return
         systemd_notify.status(self.status_line(queued))
 
@@ -315,10 +316,6 @@ def _check_tls_files(settings: Settings) -> None:
             raise ConfigError(
                 [f"intake.smtp.tls_cert_file/tls_key_file: cannot load the certificate: {exc}"]
             ) from None
-
-
-def _unavailable(exc: DBAPIError) -> str:
-    return "database unavailable: " + str(exc.orig or exc).strip().splitlines()[0]
 
 
 def _start_metrics(settings: Settings) -> Metrics | None:

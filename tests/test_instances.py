@@ -30,7 +30,13 @@ from tests.conftest import NO_LOOP_LIMITS, Clockwork, deep_update, install_at, m
 from tests.daemon import launch, start_daemon
 from tests.postgres import Cluster, start_postgres
 from tests.smtp_sink import Sink, free_port
-from tests.test_daemon_crash import FAULT_LINE, deliver_once, records_per_message
+from tests.test_daemon_crash import (
+    FAULT_LINE,
+    deliver_once,
+    records_per_message,
+    stored_message_ids,
+)
+from tests.test_imap import PROCESSED, eventually, held, mail, settings_for
 
 LOAD: dict[str, Any] = deep_update(
     {"intake": {"smtp": {"max_connections": 200, "max_connections_per_client": 200}}},
@@ -42,15 +48,6 @@ def instance_settings(url: str, shared: Path, **more: Any) -> dict[str, Any]:
     """One instance of a deployment: the common database and token key."""
     common = {"database_url": url, "tickets": {"secret_file": str(shared / "secret.key")}}
     return deep_update(deep_update(common, LOAD), more)
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 # --- leadership, unit by unit -------------------------------------------------
@@ -77,7 +74,7 @@ def test_one_advisory_lock_holder_at_a_time_and_a_lost_connection_steps_down(
         assert not second.acquire()
         # The terminated backend drops its locks as it exits, a moment later: the
         # standby's next polls (every 5 s in the daemon) find the lock free.
-        wait_until(first.acquire, 10, "the lock freed by the terminated leader")
+        eventually(first.acquire, timeout=10, what="the lock freed by the terminated leader")
     finally:
         first.release()
         second.release()
@@ -141,14 +138,14 @@ def test_two_instances_send_each_of_1000_due_reminders_once_across_a_leader_kill
             kinds = OutboxMail.kind.in_(("sla_reminder", "sla_breach"))
             return s.scalar(select(func.count()).where(kinds)) or 0
 
-    wait_until(lambda: queued() > 0, 60, "the leader's sweep queues reminders")
+    eventually(lambda: queued() > 0, timeout=60, what="the leader's sweep queues reminders")
     leader.proc.kill()
     killed_at = queued()
     assert "leading:" not in standby.log()  # it never led while the other lived
     took_over = time.monotonic()
     standby.wait_for_log("leading:", timeout=30)
     print(f"takeover after {time.monotonic() - took_over:.1f} s; {killed_at} queued by then")
-    wait_until(lambda: "sla sweep done" in standby.log(), 60, "the new leader sweeps")
+    eventually(lambda: "sla sweep done" in standby.log(), timeout=60, what="the new leader sweeps")
     standby.stop()
     # Its sweeps all began after it took the lead, i.e. after the leader died.
     log = standby.log()
@@ -247,16 +244,8 @@ def test_sigkill_one_of_two_instances_20_times_under_1000_messages(
 
     assert sorted(outcome) == sorted(mids), f"{len(outcome)} of {MESSAGES} acknowledged"
     records = records_per_message(inst)
+    stored = Counter(stored_message_ids(b))
     with inst.session() as s:
-        stored = Counter(
-            dict(
-                s.execute(
-                    select(IngestRecord.message_id, func.count())
-                    .where(IngestRecord.outcome != "duplicate")
-                    .group_by(IngestRecord.message_id)
-                ).all()
-            )
-        )
         tickets = s.scalar(select(func.count()).select_from(Ticket))
         acks = Counter(
             dict(
@@ -343,9 +332,11 @@ def test_postgres_stopped_mid_intake_answers_451_and_stores_once_after_restart(
     threads = [threading.Thread(target=session, daemon=True) for _ in range(10)]
     for t in threads:
         t.start()
-    wait_until(lambda: len(stored) >= 30, 60, "the first messages stored")
+    eventually(lambda: len(stored) >= 30, timeout=60, what="the first messages stored")
     own_cluster.stop(mode="immediate")
-    wait_until(lambda: any(code == 451 for code, _ in replies), 30, "a 451 while it is down")
+    eventually(
+        lambda: any(code == 451 for code, _ in replies), timeout=30, what="a 451 while it is down"
+    )
     time.sleep(2)
     own_cluster.start()
     for t in threads:
@@ -358,14 +349,7 @@ def test_postgres_stopped_mid_intake_answers_451_and_stores_once_after_restart(
     assert tempfails and all(re.match(rb"4\.3\.\d", r) for r in tempfails), tempfails[:3]
     assert "Traceback" not in daemon.log()
     assert sorted(stored) == sorted(mids)
-    with daemon.inst.session() as s:
-        counts = dict(
-            s.execute(
-                select(IngestRecord.message_id, func.count())
-                .where(IngestRecord.outcome != "duplicate")
-                .group_by(IngestRecord.message_id)
-            ).all()
-        )
+    counts = stored_message_ids(daemon)
     assert {m for m in mids if counts.get(m) != 1} == set()
     print(f"replies: {dict(codes)}")
 
@@ -408,7 +392,7 @@ def test_relay_down_then_both_instances_drain_the_outbox_once(
     assert total >= 80 and unsent() == total  # acknowledgements and staff notices
     sink = Sink().start(relay_port)
     try:
-        wait_until(lambda: unsent() == 0, 60, "the outbox drains")
+        eventually(lambda: unsent() == 0, timeout=60, what="the outbox drains")
         for daemon in daemons:
             daemon.stop()
         ids = Counter(str(m["Message-ID"]) for m in sink.messages())
@@ -427,7 +411,6 @@ def test_only_the_leader_polls_imap_and_a_standby_takes_over(
     tmp_path: Path, postgres: Cluster
 ) -> None:
     from tests.dovecot import start_dovecot
-    from tests.test_imap import PROCESSED, held, mail, settings_for
 
     server = start_dovecot(tmp_path / "dovecot")
     try:
@@ -438,13 +421,15 @@ def test_only_the_leader_polls_imap_and_a_standby_takes_over(
         leader, standby = sorted(daemons, key=lambda d: "leading:" not in d.log())
         for n in range(3):
             server.append(mail(n))
-        wait_until(lambda: held(server, PROCESSED) == 3, 30, "the leader files 3 mails")
+        eventually(
+            lambda: held(server, PROCESSED) == 3, timeout=30, what="the leader files 3 mails"
+        )
         assert "imap " in leader.log() and "imap " not in standby.log()
         leader.proc.kill()
         died = time.monotonic()
         for n in range(3, 6):
             server.append(mail(n))
-        wait_until(lambda: held(server, PROCESSED) == 6, 30, "the standby takes over")
+        eventually(lambda: held(server, PROCESSED) == 6, timeout=30, what="the standby takes over")
         print(f"IMAP taken over and 3 mails filed {time.monotonic() - died:.1f} s after the kill")
         standby.stop()
         with standby.inst.session() as s:

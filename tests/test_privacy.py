@@ -210,7 +210,7 @@ def test_a_retention_run_killed_half_way_finishes_without_doing_anything_twice(
         numbers.append(inst.ingest(mail).ticket)
         close(inst, numbers[-1])
     clock.now = NOW + timedelta(days=400)
-    real, calls = retention.drop_blobs, []
+    real, calls = retention.drop_unreferenced, []
 
     def killed_on_the_third(*args: Any) -> int:
         calls.append(1)
@@ -219,10 +219,10 @@ def test_a_retention_run_killed_half_way_finishes_without_doing_anything_twice(
             raise KeyboardInterrupt  # ...and the run dies before that ticket commits
         return dropped
 
-    monkeypatch.setattr(retention, "drop_blobs", killed_on_the_third)
+    monkeypatch.setattr(retention, "drop_unreferenced", killed_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         retention.run(inst.app, clock.now)
-    monkeypatch.setattr(retention, "drop_blobs", real)
+    monkeypatch.setattr(retention, "drop_unreferenced", real)
     with inst.session() as s:
         done = set(s.scalars(select(Ticket.number).where(Ticket.anonymised_at.is_not(None))))
     assert done == set(numbers[:2])

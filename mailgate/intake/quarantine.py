@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import RELEASE, Result, process
-from mailgate.store.models import Article, IngestRecord
+from mailgate.store.blobs import drop_unreferenced
+from mailgate.store.models import IngestRecord
 
 
 class NotQuarantined(Exception):
@@ -83,10 +84,8 @@ def delete(app: App, record_id: int, *, now: datetime) -> None:
         record.outcome = "deleted"
         record.reason = f"deleted by an operator on {now:%Y-%m-%d %H:%M} UTC; was: {record.reason}"
         record.raw_sha256 = None
-        session.flush()
         # The same bytes may also be another record's or an article's.
-        if sha and not _referenced(session, sha):
-            app.blobs.delete(sha)
+        drop_unreferenced(session, app.blobs, [sha] if sha else [])
 
 
 def _quarantined(session: Session, record_id: int) -> IngestRecord:
@@ -127,9 +126,3 @@ def _envelope(stored: dict[str, Any]) -> Envelope:
         client_address=stored.get("client_address"),
         helo=stored.get("helo"),
     )
-
-
-def _referenced(session: Session, sha: str) -> bool:
-    in_records = select(func.count()).where(IngestRecord.raw_sha256 == sha)
-    in_articles = select(func.count()).where(Article.raw_sha256 == sha)
-    return bool(session.scalar(in_records)) or bool(session.scalar(in_articles))

@@ -43,6 +43,7 @@ from mailgate.pipeline.screen import ScreenContext, Screening, screen
 from mailgate.pipeline.staff import handle_staff_mail
 from mailgate.pipeline.thread import find_ticket_for
 from mailgate.sla.clocks import track
+from mailgate.store.db import unavailable
 from mailgate.store.models import (
     Contact,
     IngestRecord,
@@ -155,7 +156,7 @@ def process(
             if attempt == 2:
                 raise TemporaryFailure("conflicting concurrent delivery") from None
         except (OperationalError, DBAPIError) as exc:
-            raise TemporaryFailure(f"database unavailable: {_first_line(exc)}") from exc
+            raise TemporaryFailure(unavailable(exc)) from exc
         except OSError as exc:
             raise TemporaryFailure(f"cannot write under data_dir: {exc}") from exc
     log.info(
@@ -200,10 +201,6 @@ def _authenticate(
     )
     detail = f"{'pass' if verdict.authenticated else 'none'}: {verdict.detail}"
     return replace(screening, sender_authenticated=verdict.authenticated, authentication=detail)
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200]
 
 
 def _unit_of_work(

@@ -4,7 +4,7 @@
 transaction: addresses and names through a `Pseudonyms`, the bytes that
 cannot be rewritten (raw mail, outbound mail as sent, some attachments)
 dropped. It returns the blobs that may have lost their last reference; the
-caller deletes them with `drop_blobs` before committing, so that a run
+caller deletes them with `store.blobs.drop_unreferenced` before committing, so that a run
 killed in between finds the ticket unfinished and does it again, instead of
 leaving bytes nobody refers to.
 """
@@ -12,18 +12,14 @@ leaving bytes nobody refers to.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from mailgate.privacy.pseudonyms import Pseudonyms
-from mailgate.store.blobs import Blobs
 from mailgate.store.models import (
-    Article,
-    AttachmentRow,
     Contact,
     IngestRecord,
     OutboxMail,
@@ -152,25 +148,6 @@ def forget_contact(contact: Contact) -> None:
     """Tickets keep pointing at the row; the person is no longer in it."""
     contact.email = f"erased-{contact.id}@{ERASED_DOMAIN}"
     contact.name, contact.active = "", False
-
-
-def referenced(session: Session, sha: str) -> bool:
-    """Does any row still point at these bytes (the same file may serve several)?"""
-    for column in (IngestRecord.raw_sha256, Article.raw_sha256, AttachmentRow.sha256):
-        if session.scalar(select(func.count()).where(column == sha)):
-            return True
-    return False
-
-
-def drop_blobs(session: Session, blobs: Blobs, shas: Iterable[str]) -> int:
-    """Delete the bytes no row refers to any more (after a flush of the changes)."""
-    session.flush()
-    dropped = 0
-    for sha in sorted(set(shas)):
-        if not referenced(session, sha):
-            blobs.delete(sha)
-            dropped += 1
-    return dropped
 
 
 def delete_record(session: Session, record: IngestRecord, done: Forgotten) -> None:

@@ -34,15 +34,15 @@ from mailgate.app import App
 from mailgate.privacy.forget import (
     Forgotten,
     delete_record,
-    drop_blobs,
     forget_contact,
     forget_outbox,
     forget_ticket,
     keep_addresses,
 )
 from mailgate.privacy.pseudonyms import Pseudonyms
+from mailgate.store.blobs import drop_unreferenced
 from mailgate.store.db import forget_old_pages
-from mailgate.store.models import Contact, Erasure, IngestRecord, OutboxMail, Ticket
+from mailgate.store.models import Article, Contact, Erasure, IngestRecord, OutboxMail, Ticket
 
 SOMEONE_ELSE = "someone else"
 
@@ -53,8 +53,6 @@ class UnknownPerson(LookupError):
 
 def tickets_of(session: Session, email: str) -> list[Ticket]:
     """Tickets the person opened, was copied on or wrote to."""
-    from mailgate.store.models import Article
-
     email = email.lower()
     contact_ids = select(Contact.id).where(Contact.email == email)
     wrote = select(Article.ticket_id).where(Article.author_email == email)
@@ -251,7 +249,7 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
         if dry_run:
             session.rollback()  # what it would change, counted; nothing written
             return report
-        report.blobs = drop_blobs(session, app.blobs, done.blobs)
+        report.blobs = drop_unreferenced(session, app.blobs, done.blobs)
         session.add(Erasure(at=now, tickets=len(tickets), articles=done.articles,
                             records=done.records, outbox=done.outbox))  # fmt: skip
         session.commit()

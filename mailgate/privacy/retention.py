@@ -32,12 +32,12 @@ from mailgate.privacy.forget import (
     ERASED_DOMAIN,
     Forgotten,
     delete_record,
-    drop_blobs,
     forget_contact,
     forget_ticket,
     pseudonyms_for_ticket,
     ticket_people,
 )
+from mailgate.store.blobs import drop_unreferenced
 from mailgate.store.db import forget_old_pages
 from mailgate.store.models import Contact, IngestRecord, Ticket, TicketEvent
 
@@ -116,7 +116,7 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
             done = Forgotten()
             for record in records:
                 delete_record(session, record, done)
-            report.blobs += drop_blobs(session, app.blobs, done.blobs)
+            report.blobs += drop_unreferenced(session, app.blobs, done.blobs)
             report.records += len(records)
         if len(records) < batch:
             break
@@ -152,4 +152,4 @@ def _anonymise(app: App, session: Session, ticket: Ticket, now: datetime) -> int
     why = f"retention: closed on {ticket.closed_at:%Y-%m-%d}"
     session.add(TicketEvent(ticket_id=ticket.id, at=now, actor_kind="system", actor=None,
                             field="anonymised", old=None, new=None, reason=why))  # fmt: skip
-    return drop_blobs(session, app.blobs, done.blobs)
+    return drop_unreferenced(session, app.blobs, done.blobs)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.store.durable import write_durably
-from mailgate.store.models import Blob
+from mailgate.store.models import Article, AttachmentRow, Blob, IngestRecord
 
 
 class Blobs(Protocol):
@@ -33,6 +34,26 @@ class Blobs(Protocol):
     def get(self, sha256: str) -> bytes: ...
     def size(self, sha256: str) -> int | None: ...
     def delete(self, sha256: str) -> None: ...
+
+
+def referenced(session: Session, sha: str) -> bool:
+    """Does any row still point at these bytes (the same file may serve several)?"""
+    for column in (IngestRecord.raw_sha256, Article.raw_sha256, AttachmentRow.sha256):
+        if session.scalar(select(func.count()).where(column == sha)):
+            return True
+    return False
+
+
+def drop_unreferenced(session: Session, blobs: Blobs, shas: Iterable[str]) -> int:
+    """Delete the bytes no row refers to any more, after flushing the session's
+    changes; before its commit, so a crash leaves rows to redo, not orphan bytes."""
+    session.flush()
+    dropped = 0
+    for sha in sorted(set(shas)):
+        if not referenced(session, sha):
+            blobs.delete(sha)
+            dropped += 1
+    return dropped
 
 
 def _checked(sha256: str) -> str:

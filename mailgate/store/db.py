@@ -141,6 +141,12 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int, gate: _WriterGate) -
             raise
 
 
+def unavailable(exc: Exception) -> str:
+    """One line for an operator: the driver's first line, not SQLAlchemy's wrapper."""
+    orig = getattr(exc, "orig", None) or exc
+    return "database unavailable: " + (str(orig).strip().splitlines() or ["?"])[0][:200]
+
+
 def forget_old_pages(engine: Engine) -> None:
     """After deleting personal data: SQLite's write-ahead log still holds the old
     pages until a checkpoint; this one copies them over and empties the log. (On

@@ -33,6 +33,8 @@ from typing import Protocol
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from mailgate.store.db import unavailable
+
 log = logging.getLogger("mailgate.leadership")
 
 # pg_advisory_lock's key: any number the database's other users do not take.
@@ -71,7 +73,7 @@ class AdvisoryLock:
                 return False
             except DBAPIError as exc:
                 if not self._unreachable:
-                    log.warning("leadership: database unreachable (%s)", str(exc).splitlines()[0])
+                    log.warning("leadership: %s", unavailable(exc))
                 self._unreachable = True
                 self._drop()
                 return False
