@@ -219,6 +219,13 @@ class Mailbox:
         client.idle()
         waited = 0.0
         try:
+            # Mail that arrived between our last SEARCH and the IDLE is announced
+            # before the server's "+ idling"; imaplib files that EXISTS among its
+            # untagged responses, where idle_check() never looks. It was then
+            # noticed only when IDLE was renewed (idle_seconds later).
+            pending = client._imap.untagged_responses  # noqa: SLF001 - see above
+            if pending.pop("EXISTS", None) or pending.pop("RECENT", None):
+                return
             while not self._stop.is_set() and waited < self.settings.idle_seconds:
                 # Short checks so that stop() is noticed within a second.
                 if any(r[1] in (b"EXISTS", b"RECENT") for r in client.idle_check(timeout=1)
