@@ -277,12 +277,15 @@ class Mailbox:
         # hold the mailbox forever. The whole fetch gets fetch_timeout_seconds; then
         # the connection is cut, and after the reconnect this UID is tried again,
         # until it has been cut FETCH_ATTEMPTS times and goes to failed_folder.
-        deadline = threading.Timer(self.settings.fetch_timeout_seconds, _cut, args=(client,))
+        # The cut is recorded before the socket is shut: the fetch fails at once, while
+        # the timer thread may still be alive, so is_alive() would not tell.
+        cut = threading.Event()
+        deadline = threading.Timer(self.settings.fetch_timeout_seconds, _cut, args=(client, cut))
         deadline.start()
         try:
             data = client.fetch([uid], ["BODY.PEEK[]"])
         except (OSError, IMAPClientError):
-            if not deadline.is_alive():
+            if cut.is_set():
                 self._slow[uid] = self._slow.get(uid, 0) + 1
             raise
         finally:
@@ -305,7 +308,8 @@ class Mailbox:
             set_state(session, f"imap.{self.settings.name}.last_uid", str(uid))
 
 
-def _cut(client: imapclient.IMAPClient) -> None:
+def _cut(client: imapclient.IMAPClient, cut: threading.Event) -> None:
+    cut.set()
     with contextlib.suppress(OSError):
         client.socket().shutdown(socket.SHUT_RDWR)
 
