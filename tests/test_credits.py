@@ -27,8 +27,12 @@ def cli(inst: Installation, *args: str) -> int:
 
 
 def balance(inst: Installation, capsys: pytest.CaptureFixture[str], now: str | None = None) -> dict:
+    """The balance at `now`, by default the installation's clock (packs expire; time moves)."""
     capsys.readouterr()
-    assert cli(inst, "credits", "balance", ORG, "--json", *(["--now", now] if now else [])) == 0
+    assert (
+        cli(inst, "credits", "balance", ORG, "--json", "--now", now or inst.clock.now.isoformat())
+        == 0
+    )
     return json.loads(capsys.readouterr().out)
 
 
@@ -41,7 +45,7 @@ def open_ticket(inst: Installation, n: int = 1, subject: str = "Export question"
 
 def spend(inst: Installation, capsys, ticket: str, duration: str) -> tuple[int, str]:
     capsys.readouterr()
-    code = cli(inst, "credits", "spend", ticket, duration)
+    code = cli(inst, "credits", "spend", ticket, duration, "--now", inst.clock.now.isoformat())
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -224,7 +228,7 @@ def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> No
 
 def spend_in_processes(inst: Installation, ticket: str) -> list[subprocess.CompletedProcess]:
     command = [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file),
-               "credits", "spend", ticket, "15m"]  # fmt: skip
+               "credits", "spend", ticket, "15m", "--now", inst.clock.now.isoformat()]  # fmt: skip
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**os.environ}) for _ in range(2)]  # fmt: skip
     return [subprocess.CompletedProcess(p.args, p.wait(60), *p.communicate()) for p in procs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import functools
 import re
 import smtplib
 import time
@@ -92,9 +93,13 @@ def test_per_ticket_cap_stops_notices_for_a_robot_replying_on_one_ticket(install
 
 
 def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
-    inst: Installation, capsys: pytest.CaptureFixture[str]
+    inst: Installation, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mailgate.app import App
     from mailgate.cli import main
+
+    # The commands run on the installation's clock: numbering continues in its year.
+    monkeypatch.setattr("mailgate.cli.App", functools.partial(App, clock=inst.clock))
 
     for n in range(12):
         inst.ingest(make_mail(subject=f"Problem {n}", message_id=f"q-{n}@acme.example"))

@@ -9,6 +9,7 @@ first response 1 h, workaround 2 h, resolution 8 business hours.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -412,7 +413,7 @@ def test_explain_shows_the_deadlines_and_writes_none(inst: Installation, tmp_pat
     mail.write_bytes(make_mail().as_bytes())
     out = mailgate(inst, "explain", str(mail))
     assert out.returncode == 0, out.stderr
-    assert "first_response due 2026-" in out.stdout and "resolution due" in out.stdout
+    assert re.search(r"first_response due \d{4}-", out.stdout) and "resolution due" in out.stdout
 
 
 def test_reminders_go_to_the_assignee_when_there_is_one(install, clock: Clockwork) -> None:  # noqa: ANN001
