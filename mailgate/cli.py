@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.clock import Clock, system_clock
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.observability import set_log_key, setup_logging
 from mailgate.store.db import SchemaError
@@ -36,9 +37,11 @@ class CommandError(Exception):
     """A failure the user can act on: printed as one line, exit 1."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, clock: Clock = system_clock) -> int:
+    """Run one command; `clock` is what "now" means to it (tests pass their own)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.clock = clock
     args.config = getattr(args, "config", None)
     args.verbose = getattr(args, "verbose", False)
     if not getattr(args, "handler", None):
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
     settings = load_settings(args.config)
-    app = App(settings)
+    app = App(settings, clock=args.clock)
     set_log_key(app.log_key)
     app.rules  # noqa: B018 - a broken rule file stops here, listed, before any mail is touched
     if sync_directory:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from mailgate.app import App
-from mailgate.cli import sync_directory_if_changed
+from mailgate.cli import main, sync_directory_if_changed
 from mailgate.clock import Clock
 from mailgate.config import load_settings
 from mailgate.pipeline.message import Envelope
@@ -116,6 +116,10 @@ class Installation:
     @property
     def settings_file(self) -> Path:
         return self.root / "settings.yaml"
+
+    def cli(self, *args: str) -> int:
+        """`mailgate --config <this installation> ARGS…` in-process, on the installation's clock."""
+        return main(["--config", str(self.settings_file), *args], clock=self.clock)
 
     def ingest(self, raw: bytes | str | EmailMessage, envelope: Envelope | None = None) -> Result:
         if isinstance(raw, EmailMessage):

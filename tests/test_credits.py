@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
-from mailgate.cli import main
 from mailgate.credits.rules import add_months, cost, periods
 from mailgate.store.models import CreditEntry, Ticket
 from tests.conftest import ROOT, Installation, make_mail, staff_answer
@@ -22,17 +21,9 @@ from tests.conftest import ROOT, Installation, make_mail, staff_answer
 ORG = "acme"
 
 
-def cli(inst: Installation, *args: str) -> int:
-    return main(["--config", str(inst.settings_file), *args])
-
-
 def balance(inst: Installation, capsys: pytest.CaptureFixture[str], now: str | None = None) -> dict:
-    """The balance at `now`, by default the installation's clock (packs expire; time moves)."""
     capsys.readouterr()
-    assert (
-        cli(inst, "credits", "balance", ORG, "--json", "--now", now or inst.clock.now.isoformat())
-        == 0
-    )
+    assert inst.cli("credits", "balance", ORG, "--json", *(["--now", now] if now else [])) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -45,7 +36,7 @@ def open_ticket(inst: Installation, n: int = 1, subject: str = "Export question"
 
 def spend(inst: Installation, capsys, ticket: str, duration: str) -> tuple[int, str]:
     capsys.readouterr()
-    code = cli(inst, "credits", "spend", ticket, duration, "--now", inst.clock.now.isoformat())
+    code = inst.cli("credits", "spend", ticket, duration)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -74,11 +65,9 @@ def test_months_are_calendar_months() -> None:
 
 
 def test_spends_round_up_and_come_from_the_oldest_pack_first(inst: Installation, capsys) -> None:
-    assert cli(inst, "credits", "add", ORG, "light", "--activated", "2026-06-01") == 0
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-06-01") == 0
     assert (
-        cli(
-            inst, "credits", "add", ORG, "10h", "--activated", "2026-11-01", "--reference", "INV-42"
-        )
+        inst.cli("credits", "add", ORG, "10h", "--activated", "2026-11-01", "--reference", "INV-42")
         == 0
     )
     ticket = open_ticket(inst)
@@ -92,8 +81,8 @@ def test_spends_round_up_and_come_from_the_oldest_pack_first(inst: Installation,
 
 
 def test_a_spend_larger_than_the_oldest_pack_continues_in_the_next(inst, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-06-01")
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-06-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     assert spend(inst, capsys, ticket, "6h")[0] == 0  # 24 credits: 20 + 4
     assert [(p["pack"], p["remaining"]) for p in balance(inst, capsys)["packs"]] == [("light", 16)]
@@ -103,7 +92,7 @@ def test_a_spend_larger_than_the_oldest_pack_continues_in_the_next(inst, capsys)
 
 
 def test_without_credit_or_overdraft_a_spend_is_refused_and_nothing_recorded(inst, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     code, out = spend(inst, capsys, ticket, "5h15")  # 21 credits
     assert code == 1 and "21 credit(s) needed, 20 left" in out
@@ -127,7 +116,7 @@ def staff_mail(inst: Installation, body: str, n: int) -> str:
 
 
 def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "maxi", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "maxi", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     staff_mail(inst, "/spend 20m\n", 1)  # 2 credits
     assert balance(inst, capsys)["balance"] == 98
@@ -148,7 +137,7 @@ def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsy
 
 
 def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     open_ticket(inst)
     reason = staff_mail(inst, "/priority P2\n/spend 6h\nDone.\n", 1)
     assert "commands refused, nothing applied" in reason and "needs 24 credit(s)" in reason
@@ -161,7 +150,7 @@ def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation
 
 
 def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
     # Activated on 1 December 2025 in Brussels (the organisation's time zone): valid
     # until midnight there, twelve months later.
     assert balance(inst, capsys, "2026-11-30T23:59:59+01:00")["balance"] == 20
@@ -176,8 +165,8 @@ def test_credits_roll_over_into_a_pack_bought_before_they_expire(
     install: Callable[..., Installation], capsys, rollover: bool
 ) -> None:
     inst = install(settings={"credits": {"rollover": rollover}})
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     found = balance(inst, capsys, "2026-12-01T00:00:00+00:00")
     assert found["balance"] == (40 if rollover else 20)
     # The carried-over credits end with the pack they moved into.
@@ -187,14 +176,14 @@ def test_credits_roll_over_into_a_pack_bought_before_they_expire(
 
 
 def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     spend(inst, capsys, ticket, "1h")
     with inst.session() as session:
         (spent,) = session.scalars(select(CreditEntry.id).where(CreditEntry.kind == "spend"))
-    assert cli(inst, "credits", "reverse", str(spent), "--note", "logged twice") == 0
+    assert inst.cli("credits", "reverse", str(spent), "--note", "logged twice") == 0
     assert f"spend #{spent} reversed" in capsys.readouterr().out
-    assert cli(inst, "credits", "reverse", str(spent)) == 1
+    assert inst.cli("credits", "reverse", str(spent)) == 1
     assert "already reversed" in capsys.readouterr().err
     assert balance(inst, capsys)["balance"] == 20
     with inst.session() as session:
@@ -203,12 +192,12 @@ def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, caps
 
 
 def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
-    cli(inst, "credits", "add", ORG, "10h", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
+    inst.cli("credits", "add", ORG, "10h", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     spend(inst, capsys, ticket, "45m")
     capsys.readouterr()
-    assert cli(inst, "credits", "statement", ORG, "--json", "--now", "2026-12-02T00:00+00:00") == 0
+    assert inst.cli("credits", "statement", ORG, "--json", "--now", "2026-12-02T00:00+00:00") == 0
     found = json.loads(capsys.readouterr().out)
     assert found["closing"] == sum(found["totals"].values()) == found["entries"][-1]["balance"]
     assert found["closing"] == balance(inst, capsys, "2026-12-02T00:00+00:00")["balance"] == 57
@@ -216,7 +205,7 @@ def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> No
         "purchase": 60, "spend": -3, "rollover_out": -17, "rollover_in": 17,
     }  # fmt: skip
     capsys.readouterr()
-    assert cli(inst, "credits", "statement", ORG, "--csv", "--from", "2026-11-02",
+    assert inst.cli("credits", "statement", ORG, "--csv", "--from", "2026-11-02",
                "--to", "2026-11-30") == 0  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "id,at,kind,credits,balance,pack,ticket,reverses,note"
@@ -239,7 +228,7 @@ def test_two_concurrent_spends_on_the_last_credit(
     install: Callable[..., Installation], capsys, overdraft: bool
 ) -> None:
     inst = install(settings={"credits": {"organisations": {ORG: {"overdraft": overdraft}}}})
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     spend(inst, capsys, ticket, "4h45")  # 19 of 20: one credit left
     results = spend_in_processes(inst, ticket)
@@ -260,7 +249,7 @@ def test_two_concurrent_spends_on_the_last_credit(
 
 
 def test_the_low_balance_notice_is_sent_once(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
     spend(inst, capsys, ticket, "2h45")  # 11 credits: 9 left, above 8
     spend(inst, capsys, ticket, "30m")  # 2: 7 left, below
@@ -271,16 +260,16 @@ def test_the_low_balance_notice_is_sent_once(inst: Installation, capsys) -> None
 
 
 def test_the_expiry_notice_comes_thirty_days_before_and_once(inst: Installation, capsys) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-12-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
     for day in ("2026-10-31T12:00+00:00", "2026-11-01T00:00+00:00", "2026-11-02T00:00+00:00"):
-        assert cli(inst, "credits", "sweep", "--now", day) == 0
+        assert inst.cli("credits", "sweep", "--now", day) == 0
     (notice,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"
                  and "20" in str(m["Subject"])]  # fmt: skip
     assert "30 novembre 2026" in notice.get_body(("plain",)).get_content()
 
 
 def test_the_ack_tells_the_balance(inst: Installation) -> None:
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2026-11-01")
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     open_ticket(inst)
     (ack,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
     text = ack.get_body(("plain",)).get_content()
@@ -290,7 +279,7 @@ def test_the_ack_tells_the_balance(inst: Installation) -> None:
 @pytest.mark.parametrize("policy", ["flag", "reject"])
 def test_an_exhausted_organisation_gets_new_tickets_flagged_or_refused(install, policy) -> None:
     inst = install(settings={"credits": {"when_exhausted": policy}})
-    cli(inst, "credits", "add", ORG, "light", "--activated", "2025-01-01")  # long expired
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-01-01")  # long expired
     result = inst.ingest(make_mail(subject="Export question", body="How do I export?\n"))
     if policy == "flag":
         assert result.outcome == "created" and "no support credit left" in result.reason

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import functools
 import re
 import smtplib
 import time
@@ -93,14 +92,8 @@ def test_per_ticket_cap_stops_notices_for_a_robot_replying_on_one_ticket(install
 
 
 def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
-    inst: Installation, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    inst: Installation, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mailgate.app import App
-    from mailgate.cli import main
-
-    # The commands run on the installation's clock: numbering continues in its year.
-    monkeypatch.setattr("mailgate.cli.App", functools.partial(App, clock=inst.clock))
-
     for n in range(12):
         inst.ingest(make_mail(subject=f"Problem {n}", message_id=f"q-{n}@acme.example"))
     with inst.session() as session:
@@ -108,19 +101,17 @@ def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
             select(IngestRecord.id).where(IngestRecord.outcome == "quarantined")
         ).all()
     assert len(held) == 2
-    config = ["--config", str(inst.settings_file)]
-
-    assert main([*config, "quarantine", "list"]) == 0
+    assert inst.cli("quarantine", "list") == 0
     listing = capsys.readouterr().out
     assert listing.count("circuit breaker") == 2 and "Problem 11" in listing
-    assert main([*config, "quarantine", "show", str(held[0])]) == 0
+    assert inst.cli("quarantine", "show", str(held[0])) == 0
     shown = capsys.readouterr().out
     assert "reason:" in shown and "Message-ID: <q-10@acme.example>" in shown
 
-    assert main([*config, "quarantine", "release", "--no-send", str(held[0])]) == 0
+    assert inst.cli("quarantine", "release", "--no-send", str(held[0])) == 0
     released = capsys.readouterr().out
     assert re.match(rf"#{held[0]}: created SUP-2026-000011 ", released), released
-    assert main([*config, "quarantine", "release", str(held[0])]) == 1  # only once
+    assert inst.cli("quarantine", "release", str(held[0])) == 1  # only once
     assert f"no quarantined mail #{held[0]}" in capsys.readouterr().err
     with inst.session() as session:
         new = session.scalars(select(IngestRecord).order_by(IngestRecord.id.desc())).first()
@@ -128,7 +119,7 @@ def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
 
     with inst.session() as session:
         sha = session.get(IngestRecord, held[1]).raw_sha256
-    assert main([*config, "quarantine", "delete", str(held[1])]) == 0
+    assert inst.cli("quarantine", "delete", str(held[1])) == 0
     assert capsys.readouterr().out == f"#{held[1]}: deleted\n"
     assert not inst.app.blobs.path_for(sha).exists()
     with inst.session() as session:
@@ -137,7 +128,7 @@ def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
         gone = session.get(IngestRecord, held[1])
         assert gone.outcome == "deleted" and "circuit breaker" in gone.reason
         assert session.scalar(select(func.count()).select_from(Ticket)) == 11
-    assert main([*config, "quarantine", "list"]) == 0
+    assert inst.cli("quarantine", "list") == 0
     assert capsys.readouterr().out.strip() == "quarantine empty"
 
 

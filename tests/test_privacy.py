@@ -56,10 +56,6 @@ CAROL = ("carol@acme.example", "Carol Petit")
 OUTSIDE = {"outbound": {"maildir": "outgoing"}}  # not under data_dir (var/)
 
 
-def cli(inst: Installation, *args: str) -> int:
-    return main(["--config", str(inst.settings_file), *args])
-
-
 def traces(inst: Installation, *needles: str, log: Path | None = None) -> list[str]:
     """Files (database, data_dir, log) whose bytes contain any needle, any case.
     On PostgreSQL, the database's part is a data dump and every bytea value."""
@@ -111,7 +107,7 @@ def totals(inst: Installation, capsys: pytest.CaptureFixture[str]) -> tuple[Any,
     with inst.session() as s:
         report = [r.as_dict() for r in sla_report(s, inst.clock(), organisation="acme")]
     capsys.readouterr()
-    assert cli(inst, "credits", "statement", "acme", "--json", "--now",
+    assert inst.cli("credits", "statement", "acme", "--json", "--now",
                inst.clock().isoformat()) == 0  # fmt: skip
     statement = json.loads(capsys.readouterr().out)
     return report, {k: statement[k] for k in ("opening", "closing", "totals")}
@@ -120,7 +116,7 @@ def totals(inst: Installation, capsys: pytest.CaptureFixture[str]) -> tuple[Any,
 def a_year_of_support(inst: Installation, clock: Clockwork) -> str:
     """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers
     and spends time; the ticket is closed. Returns its tracking number."""
-    assert cli(inst, "credits", "add", "acme", "10h", "--activated", "2026-11-01") == 0
+    assert inst.cli("credits", "add", "acme", "10h", "--activated", "2026-11-01") == 0
     first = with_attachment(to="support@example.com, Carol Petit <carol@acme.example>")
     number = inst.ingest(first).ticket
     clock.now += timedelta(minutes=30)
@@ -168,16 +164,16 @@ def test_a_ticket_past_retention_keeps_its_figures_and_loses_its_people(
         {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
     ]
     (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
-    assert cli(inst, "directory", "sync") == 0
+    assert inst.cli("directory", "sync") == 0
     before = totals(inst, capsys)
 
     capsys.readouterr()
-    assert cli(inst, "retention", "run", "--dry-run", "--now", clock.now.isoformat()) == 0
+    assert inst.cli("retention", "run", "--dry-run", "--now", clock.now.isoformat()) == 0
     assert f"would anonymise 1 ticket(s): {number}" in capsys.readouterr().out
     with inst.session() as s:
         assert s.scalar(select(Ticket.anonymised_at).where(Ticket.number == number)) is None
 
-    assert cli(inst, "retention", "run", "--now", clock.now.isoformat()) == 0
+    assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
     assert "1 ticket(s) anonymised" in capsys.readouterr().out
     with inst.session() as s:
         ticket = s.scalar(select(Ticket).where(Ticket.number == number))
@@ -296,7 +292,7 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
     # Alice's second ticket, with an attachment.
     second = inst.ingest(with_attachment(message_id="att@acme.example", subject="Invoice")).ticket
     out = inst.root / "alice.zip"
-    assert cli(inst, "gdpr", "export", ALICE[0], "--format", "zip", "-o", str(out)) == 0
+    assert inst.cli("gdpr", "export", ALICE[0], "--format", "zip", "-o", str(out)) == 0
     archive = zipfile.ZipFile(io.BytesIO(out.read_bytes()))
     data = json.loads(archive.read("export.json"))
     assert data["contact"]["name"] == ALICE[1]
@@ -312,7 +308,7 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
 
     # Carol's own export: copied on Alice's ticket; her article is there, Alice's name is not.
     capsys.readouterr()
-    assert cli(inst, "gdpr", "export", CAROL[0]) == 0
+    assert inst.cli("gdpr", "export", CAROL[0]) == 0
     carol = json.loads(capsys.readouterr().out)
     assert [(t["number"], t["role"]) for t in carol["tickets"]] == [(first, "copied")]
     assert any("0470 12 34 56" in a["text"] for a in carol["tickets"][0]["articles"])
@@ -331,7 +327,9 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
     sink = Sink().start()
     try:
         daemon = start_daemon(tmp_path, sink)
-        assert cli(daemon.inst, "credits", "add", "acme", "10h") == 0
+        # Bought today: the daemon runs on the wall clock.
+        config = str(daemon.inst.settings_file)
+        assert main(["--config", config, "credits", "add", "acme", "10h"]) == 0
         with daemon.smtp() as smtp:
             for mail in (with_attachment(message_id="e1@acme.example", subject="Broken export"),
                          make_mail(message_id="e2@acme.example", subject="Second question",
@@ -355,9 +353,9 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
     before = totals(inst, capsys)
 
     capsys.readouterr()
-    assert cli(inst, "gdpr", "erase", ALICE[0]) == 1  # without --yes: only what it would do
+    assert inst.cli("gdpr", "erase", ALICE[0]) == 1  # without --yes: only what it would do
     assert "would erase: 2 ticket(s)" in capsys.readouterr().out
-    assert cli(inst, "gdpr", "erase", ALICE[0], "--yes") == 0
+    assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
     out = capsys.readouterr()
     assert "erased: 2 ticket(s)" in out.out and "still lists this address" in out.err
     with inst.session() as s:
@@ -371,7 +369,7 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
         assert all("client_address" not in e for e in s.scalars(select(IngestRecord.envelope)))
     assert traces(inst, *ALICE, "alice-invoice", log=log) == []
     assert totals(inst, capsys) == before
-    assert cli(inst, "gdpr", "export", ALICE[0]) == 1  # nothing left to export
+    assert inst.cli("gdpr", "export", ALICE[0]) == 1  # nothing left to export
 
 
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
@@ -397,8 +395,8 @@ def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
 
 
 def test_erasing_someone_unknown_or_staff_is_refused(inst: Installation) -> None:
-    assert cli(inst, "gdpr", "erase", "nobody@nowhere.example", "--yes") == 1
-    assert cli(inst, "gdpr", "erase", "bob@support.example", "--yes") == 1
+    assert inst.cli("gdpr", "erase", "nobody@nowhere.example", "--yes") == 1
+    assert inst.cli("gdpr", "erase", "bob@support.example", "--yes") == 1
 
 
 def test_settings_name_an_unknown_organisation_in_retention(tmp_path: Path) -> None:
