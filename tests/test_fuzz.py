@@ -319,8 +319,8 @@ def fuzz_inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation
     yield install_at(tmp_path_factory.mktemp("fuzz"), Clockwork())
 
 
-@settings(FUZZ, max_examples=60)
-@given(raw=messages())
+@settings(FUZZ, max_examples=80)
+@given(raw=st.one_of(messages(), st.binary(max_size=2000)))  # bytes: no header field at all
 def test_every_input_leaves_exactly_one_ingest_record(fuzz_inst: Installation, raw: bytes) -> None:
     note(f"raw={raw!r}")
 

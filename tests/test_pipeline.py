@@ -394,6 +394,17 @@ def test_unparseable_mail_is_quarantined_and_kept(inst: Installation) -> None:
         assert inst.app.blobs.get(record.raw_sha256) == raw
 
 
+@pytest.mark.parametrize("raw", [b"", b"\r\n", b"just a line of text\n", b"\n\nbody only\n"])
+def test_mail_with_no_header_field_is_quarantined_and_kept(inst: Installation, raw: bytes) -> None:
+    """An empty pipe or a text file fed to `mailgate ingest` is bad mail, not a crash."""
+    result = inst.ingest(raw)
+    assert result.outcome == "quarantined" and result.ticket is None
+    with inst.session() as s:
+        record = s.scalar(select(IngestRecord))
+        assert inst.app.blobs.get(record.raw_sha256) == raw
+    assert inst.sent() == []
+
+
 def test_crlf_in_subject_and_name_never_reaches_a_header(inst: Installation) -> None:
     mail = make_mail(message_id="inj@acme.example")
     raw = mail.as_bytes()

@@ -69,8 +69,9 @@ def _fields(raw: bytes) -> Iterator[_Field]:
     match = _BLANK_LINE.search(raw)
     block_end = match.start(1) if match else len(raw)
     starts = list(_FIELD_START.finditer(raw, 0, block_end))
-    for here, following in zip(starts, [*starts[1:], None], strict=True):
-        end = following.start() if following else block_end
+    ends = [following.start() for following in starts[1:]] + [block_end]
+    # Not strict: a mail with no field at all (an empty pipe) has one end, no start.
+    for here, end in zip(starts, ends, strict=False):
         value = raw[here.end() : end].decode("utf-8", "replace")
         name = here.group(1).decode("ascii").lower()
         yield _Field(name, re.sub(r"\r?\n[ \t]+", " ", value).strip(), here.start(), end)
