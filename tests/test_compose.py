@@ -10,6 +10,8 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgate.outbound.compose import (
     build_message,
@@ -248,6 +250,20 @@ def test_format_address() -> None:
 def test_header_text_neutralises_nested_encoded_words() -> None:
     assert header_text("Re: =?utf-8?q?Caf=C3=A9?=", 200) == "Re: Café"
     assert "\n" not in header_text("=?utf-8?q?=3D=3Futf-8=3Fq=3Fa=3D0A=3F=3D?=", 200)
+
+
+HEADERISH = st.text(alphabet=' "=?\\()<>@,;:qQbB\t\r\n\x00\x85\u2028-_aé', max_size=60)
+
+
+@settings(derandomize=True, database=None, max_examples=2000)
+@given(value=st.text(max_size=80) | HEADERISH)
+def test_header_text_is_what_the_header_parser_reads_back(value: str) -> None:
+    """The invariant the generator's safety rests on: whatever it is given,
+    header_text returns one line that the header parser leaves unchanged, so
+    no decoding in EmailMessage can bring back a CR or LF."""
+    text = header_text(value, 200)
+    assert not set(text) & set("\r\n\x00")
+    assert str(policy.SMTP.header_factory("Subject", text)) == text
 
 
 @pytest.mark.parametrize(

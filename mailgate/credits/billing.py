@@ -68,23 +68,23 @@ def confirm_bug(session: Session, ticket: Ticket, *, actor: str, now: datetime) 
         reverse_ticket(session, ticket, now, "confirmed bug: not charged")
 
 
-def exhausted(app: App, session: Session, org_id: str, now: datetime) -> bool:
+def balance_now(app: App, session: Session, org_id: str, now: datetime) -> Balance | None:
+    """The organisation's balance at `now`, expiries booked; None when credits are off."""
+    if not app.settings.credits.enabled:
+        return None
+    return settled_balance(session, app.settings.credits, org_id, now)
+
+
+def exhausted(current: Balance | None) -> bool:
     """On prepaid credit, with nothing left to spend?"""
-    settings = app.settings.credits
-    if not settings.enabled:
-        return False
-    current = settled_balance(session, settings, org_id, now)
-    return current.on_credit and current.spendable <= 0
+    return current is not None and current.on_credit and current.spendable <= 0
 
 
 def credit_context(
-    app: App, session: Session, org: Organisation, now: datetime, *, flagged: bool = False
+    current: Balance | None, org: Organisation, *, flagged: bool = False
 ) -> dict[str, Any] | None:
     """`credit` for acks and resolution mails; None when the organisation is not on credit."""
-    if not app.settings.credits.enabled:
-        return None
-    current = settled_balance(session, app.settings.credits, org.id, now)
-    if not current.on_credit:
+    if current is None or not current.on_credit:
         return None
     return {"balance": current.total, "expires": _expiry(current, org), "flagged": flagged}
 

@@ -112,8 +112,11 @@ def _packs(session: Session, org_id: str) -> list[CreditPackRow]:
 
 def balance(session: Session, org_id: str, now: datetime) -> Balance:
     """The balance as the ledger stands (call `settle` first to book due expiries)."""
-    packs = _packs(session, org_id)
-    remaining = _remaining(session, [p.id for p in packs])
+    return _balance(session, org_id, now, _packs(session, org_id))
+
+
+def _balance(session: Session, org_id: str, now: datetime, packs: list[CreditPackRow]) -> Balance:
+    remaining = _remaining(session, [p.id for p in packs]) if packs else {}
     total = session.scalar(
         select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
             CreditEntry.organisation_id == org_id
@@ -189,16 +192,22 @@ def add_pack(
 
 def settled_balance(session: Session, settings: Credits, org_id: str, now: datetime) -> Balance:
     """The balance at `now`, after booking the expiries and rollovers due by then."""
-    settle(session, settings, org_id, now)
-    return balance(session, org_id, now)
+    packs = _packs(session, org_id)  # settling books entries; the packs stay the same
+    _settle(session, settings, org_id, now, packs)
+    return _balance(session, org_id, now, packs)
 
 
 def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> list[CreditEntry]:
     """Book what ended by `now`: each pack past its end with credit left either rolls
     it into a pack activated before that end (when `rollover`), or expires it. Dated
     at the pack's end, whenever this runs; running it twice books nothing twice."""
+    return _settle(session, settings, org_id, now, _packs(session, org_id))
+
+
+def _settle(
+    session: Session, settings: Credits, org_id: str, now: datetime, packs: list[CreditPackRow]
+) -> list[CreditEntry]:
     booked: list[CreditEntry] = []
-    packs = _packs(session, org_id)
     for pack in packs:  # oldest end first, so a chain of rollovers settles in order
         if pack.expires_at > now:
             break

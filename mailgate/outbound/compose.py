@@ -14,14 +14,35 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from email import policy as email_policy
-from email.headerregistry import Address
+from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
+from functools import lru_cache
 
 from mailgate.pipeline.sanitize import clean_header_text
 
-SMTP_POLICY = email_policy.SMTP  # RFC 2047 for non-ASCII, CRLF line ends
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard registry, minus its cost: it builds a new header class for
+    every header it parses (about 45 per mail, a tenth of composing one); the
+    class depends only on the header's kind, and holds no state of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[type, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(kind)
+        if made is None:
+            made = self._made[kind] = super().__getitem__(name)
+        return made
+
+
+_HEADER_FACTORY = _HeaderClasses()
+# RFC 2047 for non-ASCII, CRLF line ends.
+SMTP_POLICY = email_policy.SMTP.clone(header_factory=_HEADER_FACTORY)
 MAX_SUBJECT_CHARS = 200
 MAX_NAME_CHARS = 100
 MAX_ADDRESS_HEADER_CHARS = 500
@@ -44,7 +65,6 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,75}")
 # specials that would end or split it. Non-ASCII ids are dropped, not encoded.
 _MSG_ID = re.compile(r"[!#-;=?-~]{1,250}@[!#-;=?-~]{1,250}")
 _BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-_HEADER_FACTORY = email_policy.default.header_factory
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -210,6 +230,8 @@ def header_text(value: str, max_chars: int) -> str:
     """
     text = clean_header_text(value, max_chars)
     for _ in range(5):
+        if "=?" not in text:  # no encoded word: the parser gives the text back as it is
+            return text
         decoded = str(_HEADER_FACTORY("Subject", text))
         if decoded == text:
             return text
@@ -226,15 +248,17 @@ def _address(name: str | None, addr: str) -> Address:
 
 def _set_address_header(msg: EmailMessage, name: str, values: Sequence[str]) -> None:
     """One address per value, each rebuilt from its parts so its name is cleaned too."""
-    addresses = []
-    for value in values:
-        text = clean_header_text(value, MAX_ADDRESS_HEADER_CHARS)
-        parsed = _HEADER_FACTORY(name, text)  # ValueError when a decoded name holds CR/LF
-        if len(parsed.addresses) != 1 or parsed.defects:
-            raise ValueError(f"{name}: {text!r} is not exactly one valid address")
-        address = parsed.addresses[0]
-        addresses.append(_address(address.display_name, address.addr_spec))
-    msg[name] = addresses
+    msg[name] = [_one_address(name, value) for value in values]
+
+
+@lru_cache(maxsize=1024)  # the same few senders, support and ticket addresses again and again
+def _one_address(name: str, value: str) -> Address:
+    text = clean_header_text(value, MAX_ADDRESS_HEADER_CHARS)
+    parsed = _HEADER_FACTORY(name, text)  # ValueError when a decoded name holds CR/LF
+    if len(parsed.addresses) != 1 or parsed.defects:
+        raise ValueError(f"{name}: {text!r} is not exactly one valid address")
+    address = parsed.addresses[0]
+    return _address(address.display_name, address.addr_spec)
 
 
 def _set_extra_header(msg: EmailMessage, name: str, value: str) -> None:

@@ -23,7 +23,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
-from mailgate.credits.billing import credit_context, exhausted
+from mailgate.credits.billing import balance_now, credit_context, exhausted
+from mailgate.credits.ledger import Balance
 from mailgate.outbound.dates import format_when
 from mailgate.outbound.mailer import ticket_context
 from mailgate.pipeline.authenticity import (
@@ -319,8 +320,8 @@ def _decide_and_apply(
         contact = session.get(Contact, identity.contact.id)  # type: ignore[union-attr]
         assert contact is not None
         found = classify_mail(app, msg, contact.organisation, contact.role, now)
-        decision = _credit_check(app, session, contact.organisation_id, found, decision, now,
-                                 recently)  # fmt: skip
+        credit = balance_now(app, session, contact.organisation_id, now)
+        decision = _credit_check(app, contact.organisation_id, found, decision, credit, recently)
     if decision.outcome == "created":
         ticket = _create_ticket(app, session, msg, contact, found, decision, now)
         if found.why:
@@ -329,9 +330,8 @@ def _decide_and_apply(
                                 author_kind="customer", now=now,
                                 authentication=screening.authentication)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
-        _flag(ticket, decision)
         clocks = track(app.sla, session, ticket, now)
-        _queue_created_mail(app, session, ticket, msg, decision, clocks, now)
+        _queue_created_mail(app, session, ticket, msg, decision, clocks, credit, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
         return replace(_record(session, record, decision, ticket.number), sla=deadlines)
     if decision.outcome == "threaded":
@@ -474,16 +474,15 @@ def _public_reason(refusal: str | None) -> str:
 
 def _credit_check(
     app: App,
-    session: Session,
     org_id: str,
     found: Classification,
     decision: Decision,
-    now: datetime,
+    credit: Balance | None,
     rejection_recently_sent: bool,
 ) -> Decision:
     """An organisation on prepaid credit with none left: a P1 is always taken; other
     new tickets are flagged or, when the organisation's policy says so, refused."""
-    if found.priority == "P1" or not exhausted(app, session, org_id, now):
+    if found.priority == "P1" or not exhausted(credit):
         return decision
     if app.settings.credits.when_exhausted_for(org_id) == "reject":
         why = f"no support credit left for {org_id} ({found.priority})"
@@ -502,7 +501,8 @@ def _create_ticket(
     now: datetime,
 ) -> Ticket:
     org = contact.organisation
-    copied = [a for a in (*msg.to, *msg.cc) if a != contact.email]
+    ours = {contact.email, app.settings.support_address}
+    copied = [a for a in (*msg.to, *msg.cc) if a not in ours]
     cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
     tickets = app.settings.tickets
     seq = next_sequence(session, now.year)
@@ -524,6 +524,7 @@ def _create_ticket(
         created_at=now,
         updated_at=now,
     )
+    _flag(ticket, decision)
     session.add(ticket)
     session.flush()
     # The rules' decision, in the ticket's history from the start.
@@ -580,6 +581,7 @@ def _queue_created_mail(
     msg: ParsedMessage,
     decision: Decision,
     clocks: Sequence[SlaClock],
+    credit: Balance | None,
     now: datetime,
 ) -> None:
     context = {
@@ -593,13 +595,16 @@ def _queue_created_mail(
         deadlines = [
             {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
         ]
-        credit = credit_context(app, session, ticket.organisation, now, flagged=decision.no_credit)
         app.mailer.queue(
             session,
             kind="ack",
             to=[ticket.requester.email],
             language=ticket.language,
-            context={**context, "targets": deadlines, "credit": credit},
+            context={
+                **context,
+                "targets": deadlines,
+                "credit": credit_context(credit, ticket.organisation, flagged=decision.no_credit),
+            },
             now=now,
             ticket=ticket,
             answers=msg.message_id,

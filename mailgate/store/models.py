@@ -100,7 +100,8 @@ class Contact(Base):
     role: Mapped[str] = mapped_column(String(20), default="member")  # admin | member
     active: Mapped[bool] = mapped_column(Boolean, default=True)
 
-    organisation: Mapped[Organisation] = relationship(back_populates="contacts")
+    # Joined: a contact is always read to be authorised, which needs its contract.
+    organisation: Mapped[Organisation] = relationship(back_populates="contacts", lazy="joined")
 
 
 class Staff(Base):

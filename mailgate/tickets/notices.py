@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
-from mailgate.credits.billing import credit_context
+from mailgate.credits.billing import balance_now, credit_context
 from mailgate.outbound.mailer import ticket_context
 from mailgate.store.models import Article, Ticket
 
@@ -21,7 +21,9 @@ def queue_resolution_notice(
     context = {
         "reopen_days": app.settings.tickets.reopen_days,
         "auto_resolved": auto_resolved,
-        "credit": credit_context(app, session, ticket.organisation, now),
+        "credit": credit_context(
+            balance_now(app, session, ticket.organisation_id, now), ticket.organisation
+        ),
     }
     _to_customer(app, session, ticket, "resolved", context, now)
 
