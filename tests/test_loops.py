@@ -61,6 +61,27 @@ def test_fifty_mails_in_ten_minutes_get_five_acks_then_the_breaker_holds_them(
     assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 6
 
 
+def test_the_daily_cap_holds_acks_that_the_hourly_cap_lets_through(install) -> None:
+    """Four acks an hour pass the hourly cap of 5; the tenth of the day meets the daily cap."""
+    inst = install(settings={"hygiene": {"loops": {"auto_mail_per_address_per_day": 9}}})
+    for n in range(12):
+        mail = make_mail(subject=f"Question {n}", message_id=f"day-{n}@acme.example")
+        assert inst.ingest(mail).outcome == "created"
+        inst.clock.now += timedelta(minutes=15)  # type: ignore[attr-defined]
+    acks = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    assert len(acks) == 9
+    alerts = [m for m in inst.sent() if "loop defence" in str(m["Subject"])]
+    assert len(alerts) == 1
+    assert "9 automatic mails to" in alerts[0].get_body(("plain",)).get_content()
+    # A day after the first ack, the window has room again.
+    inst.clock.now += timedelta(hours=21)  # type: ignore[attr-defined]
+    assert (
+        inst.ingest(make_mail(subject="Later", message_id="day-later@acme.example")).outcome
+        == "created"
+    )
+    assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 10
+
+
 def test_one_subject_from_one_organisation_trips_the_breaker(install) -> None:
     inst = install(settings={"hygiene": {"loops": {"tickets_per_subject_per_hour": 3}}})
     senders = ["alice@acme.example"] * 3

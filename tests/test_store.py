@@ -17,6 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 
+from mailgate.store.blobs import BlobStore
 from mailgate.store.db import (
     HEAD_REVISION,
     MIGRATIONS,
@@ -83,6 +84,35 @@ def test_raw_mail_is_stored_content_addressed(inst: Installation) -> None:
     else:  # the blobs table, which every instance reaches
         with inst.session() as s:
             assert s.scalar(select(Blob.data).where(Blob.sha256 == record.raw_sha256)) == raw
+
+
+def test_a_blob_fsyncs_every_folder_that_gained_an_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fan-out folder made for a blob is an entry of its parent: unsynced, a
+    crash could lose the folder, and the blob in it, after the commit."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "blobs"
+    store = BlobStore(root)
+    first = store.path_for(store.put(b"first mail"))
+    assert first.read_bytes() == b"first mail"
+    fan_out = [first.parent, first.parent.parent, root]
+    for folder in fan_out:  # each new folder's parent, so each folder's entry is durable
+        assert str(folder.parent) in synced, folder
+    assert str(first.parent) in synced  # the blob's own entry
+
+    synced.clear()
+    sibling = store.path_for(store.put(b"first mail, again (other bytes)"))
+    new_folders = {p for p in (sibling.parent, sibling.parent.parent) if p not in fan_out}
+    expected_dirs = {str(sibling.parent)} | {str(p.parent) for p in new_folders}
+    assert {s for s in synced if Path(s).is_dir()} == expected_dirs
 
 
 KILLER = textwrap.dedent("""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from mailgate.config import Loops
@@ -35,19 +35,21 @@ def over_cap(
 ) -> str | None:
     """Why this automatic mail must not be sent, or None."""
     if kind in CAUSED_BY_INBOUND:
-        for window, limit in (
-            (timedelta(hours=1), loops.auto_mail_per_address_per_hour),
-            (timedelta(days=1), loops.auto_mail_per_address_per_day),
-        ):
-            sent = session.scalar(
-                select(func.count()).where(
-                    OutboxMail.recipient == recipient,
-                    OutboxMail.kind.in_(CAUSED_BY_INBOUND),
-                    OutboxMail.created_at > now - window,
-                )
+        hour, day = now - timedelta(hours=1), now - timedelta(days=1)
+        last_hour, last_day = session.execute(  # both windows in one query
+            select(
+                func.coalesce(func.sum(case((OutboxMail.created_at > hour, 1), else_=0)), 0),
+                func.count(),
+            ).where(
+                OutboxMail.recipient == recipient,
+                OutboxMail.kind.in_(CAUSED_BY_INBOUND),
+                OutboxMail.created_at > day,
             )
-            if sent and sent >= limit:
-                return f"{sent} automatic mails to {recipient} in the last {_span(window)}"
+        ).one()
+        if last_hour >= loops.auto_mail_per_address_per_hour:
+            return f"{last_hour} automatic mails to {recipient} in the last hour"
+        if last_day >= loops.auto_mail_per_address_per_day:
+            return f"{last_day} automatic mails to {recipient} in the last day"
     if ticket_id is not None and kind in PER_TICKET:
         sent = session.scalar(
             select(func.count()).where(
@@ -59,7 +61,3 @@ def over_cap(
         if sent and sent >= loops.auto_mail_per_ticket_per_hour:
             return f"{sent} automatic mails about one ticket in the last hour"
     return None
-
-
-def _span(window: timedelta) -> str:
-    return "hour" if window == timedelta(hours=1) else "day"

@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailgate.store.durable import write_durably
+from mailgate.store.durable import make_dirs_durably, write_durably
 from mailgate.store.models import Article, AttachmentRow, Blob, IngestRecord
 
 
@@ -76,7 +76,7 @@ class BlobStore:
         path = self.path_for(digest)
         if path.exists():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(path.parent, fsync=self.fsync)
         # A name of its own per write: two threads storing the same mail at
         # once must not write into one temporary file.
         tmp = path.with_name(f".{digest}.{os.getpid()}.{os.urandom(4).hex()}.tmp")

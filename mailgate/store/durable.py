@@ -3,6 +3,8 @@
 Write under a temporary name (created exclusively, so two writers never share
 it), fsync, rename into place, fsync the folder. Used by the blob store and
 the Maildir transport, which both promise "stored" only once this returns.
+A folder made for the file is itself an entry of its parent: that parent is
+fsynced too, or a crash could lose the folder and the file with it.
 """
 
 from __future__ import annotations
@@ -33,3 +35,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs_durably(path: Path, *, fsync: bool = True) -> None:
+    """`mkdir -p`, fsyncing the parent of each folder it creates."""
+    if path.is_dir():
+        return
+    make_dirs_durably(path.parent, fsync=fsync)
+    path.mkdir(exist_ok=True)  # another writer may have made it meanwhile
+    if fsync:
+        fsync_dir(path.parent)
