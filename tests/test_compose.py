@@ -88,6 +88,23 @@ def test_multipart_alternative_and_text_only() -> None:
     assert text_only.get_content().replace("\r\n", "\n") == "Hello Alice,\nwe are on it.\n"
 
 
+def test_no_part_can_end_the_multipart_early() -> None:
+    """Text that looks like our boundaries stays text: each part reads back whole."""
+    fake = "--=_0123456789abcdef01234567\n--=_0123456789abcdef01234567--\n--==\n"
+    text = f"Hello,\n{fake}end of text\n"
+    data = compose(text=text, html=f"<pre>{fake}</pre>", attachments=[
+        ("notes.txt", "text/plain", fake.encode()), ("x.bin", "application/octet-stream", b"=_--"),
+    ])  # fmt: skip
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/mixed"
+    body, notes, blob = msg.iter_parts()
+    assert body.get_body(("plain",)).get_content().replace("\r\n", "\n") == text
+    assert fake in body.get_body(("html",)).get_content().replace("\r\n", "\n")
+    assert notes.get_payload(decode=True) == fake.encode()
+    assert blob.get_payload(decode=True) == b"=_--"
+    assert msg.get_boundary() != body.get_boundary()
+
+
 def test_crlf_everywhere_and_seven_bit() -> None:
     data = compose(text="Réponse\nligne 2\rligne 3\r\n.\n", html="<p>é</p>")
     assert not re.search(rb"\r(?!\n)|(?<!\r)\n", data), "bare CR or LF in the output"

@@ -11,6 +11,7 @@ and must hold exactly the headers that were set.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from email import policy as email_policy
@@ -185,6 +186,11 @@ def build_message(
     for part in msg.walk():
         if part is not msg:
             del part["MIME-Version"]  # belongs on the top level only
+        if part.is_multipart():
+            # "=_" cannot occur in quoted-printable or base64 text, so no part
+            # can hold this line; the generator's own choice compiles a
+            # regular expression for every mail to check that.
+            part.set_boundary(f"=_{secrets.token_hex(12)}")
     data = msg.as_bytes(policy=SMTP_POLICY)
     _verify_header_block(msg, data)
     return data
