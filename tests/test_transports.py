@@ -435,6 +435,7 @@ def test_maildir_delivery(tmp_path: Path) -> None:
     assert content.startswith(envelope.encode())
     assert content.endswith(data.replace(b"\r\n", b"\n"))
     assert path.stat().st_mode & 0o777 == 0o600
+    assert all((root / sub).stat().st_mode & 0o077 == 0 for sub in ("cur", "new", "tmp"))
 
     [msg] = list(mailbox.Maildir(root, create=False))
     assert msg["Message-ID"] == "<sup.42.1.c0ffee@support.example.com>"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from mailgate.outbound.compose import check_envelope_address
-from mailgate.store.durable import write_durably
+from mailgate.store.durable import make_dirs_durably, write_durably
 
 
 class DeliveryError(Exception):
@@ -133,7 +133,7 @@ class MaildirTransport:
 
     def _deliver(self, content: bytes) -> None:
         for sub in ("tmp", "new", "cur"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs_durably(self.path / sub, mode=0o700)
         name = self._unique_name()
         tmp, new = self.path / "tmp" / name, self.path / "new" / name
         write_durably(tmp, new, content)

@@ -37,11 +37,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def make_dirs_durably(path: Path, *, fsync: bool = True) -> None:
+def make_dirs_durably(path: Path, *, mode: int = 0o777, fsync: bool = True) -> None:
     """`mkdir -p`, fsyncing the parent of each folder it creates."""
     if path.is_dir():
         return
-    make_dirs_durably(path.parent, fsync=fsync)
-    path.mkdir(exist_ok=True)  # another writer may have made it meanwhile
+    make_dirs_durably(path.parent, mode=mode, fsync=fsync)
+    path.mkdir(mode=mode, exist_ok=True)  # another writer may have made it meanwhile
     if fsync:
         fsync_dir(path.parent)
