@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = directory.add_subparsers(metavar="ACTION")
     ds = command("sync", cmd_directory_sync, "upsert the directory from YAML or CSV", dsub)
     ds.add_argument("file", nargs="?", help="default: the settings' directory file")
+    ds.add_argument(
+        "--force", action="store_true", help="apply it even past directory_max_deactivations"
+    )
 
     outbox = sub.add_parser("outbox", help="outbound queue").add_subparsers(metavar="ACTION")
     ol = command("list", cmd_outbox_list, "list outbound mail", outbox)
@@ -251,7 +254,7 @@ def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
 
 def sync_directory_if_changed(app: App) -> str | None:
     """Sync the settings' directory file when its content changed since the last sync."""
-    from mailgate.directory import load_directory, sync_directory
+    from mailgate.directory import load_directory, refuse_mass_deactivation, sync_directory
     from mailgate.sla.clocks import retarget
     from mailgate.store.state import get_state, set_state
 
@@ -267,6 +270,7 @@ def sync_directory_if_changed(app: App) -> str | None:
         if get_state(session, "directory.sha256") == digest:
             return None
         report = sync_directory(session, load_directory(path))
+        refuse_mass_deactivation(path, report, app.settings.directory_max_deactivations)
         retarget(app.sla, session, report.replanned, app.clock())
         set_state(session, "directory.sha256", digest)
     log.info("directory %s: %s", path, report)
@@ -582,7 +586,7 @@ def cmd_sla_report(args: argparse.Namespace) -> int:
 
 
 def cmd_directory_sync(args: argparse.Namespace) -> int:
-    from mailgate.directory import load_directory, sync_directory
+    from mailgate.directory import load_directory, refuse_mass_deactivation, sync_directory
     from mailgate.sla.clocks import retarget
 
     app = load_app(args, sync_directory=False)
@@ -595,6 +599,8 @@ def cmd_directory_sync(args: argparse.Namespace) -> int:
     directory = load_directory(path)
     with app.sessions.begin() as session:
         report = sync_directory(session, directory)
+        if not args.force:
+            refuse_mass_deactivation(path, report, app.settings.directory_max_deactivations)
         retarget(app.sla, session, report.replanned, app.clock())
     print(f"{path}: {report}")
     return EX_OK

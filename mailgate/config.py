@@ -501,6 +501,10 @@ class Settings(Strict):
     blob_store: Literal["auto", "directory", "database"] = "auto"
     data_dir: Path = Path("var/")
     directory: Path | None = Path("directory.yaml")
+    # A sync that would deactivate more organisations, contacts and staff than
+    # this is refused (a truncated export would lock customers out); so is a
+    # file that lists nobody. `mailgate directory sync --force` applies it.
+    directory_max_deactivations: int = Field(50, ge=0)
     instance_id: str = Field("mailgate", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     intake: Intake = Intake()
     outbound: Outbound = Outbound()

@@ -80,6 +80,24 @@ class SyncReport:
         )
 
 
+def refuse_mass_deactivation(path: Path, report: SyncReport, limit: int) -> None:
+    """ConfigError (the caller's transaction rolls back) when a sync looks like a
+    broken export rather than a change: it lists nobody, or it would deactivate
+    more than `limit` organisations, contacts and staff at once."""
+    listed = report.organisations + report.contacts + report.staff
+    if report.deactivated == 0 or (listed and report.deactivated <= limit):
+        return
+    if not listed:
+        why = f"lists no organisation and no staff, so it would deactivate all {report.deactivated}"
+    else:
+        why = (f"would deactivate {report.deactivated} organisations, contacts and staff "
+               f"(more than directory_max_deactivations: {limit})")  # fmt: skip
+    raise ConfigError([
+        f"{path}: {why}; nothing was changed. A truncated export? If the file is right, "
+        f"run: mailgate directory sync --force {path}"
+    ])  # fmt: skip
+
+
 def load_directory(path: Path) -> DirectoryFile:
     if path.suffix.lower() == ".csv":
         data = _csv_to_mapping(path)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from mailgate.config import ConfigError, load_settings
 from mailgate.directory import load_directory, sync_directory
 from mailgate.store.models import Contact, Staff
-from tests.conftest import ROOT, Installation
+from tests.conftest import ROOT, Installation, make_mail
 
 
 def write(path: Path, data: object) -> Path:
@@ -175,6 +175,53 @@ def test_directory_sync_is_idempotent_and_deactivates(inst: Installation, tmp_pa
         bob = s.scalar(select(Staff))
     assert carol is not None and not carol.active  # kept, never deleted
     assert alice.active and bob.level == "L3"
+
+
+def active_contacts(inst: Installation) -> list[str]:
+    with inst.session() as s:
+        return sorted(s.scalars(select(Contact.email).where(Contact.active.is_(True))))
+
+
+@pytest.mark.parametrize("empty", ["", "organisations: []\n", "kind,email,organisation\n"])
+def test_a_directory_listing_nobody_is_refused_unless_forced(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str], empty: str
+) -> None:
+    """A truncated export must not lock every customer out."""
+    before = active_contacts(inst)
+    path = tmp_path / ("dir.csv" if empty.startswith("kind") else "dir.yaml")
+    path.write_text(empty)
+    assert inst.cli("directory", "sync", str(path)) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: lists no organisation and no staff" in err and "nothing was changed" in err
+    assert f"mailgate directory sync --force {path}" in err
+    assert active_contacts(inst) == before
+
+    assert inst.cli("directory", "sync", "--force", str(path)) == 0
+    assert active_contacts(inst) == []
+
+
+def test_a_sync_deactivating_more_than_the_limit_is_refused(
+    install, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The settings' own directory, synced by every command and the daemon, is
+    guarded too: mail waits (exit 75 for the MTA) instead of being rejected."""
+    inst = install(settings={"directory_max_deactivations": 2})
+    directory = yaml.safe_load(inst.root.joinpath("directory.yaml").read_text())
+    directory["organisations"] = [o for o in directory["organisations"] if o["id"] == "acme"]
+    directory["organisations"][0]["contacts"] = directory["organisations"][0]["contacts"][:1]
+    inst.root.joinpath("directory.yaml").write_text(yaml.safe_dump(directory))  # 3 fewer rows
+    mail = inst.root / "mail.eml"
+    mail.write_bytes(make_mail().as_bytes())
+
+    assert inst.cli("ingest", "--no-send", str(mail)) == 75
+    err = capsys.readouterr().err
+    assert "would deactivate 3 organisations, contacts and staff" in err
+    assert "more than directory_max_deactivations: 2" in err
+    assert "carol@acme.example" in active_contacts(inst)
+
+    assert inst.cli("directory", "sync", "--force") == 0
+    assert active_contacts(inst) == ["alice@acme.example"]
+    assert inst.cli("ingest", "--no-send", str(mail)) == 0  # the file is the directory now
 
 
 def test_directory_from_csv(inst: Installation, tmp_path: Path) -> None:
