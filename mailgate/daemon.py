@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -114,6 +115,7 @@ class Daemon:
         self.mailboxes: list[Mailbox] = []
         self.fault: Fault | None = None
         self.scheduler: AsyncIOScheduler | None = None
+        self.sweeps: set[asyncio.Future[None]] = set()  # running now, in worker threads
 
     def current_app(self) -> App:
         assert self.app is not None
@@ -178,6 +180,7 @@ class Daemon:
             self.metrics.stop()
         if self.listener is not None:
             await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
+        await asyncio.gather(*self.sweeps)  # leader's work in progress, before stepping down
         await self.step_down()
         await sender.stop()
         for task in tasks:
@@ -239,15 +242,13 @@ class Daemon:
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         if not self.leading:
             return
-        app = self.current_app()
-        log.debug("%s sweep starting", name)
-        try:
-            await asyncio.to_thread(job, app, app.clock())
-        except DBAPIError as exc:
-            log.warning("%s sweep: %s; the next run retries", name, unavailable(exc))
-        except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
-            log.exception("%s sweep failed", name)
-        log.debug("%s sweep done", name)
+        run = asyncio.ensure_future(asyncio.to_thread(_run_sweep, name, job, self.current_app()))
+        self.sweeps.add(run)
+        run.add_done_callback(self.sweeps.discard)
+        # The scheduler's shutdown cancels its jobs, but a thread cannot be
+        # stopped halfway: the sweep finishes its transaction, and `run` waits.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(run)
 
     async def housekeeping(self) -> None:
         app = self.current_app()
@@ -277,6 +278,17 @@ class Daemon:
             + (f" ({detail})" if detail else "")
             + f"; {queued} mail(s) queued"
         )
+
+
+def _run_sweep(name: str, job: Callable[[App, datetime], object], app: App) -> None:
+    log.debug("%s sweep starting", name)
+    try:
+        job(app, app.clock())
+    except DBAPIError as exc:
+        log.warning("%s sweep: %s; the next run retries", name, unavailable(exc))
+    except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
+        log.exception("%s sweep failed", name)
+    log.debug("%s sweep done", name)
 
 
 def build_app(settings: Settings, reuse: App | None = None) -> App:

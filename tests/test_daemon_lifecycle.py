@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.policy
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,3 +94,22 @@ def test_sighup_keeps_an_open_session_going(tmp_path: Path, sink: Sink) -> None:
         sock.close()
     finally:
         daemon.stop()
+
+
+def test_sigterm_during_a_sweep_lets_it_finish_and_stops_cleanly(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """A sweep in progress when the daemon stops completes its transaction; the
+    scheduler's shutdown must not cancel it into a traceback (seen in CI)."""
+    daemon = start_daemon(tmp_path, sink, {"sla": {"sweep_seconds": 1}})
+    db = sqlite3.connect(tmp_path / "var" / "mailgate.db", timeout=10)
+    db.execute("BEGIN IMMEDIATE")  # every sweep now waits for the database
+    time.sleep(2.5)  # the next SLA sweep has started and waits
+    daemon.signal(signal.SIGTERM)
+    time.sleep(1)
+    assert daemon.proc.poll() is None, "stopped while its sweep was still running"
+    db.rollback()
+    db.close()
+    assert daemon.proc.wait(30) == 0
+    log = daemon.log()
+    assert "Traceback" not in log and "stopped" in log, log
