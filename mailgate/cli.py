@@ -319,7 +319,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from mailgate.intake.pipe import read_messages
+    from mailgate.intake.pipe import NotAMailbox, read_messages
     from mailgate.pipeline.process import TemporaryFailure, process
 
     app = load_app(args)
@@ -338,6 +338,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             _print_outcome(args, item.label, result.as_dict())
     except OSError as exc:
         raise CommandError(f"cannot read {exc.filename or 'input'}: {exc.strerror}") from None
+    except NotAMailbox as exc:
+        raise CommandError(str(exc)) from None
     if not args.no_send:
         _send_queued(app)
     return status

@@ -5,7 +5,9 @@ Only turns the outside world into (raw bytes, envelope); the pipeline decides.
 
 from __future__ import annotations
 
+import errno
 import mailbox
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,13 +39,33 @@ def read_messages(
         if path == "-":
             yield Item("-", sys.stdin.buffer.read(), envelope)
         elif mbox:
-            yield from _mailbox_items(mailbox.mbox(path, create=False), path, envelope)
+            yield from _mailbox_items(_open_mbox(path), path, envelope)
         elif maildir:
-            yield from _mailbox_items(
-                mailbox.Maildir(path, factory=None, create=False), path, envelope
-            )
+            yield from _mailbox_items(_open_maildir(path), path, envelope)
         else:
             yield Item(path, Path(path).read_bytes(), envelope)
+
+
+class NotAMailbox(ValueError):
+    """A file given as an mbox that is not one: refused whole, so no mail in it is skipped."""
+
+
+def _open_mbox(path: str) -> mailbox.mbox:
+    # The mbox reader skips whatever comes before the first "From " line: a
+    # single message passed with --mbox would be ingested as nothing at all.
+    with open(path, "rb") as fh:  # missing, a directory: OSError, for the caller to report
+        start = fh.read(5)
+    if start and start != b"From ":
+        raise NotAMailbox(f"{path}: not an mbox (it must start with a 'From ' line); "
+                          "for a single message, leave out --mbox")  # fmt: skip
+    return mailbox.mbox(path, create=False)
+
+
+def _open_maildir(path: str) -> mailbox.Maildir:
+    try:
+        return mailbox.Maildir(path, factory=None, create=False)
+    except mailbox.NoSuchMailboxError:  # an OSError, so it is reported as any unreadable input
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path) from None
 
 
 def _mailbox_items(box: mailbox.Mailbox, path: str, envelope: Envelope) -> Iterator[Item]:
