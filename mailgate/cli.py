@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
 from mailgate.clock import Clock, system_clock
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.observability import set_log_key, setup_logging
-from mailgate.store.db import SchemaError
+from mailgate.store.db import SchemaError, unavailable
 from mailgate.tickets import repository as repo
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
@@ -54,17 +55,28 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock = system_clock) -> i
         args.verbose,
         level=logging.INFO if args.handler is cmd_run else logging.WARNING,
     )
+    # `ingest` answers an MTA: anything but 0 or 75 (EX_TEMPFAIL) makes it
+    # bounce the mail, so whatever stops it is "try again later".
+    failed = EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
     try:
         return int(args.handler(args) or EX_OK)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
-        return EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
+        return failed
     except (CommandError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
+        return failed
+    except DBAPIError as exc:  # down, locked, or its disk full, before any message
+        print(f"error: {unavailable(exc)}", file=sys.stderr)
+        return failed
     except BrokenPipeError:
         return EX_OK
+    except Exception:
+        if args.handler is not cmd_ingest:
+            raise
+        log.exception("ingest stopped by an internal error; the mail stays with the MTA")
+        return EX_TEMPFAIL
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import mailbox
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from mailgate.store.models import IngestRecord
-from tests.conftest import Installation, make_mail
+from tests.conftest import ROOT, Installation, make_mail
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -87,4 +93,61 @@ def test_unreadable_input_is_one_error_line_and_exit_75(
     assert inst.cli("ingest", *args) == 75
     err = capsys.readouterr().err
     assert err.startswith(f"error: {error}") and err.count("\n") == 1, err
+    assert records(inst) == 0
+
+
+def ingest_on_a_full_disk(inst: Installation, mail: Path, max_file_bytes: int | None) -> tuple:
+    """`mailgate ingest` as an MTA runs it, where no file may grow past `max_file_bytes`:
+    a write past it fails (EFBIG) as it would on a full disk (ENOSPC)."""
+
+    def full_disk() -> None:
+        if max_file_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "ingest",
+         "--no-send", str(mail)],
+        cwd=ROOT, preexec_fn=full_disk, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("limit", "lines", "reopen", "said"),
+    [
+        (100_000, 10_000, False, "tempfail - cannot write under data_dir: [Errno 27] File too"),
+        (12_000, 5, False, "tempfail - database unavailable: "),  # the raw mail fits, rows do not
+        (12_000, 5, True, "error: database unavailable: disk I/O error"),  # cannot open it at all
+    ],
+)
+def test_a_full_disk_is_exit_75_and_the_retry_stores_the_mail_once(
+    inst: Installation, tmp_path: Path, limit: int, lines: int, reopen: bool, said: str
+) -> None:
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(make_mail(body="A line of a long log excerpt.\n" * lines).as_bytes())
+    if reopen:  # the last connection gone, SQLite must create its shared-memory file again
+        inst.app.engine.dispose()
+    code, out, err = ingest_on_a_full_disk(inst, mail, limit)
+    assert code == 75, (out, err)
+    assert said in out + err and "Traceback" not in err, (out, err)
+    assert records(inst) == 0
+
+    code, out, err = ingest_on_a_full_disk(inst, mail, None)  # space again: the MTA retries
+    assert code == 0, err
+    assert re.fullmatch(r"\S+: created SUP-\d{4}-000001 new ticket.*\n", out)
+    assert records(inst) == 1
+
+
+def test_an_internal_error_is_exit_75_not_a_bounce(install, tmp_path: Path) -> None:
+    """A template that fails at render time is our fault, not the mail's: the MTA
+    must keep the mail (75) rather than bounce it (any other code)."""
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    for ack in templates.glob("*/ack.txt.j2"):
+        ack.write_text("{{ 1 // 0 }}\n" + ack.read_text())
+    inst = install(settings={"templates_dir": str(templates)})
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(make_mail().as_bytes())
+    assert inst.cli("ingest", "--no-send", str(mail)) == 75
     assert records(inst) == 0
