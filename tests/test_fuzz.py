@@ -4,7 +4,9 @@ Properties:
 - `parse_message` returns a ParsedMessage or raises ParseError, within the
   time budget, whatever the bytes; `screen` returns a Screening for every
   parsed message;
-- `process` on a real installation leaves exactly one ingest record per input.
+- `process` on a real installation leaves exactly one ingest record per input,
+  structured mail or arbitrary bytes;
+- any lines of staff commands on a reply give one outcome on the right ticket.
 
 Hypothesis builds structurally interesting mail (headers with encoded words,
 CR/LF, NUL and odd charsets; nested multiparts with bad boundaries; base64,
@@ -335,6 +337,62 @@ def test_every_input_leaves_exactly_one_ingest_record(fuzz_inst: Installation, r
         "created", "threaded", "command", "rejected", "ignored", "bounce", "duplicate",
         "quarantined",
     }  # fmt: skip
+
+
+COMMANDS = [
+    "/status",
+    "/close",
+    "/reopen",
+    "/resolve",
+    "/priority",
+    "/urgent",
+    "/assign",
+    "/level",
+    "/spend",
+    "/cc",
+    "/internal",
+    "/workaround",
+    "/bug",
+    "/",
+    "/STATUS",
+]
+ARGUMENTS = ["open", "waiting", "resolved", "closed", "P1", "P0", "p2", "off", "me", "L1", "L9",
+             "bob@support.example", "alice@acme.example", "hank@globex.example", "eve@x",
+             "45m", "1h30", "0m", "-5m", "99999h", "1h61", "1.5h", "", "\u00a0", "x" * 300,
+             "=?utf-8?q?=0D=0A?=", "3:00"]  # fmt: skip
+COMMAND_LINE = st.builds(
+    lambda command, args: " ".join([command, *args]).rstrip(),
+    st.sampled_from(COMMANDS),
+    st.lists(st.sampled_from(ARGUMENTS), max_size=2),
+)
+
+
+@pytest.fixture(scope="module")
+def staff_inst(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:
+    from tests.conftest import NO_LOOP_LIMITS
+
+    yield install_at(tmp_path_factory.mktemp("staff"), Clockwork(), NO_LOOP_LIMITS)
+
+
+@settings(FUZZ, max_examples=40)
+@given(lines=st.lists(COMMAND_LINE, min_size=1, max_size=4), text=st.booleans())
+def test_any_staff_command_lines_give_one_outcome(
+    staff_inst: Installation, lines: list[str], text: bool
+) -> None:
+    """Whatever a staff member types at the top of a reply, on a fresh ticket."""
+    from tests.conftest import make_mail, reply_to
+
+    inst = staff_inst
+    opened = inst.ingest(make_mail(message_id=f"cmd-{time.monotonic_ns()}@acme.example"))
+    notice = next(m for m in reversed(inst.sent()) if opened.ticket in str(m["Subject"])
+                  and "bob@support.example" in str(m["To"]))  # fmt: skip
+    body = "\n".join(lines) + ("\n\nThe answer.\n" if text else "\n")
+    note(f"body={body!r}")
+    answer = reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
+                      message_id=f"bob-{time.monotonic_ns()}@support.example")  # fmt: skip
+    result = inst.ingest(answer)
+    assert result.outcome in {"threaded", "command", "rejected"}, result
+    assert result.ticket == opened.ticket
 
 
 # --- atheris ----------------------------------------------------------------------------
