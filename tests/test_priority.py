@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -179,3 +180,26 @@ def test_the_shipped_rules_classify_mail_in_the_pipeline(inst: Installation) -> 
     inst.ingest(make_mail(subject="Question sobre facturas", message_id="2@acme.example",
                           body="¿Cómo descargo una factura?"))  # fmt: skip
     assert ticket(inst).priority == "P3"
+
+
+def test_a_catastrophic_rule_regex_cannot_hold_up_intake(
+    install: Callable[..., Installation], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's regex with nested repetition meets a stranger's text built to
+    make it backtrack: the search gives up, the rule does not match, the mail is
+    decided in time (checklist 28's 2 s) and the operator is told which regex."""
+    rules = tmp_path / "slow-rules"
+    rules.mkdir()
+    (rules / "10-slow.yaml").write_text(
+        "rules:\n"
+        "  - {name: slow, when: {body_regex: '(a|aa)+$'}, then: {priority: P1}}\n"
+        "  - {name: slow header, when: {header: {X-Ref: '(x+x+)+y'}}, then: {priority: P1}}\n"
+    )
+    inst = install(settings={"rules_dir": str(rules), "tickets": {"plan_priority": {"pro": "P3"}}})
+    mail = make_mail(body="a" * 5000 + "!\n", headers={"X-Ref": "x" * 5000})
+    started = time.monotonic()
+    result = inst.ingest(mail)
+    assert time.monotonic() - started < 2
+    assert result.outcome == "created" and ticket(inst).priority == "P3"
+    gave_up = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
+    assert len(gave_up) == 2 and "'(a|aa)+$'" in gave_up[0] and "'(x+x+)+y'" in gave_up[1]

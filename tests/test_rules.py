@@ -394,13 +394,13 @@ UNKNOWN = "unknown key (see the list of conditions and values in the rules docs)
         pytest.param(
             RULE + "    when:\n      subject_regex: '(unclosed'\n    then: {priority: P1}\n",
             "4: rules.0.when.subject_regex: '(unclosed' is not a valid regular expression: "
-            "missing ), unterminated subpattern at position 0",
+            "missing ) at position 9",
             id="bad-regex",
         ),
         pytest.param(
             RULE + "    when:\n      header:\n        X-Priority: '[1'\n    then: {priority: P1}\n",
             "5: rules.0.when.header: '[1' is not a valid regular expression: "
-            "unterminated character set at position 0",
+            "unterminated character set at position 2",
             id="bad-header-regex",
         ),
         pytest.param(

@@ -30,6 +30,7 @@ refused: `check` and `rules test` print it, a reload keeps the old rules.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -38,13 +39,17 @@ from datetime import datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mailgate.config import ConfigError
 
+log = logging.getLogger("mailgate.rules")
+
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_TEXT = 100_000  # characters of a body the rules look at
+REGEX_SECONDS = 0.25  # per search of one regex in one text
 
 
 class RulesError(ConfigError):
@@ -176,7 +181,7 @@ class Condition(_Strict):
             return False
         for header, pattern in (self.header or {}).items():
             values = facts.headers.get(header.lower(), ())
-            if not any(_compile(pattern).search(v) for v in values):
+            if not any(_found(_compile(pattern), v) for v in values):
                 return False
         return self.time is None or (
             facts.local_time is not None and self.time.contains(facts.local_time)
@@ -205,27 +210,40 @@ class _RuleFile(_Strict):
 
 
 @functools.lru_cache(maxsize=1024)
-def _compile(pattern: str) -> re.Pattern[str]:
+def _compile(pattern: str) -> regex.Pattern[str]:
     try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
+        return regex.compile(pattern, regex.IGNORECASE)
+    except regex.error as exc:
         raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
 
 
 @functools.lru_cache(maxsize=1024)
-def _keywords(words: tuple[str, ...]) -> re.Pattern[str]:
+def _keywords(words: tuple[str, ...]) -> regex.Pattern[str]:
     """Whole words or phrases: "down" must not match "download"."""
     # A phrase matches across any run of white space: bodies are hard-wrapped.
     alternatives = "|".join(
-        r"\s+".join(re.escape(part) for part in fold(w).split()) for w in words if w.strip()
+        r"\s+".join(regex.escape(part) for part in fold(w).split()) for w in words if w.strip()
     )
-    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)") if alternatives else re.compile("(?!)")
+    return regex.compile(rf"(?<!\w)(?:{alternatives})(?!\w)" if alternatives else "(?!)")
 
 
-def _search(pattern: re.Pattern[str], facts: Facts, where: str) -> bool:
-    if "s" in where and pattern.search(facts.folded_subject):
+def _search(pattern: regex.Pattern[str], facts: Facts, where: str) -> bool:
+    if "s" in where and _found(pattern, facts.folded_subject):
         return True
-    return "b" in where and bool(pattern.search(facts.folded_body))
+    return "b" in where and _found(pattern, facts.folded_body)
+
+
+def _found(pattern: regex.Pattern[str], text: str) -> bool:
+    """A search cut off at REGEX_SECONDS. Rule regexes are written by operators but
+    run on text strangers write: `(a|aa)+$` on forty characters would otherwise
+    hold the pipeline for hours. Cut off, the condition does not hold."""
+    try:
+        return pattern.search(text, timeout=REGEX_SECONDS) is not None
+    except TimeoutError:
+        log.warning("rule regex %r gave up after %.2f s on this mail and counts as not "
+                    "matching; rewrite it without nested repetition", pattern.pattern,
+                    REGEX_SECONDS)  # fmt: skip
+        return False
 
 
 # --- loading --------------------------------------------------------------------------------
