@@ -201,8 +201,10 @@ class Tickets(Strict):
         return value
 
 
+# Possessive \s*+: white space and the other tokens never overlap, and four
+# backtracking \s* in a row take minutes to refuse a long run of spaces.
 _SPAN = re.compile(
-    r"^\s*(?:(?P<d>[0-9]+)\s*d)?\s*(?:(?P<h>[0-9]+)\s*h)?\s*(?:(?P<m>[0-9]+)\s*m)?\s*$"
+    r"^\s*+(?:(?P<d>[0-9]+)\s*+d)?\s*+(?:(?P<h>[0-9]+)\s*+h)?\s*+(?:(?P<m>[0-9]+)\s*+m)?\s*+$"
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import email
 import email.policy
 import random
+import time
 from email.message import EmailMessage, Message
 from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
@@ -554,3 +555,16 @@ def test_mangled_bounces_never_raise(desk: Desk) -> None:
             assert info.action in ("failed", "delayed", "delivered")
             read += 1
     assert read > 100  # most mangled reports are still read as bounces
+
+
+@pytest.mark.parametrize("line", ["-" * 200_000, " -" * 100_000, "-" * 100_000 + " original"])
+def test_a_forged_notice_built_to_backtrack_is_decided_in_time(desk: Desk, line: str) -> None:
+    """Anyone can send a "bounce": a 200,000-character line of dashes where the copy
+    marker is looked for took minutes (two quantifiers sharing the dashes)."""
+    notice = qmail_ndr(desk.ack_bytes(), to=desk.verp).replace(
+        b"--- Below this line", line.encode() + b"\n--- Below this line"
+    )
+    started = time.monotonic()
+    result = desk.inst.ingest(notice)
+    assert time.monotonic() - started < 2  # checklist 28's budget for hostile mail
+    assert result.outcome == "bounce" and desk.ack_article().delivery == "failed"
