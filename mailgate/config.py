@@ -193,11 +193,10 @@ class Tickets(Strict):
     @field_validator("reply_markers")
     @classmethod
     def _markers_compile(cls, value: list[str]) -> list[str]:
+        from mailgate.pipeline.patterns import compile_pattern  # the engine that will run them
+
         for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+            compile_pattern(pattern)  # ValueError names it
         return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -443,8 +444,19 @@ def test_extra_markers() -> None:
 
 
 def test_extra_marker_invalid_regex_raises() -> None:
-    with pytest.raises(re.error):
+    with pytest.raises(ValueError, match="is not a valid regular expression"):
         trim_reply("text", extra_markers=["("])
+
+
+def test_a_catastrophic_extra_marker_gives_up_and_is_not_a_marker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator's marker runs on quoted customer text, which anyone can craft."""
+    mail = "Done, the log shows:\n" + "a" * 400 + "!\nMore text of mine.\n"
+    started = time.monotonic()
+    assert trim_reply(mail, extra_markers=["(a|aa)+$"]) == mail.strip()
+    assert time.monotonic() - started < 2
+    assert "'(a|aa)+$' gave up" in caplog.text
 
 
 def test_crlf_and_cr_input() -> None:

@@ -30,7 +30,6 @@ refused: `check` and `rules test` print it, a reload keeps the old rules.
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -44,12 +43,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mailgate.config import ConfigError
-
-log = logging.getLogger("mailgate.rules")
+from mailgate.pipeline.patterns import compile_pattern, found
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_TEXT = 100_000  # characters of a body the rules look at
-REGEX_SECONDS = 0.25  # per search of one regex in one text
 
 
 class RulesError(ConfigError):
@@ -140,14 +137,14 @@ class Condition(_Strict):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            _compile(value)
+            compile_pattern(value)
         return value
 
     @field_validator("header")
     @classmethod
     def _header_regexes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         for pattern in (value or {}).values():
-            _compile(pattern)
+            compile_pattern(pattern)
         return value
 
     @model_validator(mode="after")
@@ -171,7 +168,7 @@ class Condition(_Strict):
             if words is not None and not _search(_keywords(tuple(words)), facts, where):
                 return False
             pattern = getattr(self, f"{name}_regex")
-            if pattern is not None and not _search(_compile(pattern), facts, where):
+            if pattern is not None and not _search(compile_pattern(pattern), facts, where):
                 return False
         for name in ("organisation", "plan", "role", "language"):
             allowed = getattr(self, name)
@@ -181,7 +178,7 @@ class Condition(_Strict):
             return False
         for header, pattern in (self.header or {}).items():
             values = facts.headers.get(header.lower(), ())
-            if not any(_found(_compile(pattern), v) for v in values):
+            if not any(found(compile_pattern(pattern), v) for v in values):
                 return False
         return self.time is None or (
             facts.local_time is not None and self.time.contains(facts.local_time)
@@ -210,14 +207,6 @@ class _RuleFile(_Strict):
 
 
 @functools.lru_cache(maxsize=1024)
-def _compile(pattern: str) -> regex.Pattern[str]:
-    try:
-        return regex.compile(pattern, regex.IGNORECASE)
-    except regex.error as exc:
-        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-
-
-@functools.lru_cache(maxsize=1024)
 def _keywords(words: tuple[str, ...]) -> regex.Pattern[str]:
     """Whole words or phrases: "down" must not match "download"."""
     # A phrase matches across any run of white space: bodies are hard-wrapped.
@@ -228,22 +217,9 @@ def _keywords(words: tuple[str, ...]) -> regex.Pattern[str]:
 
 
 def _search(pattern: regex.Pattern[str], facts: Facts, where: str) -> bool:
-    if "s" in where and _found(pattern, facts.folded_subject):
+    if "s" in where and found(pattern, facts.folded_subject):
         return True
-    return "b" in where and _found(pattern, facts.folded_body)
-
-
-def _found(pattern: regex.Pattern[str], text: str) -> bool:
-    """A search cut off at REGEX_SECONDS. Rule regexes are written by operators but
-    run on text strangers write: `(a|aa)+$` on forty characters would otherwise
-    hold the pipeline for hours. Cut off, the condition does not hold."""
-    try:
-        return pattern.search(text, timeout=REGEX_SECONDS) is not None
-    except TimeoutError:
-        log.warning("rule regex %r gave up after %.2f s on this mail and counts as not "
-                    "matching; rewrite it without nested repetition", pattern.pattern,
-                    REGEX_SECONDS)  # fmt: skip
-        return False
+    return "b" in where and found(pattern, facts.folded_body)
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import regex
+
+from mailgate.pipeline.patterns import compile_pattern, found
+
 # Regexes see at most this much of a line: no header, attribution or separator is
 # longer, and it caps what a pathological line can cost.
 _MAX_PROBE = 500
@@ -188,11 +192,11 @@ def trim_reply(
     A forward ("---------- Forwarded message ---------") ends the part trimmed,
     and is kept. Line endings become "\\n" and trailing whitespace is removed. If
     nothing would be left, the whole (normalised) input is returned instead.
-    Raises re.error if an extra marker is not a valid regex.
+    Raises ValueError if an extra marker is not a valid regex.
     """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     probes = [line[:_MAX_PROBE].strip() for line in lines]
-    extra = [re.compile(source, re.IGNORECASE) for source in extra_markers]
+    extra = [compile_pattern(source) for source in extra_markers]
 
     end, forward = _find_history(probes, extra)
     own = _trim_own_part(lines[:end], probes[:end], strip_signature)
@@ -208,7 +212,7 @@ def trim_reply(
     return result or _tidy(lines)
 
 
-def _find_history(probes: list[str], extra: list[re.Pattern[str]]) -> tuple[int, bool]:
+def _find_history(probes: list[str], extra: list[regex.Pattern[str]]) -> tuple[int, bool]:
     """Index of the first line of quoted history (len if none), and whether it is a forward."""
     count = len(probes)
     for i, probe in enumerate(probes):
@@ -216,7 +220,7 @@ def _find_history(probes: list[str], extra: list[re.Pattern[str]]) -> tuple[int,
             continue
         # The operator's markers are checked even on quoted lines: they know
         # their own notification best.
-        if any(pattern.search(probe) for pattern in extra):
+        if any(found(pattern, probe) for pattern in extra):
             return i, False
         if probe.startswith(">"):
             continue
