@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailgate.pipeline.patterns import compile_pattern
 from mailgate.sla.calendar import holiday_checker, parse_hours
 
 DEFAULT_CONFIG = "settings.yaml"
@@ -193,10 +194,8 @@ class Tickets(Strict):
     @field_validator("reply_markers")
     @classmethod
     def _markers_compile(cls, value: list[str]) -> list[str]:
-        from mailgate.pipeline.patterns import compile_pattern  # the engine that will run them
-
         for pattern in value:
-            compile_pattern(pattern)  # ValueError names it
+            compile_pattern(pattern)  # by the engine that will run it; ValueError names it
         return value
 
 
