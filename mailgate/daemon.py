@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,7 +116,7 @@ class Daemon:
         self.mailboxes: list[Mailbox] = []
         self.fault: Fault | None = None
         self.scheduler: AsyncIOScheduler | None = None
-        self.sweeps: set[asyncio.Future[None]] = set()  # running now, in worker threads
+        self.running: set[asyncio.Future[None]] = set()  # scheduled jobs running now
 
     def current_app(self) -> App:
         assert self.app is not None
@@ -142,12 +143,15 @@ class Daemon:
         self.scheduler = scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
         scheduler.add_job(
-            self.housekeeping,
+            self._shielded,
             "interval",
+            args=(self.housekeeping,),
+            id="housekeeping",
             seconds=HOUSEKEEPING_SECONDS,
             next_run_time=datetime.now(UTC),  # a first status line right away
         )
-        scheduler.add_job(self.check_leadership, "interval", seconds=LEADERSHIP_SECONDS)
+        scheduler.add_job(self._shielded, "interval", args=(self.check_leadership,),
+                          id="leadership", seconds=LEADERSHIP_SECONDS)  # fmt: skip
         # The leader's jobs: each runs at start (what fell due while we were down),
         # then on its interval; a slow run is never run twice at once.
         for job, enabled, seconds, run in (
@@ -157,7 +161,8 @@ class Daemon:
             ("sla", settings.sla.enabled, settings.sla.sweep_seconds, sla_sweep),
         ):
             if enabled:
-                scheduler.add_job(self._sweep, "interval", args=(job, run), id=job,
+                scheduler.add_job(self._shielded, "interval",
+                                  args=(functools.partial(self._sweep, job, run),), id=job,
                                   seconds=seconds, next_run_time=datetime.now(UTC),
                                   max_instances=1, coalesce=True)  # fmt: skip
         scheduler.start()
@@ -180,7 +185,7 @@ class Daemon:
             self.metrics.stop()
         if self.listener is not None:
             await self.listener.stop(settings.intake.smtp.shutdown_grace_seconds)
-        await asyncio.gather(*self.sweeps)  # leader's work in progress, before stepping down
+        await asyncio.gather(*self.running)  # work in progress, before stepping down
         await self.step_down()
         await sender.stop()
         for task in tasks:
@@ -242,11 +247,17 @@ class Daemon:
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         if not self.leading:
             return
-        run = asyncio.ensure_future(asyncio.to_thread(_run_sweep, name, job, self.current_app()))
-        self.sweeps.add(run)
-        run.add_done_callback(self.sweeps.discard)
-        # The scheduler's shutdown cancels its jobs, but a thread cannot be
-        # stopped halfway: the sweep finishes its transaction, and `run` waits.
+        await asyncio.to_thread(_run_sweep, name, job, self.current_app())
+
+    async def _shielded(self, job: Callable[[], Awaitable[None]]) -> None:
+        """A scheduled job that the scheduler's shutdown cannot interrupt. The
+        shutdown cancels the jobs that are running, but the thread a job waits
+        for (a sweep's transaction, a database read) cannot be stopped halfway:
+        cancelled, the job went on in its thread and the log got a traceback.
+        The daemon's stop waits for these jobs instead."""
+        run = asyncio.ensure_future(job())
+        self.running.add(run)
+        run.add_done_callback(self.running.discard)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(run)
 
