@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import ssl
@@ -161,8 +160,7 @@ class Daemon:
             ("sla", settings.sla.enabled, settings.sla.sweep_seconds, sla_sweep),
         ):
             if enabled:
-                scheduler.add_job(self._shielded, "interval",
-                                  args=(functools.partial(self._sweep, job, run),), id=job,
+                scheduler.add_job(self._shielded, "interval", args=(self._sweep, job, run), id=job,
                                   seconds=seconds, next_run_time=datetime.now(UTC),
                                   max_instances=1, coalesce=True)  # fmt: skip
         scheduler.start()
@@ -247,15 +245,23 @@ class Daemon:
     async def _sweep(self, name: str, job: Callable[[App, datetime], object]) -> None:
         if not self.leading:
             return
-        await asyncio.to_thread(_run_sweep, name, job, self.current_app())
+        app = self.current_app()
+        log.debug("%s sweep starting", name)
+        try:
+            await asyncio.to_thread(job, app, app.clock())
+        except DBAPIError as exc:
+            log.warning("%s sweep: %s; the next run retries", name, unavailable(exc))
+        except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
+            log.exception("%s sweep failed", name)
+        log.debug("%s sweep done", name)
 
-    async def _shielded(self, job: Callable[[], Awaitable[None]]) -> None:
+    async def _shielded(self, job: Callable[..., Awaitable[None]], *args: object) -> None:
         """A scheduled job that the scheduler's shutdown cannot interrupt. The
         shutdown cancels the jobs that are running, but the thread a job waits
         for (a sweep's transaction, a database read) cannot be stopped halfway:
         cancelled, the job went on in its thread and the log got a traceback.
         The daemon's stop waits for these jobs instead."""
-        run = asyncio.ensure_future(job())
+        run = asyncio.ensure_future(job(*args))
         self.running.add(run)
         run.add_done_callback(self.running.discard)
         with contextlib.suppress(asyncio.CancelledError):
@@ -289,17 +295,6 @@ class Daemon:
             + (f" ({detail})" if detail else "")
             + f"; {queued} mail(s) queued"
         )
-
-
-def _run_sweep(name: str, job: Callable[[App, datetime], object], app: App) -> None:
-    log.debug("%s sweep starting", name)
-    try:
-        job(app, app.clock())
-    except DBAPIError as exc:
-        log.warning("%s sweep: %s; the next run retries", name, unavailable(exc))
-    except Exception:  # noqa: BLE001 - logged; the next run retries, the daemon serves on
-        log.exception("%s sweep failed", name)
-    log.debug("%s sweep done", name)
 
 
 def build_app(settings: Settings, reuse: App | None = None) -> App:

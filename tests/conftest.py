@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import func, select
 
 from mailgate.app import App
 from mailgate.cli import main, sync_directory_if_changed
@@ -36,6 +37,7 @@ from mailgate.config import load_settings
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import Result, process
 from mailgate.store.db import make_engine, upgrade
+from mailgate.store.models import IngestRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 # The storage, pipeline, SLA and data-protection tests: what must behave the same on both databases.
@@ -144,6 +146,10 @@ class Installation:
 
     def session(self):  # noqa: ANN201 - a SQLAlchemy session context
         return self.app.sessions()
+
+    def ingest_records(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(IngestRecord)) or 0
 
 
 @pytest.fixture
@@ -270,9 +276,12 @@ def make_mail(
     return msg
 
 
-def staff_answer(inst: Installation, body: str, message_id: str) -> EmailMessage:
-    """Bob answering the first staff notice from his mail client."""
-    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"]))
+def staff_answer(
+    inst: Installation, body: str, message_id: str, *, ticket: str | None = None
+) -> EmailMessage:
+    """Bob answering, from his mail client, the first staff notice (about `ticket`)."""
+    notice = next(m for m in inst.sent() if "bob@support.example" in str(m["To"])
+                  and (ticket is None or ticket in str(m["Subject"])))  # fmt: skip
     return reply_to(notice, sender="Bob Durand <bob@support.example>", body=body,
                     message_id=message_id)  # fmt: skip
 
