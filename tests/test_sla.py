@@ -107,6 +107,11 @@ def test_enterprise_p1_is_answered_within_15_minutes_around_the_clock(
     got = clocks(inst, inst.ingest(mail).ticket)
     assert got["first_response"].due_at == datetime(2026, 11, 28, 22, 15, tzinfo=UTC)
     assert got["first_response"].calendar == "24/7"
+    # Only the first response runs around the clock (DESIGN.md's table): the
+    # workaround and resolution wait for Monday 09:00 in London.
+    assert got["workaround"].due_at == datetime(2026, 11, 30, 11, 0, tzinfo=UTC)
+    assert got["resolution"].due_at == datetime(2026, 11, 30, 17, 0, tzinfo=UTC)
+    assert got["workaround"].calendar == got["resolution"].calendar == "business"
 
 
 def test_reminders_at_50_and_80_percent_then_breach_and_escalation(
@@ -257,6 +262,17 @@ def test_per_organisation_override(install) -> None:  # noqa: ANN001
     assert got["resolution"].due_at == utc(24, 8, 30)  # not overridden: the plan's
 
 
+def test_an_override_can_give_one_target_its_own_calendar(install) -> None:  # noqa: ANN001
+    target = {"within": "4h", "calendar": "24/7"}
+    inst = install({"sla": {"organisations": {"acme": {"P1": {"resolution": target}}}}})
+    got = clocks(inst, inst.ingest(make_mail()).ticket)
+    assert (got["resolution"].calendar, got["resolution"].due_at) == ("24/7", utc(23, 13, 30))
+    assert (got["first_response"].calendar, got["first_response"].due_at) == (
+        "business",
+        utc(23, 10, 30),
+    )
+
+
 def test_sla_off_starts_no_clock_and_the_ack_says_no_deadline(install) -> None:  # noqa: ANN001
     inst = install({"sla": {"enabled": False}})
     number = inst.ingest(make_mail()).ticket
@@ -370,7 +386,7 @@ def test_sla_settings_errors_name_the_key(tmp_path: Path) -> None:
                 "basic": {
                     "calendar": "nope",
                     "P1": {"first_response": "soon", "resolution": "8h"},
-                    "P2": {"first_response": "1h", "resolution": "2d"},
+                    "P2": {"first_response": "1h", "resolution": {"within": "2x"}},
                     "P3": {"first_response": "4h", "resolution": "5d"},
                 }
             },
@@ -383,9 +399,22 @@ def test_sla_settings_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from_mapping(bad, source="settings.yaml", base_dir=tmp_path)
     text = "\n".join(caught.value.problems)
-    assert "sla.plans.basic.P1.first_response" in text and "'soon'" in text
+    assert "sla.plans.basic.P1.first_response: 'soon' is not a duration" in text
+    assert "sla.plans.basic.P2.resolution.within: '2x' is not a duration" in text
     assert "sla.calendars.x.hours" in text and "mun" in text
     assert "sla.calendars.y" in text and "'ZZ'" in text
+
+
+def test_a_calendar_named_anywhere_must_exist(tmp_path: Path) -> None:
+    from mailgate.config import ConfigError, settings_from_mapping
+
+    targets = {"first_response": {"within": "15m", "calendar": "round-the-clock"}}
+    bad = {"sla": {"organisations": {"acme": {"P1": targets}}}}
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(bad, source="settings.yaml", base_dir=tmp_path)
+    assert "organisations.acme.P1.first_response.calendar: no calendar 'round-the-clock'" in (
+        "\n".join(caught.value.problems)
+    )
 
 
 def test_check_names_an_organisation_whose_country_has_no_holidays(inst: Installation) -> None:

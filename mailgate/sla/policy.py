@@ -54,18 +54,22 @@ class SlaPolicy:
         base = sla.plans.get(plan) or sla.plans[sla.default_plan]
         entry = getattr(base, priority)
         override = sla.organisations.get(org_id)
-        spans = {kind: getattr(entry, kind) for kind in KINDS}
-        calendar = entry.calendar or base.calendar
-        if override is not None:
-            part = getattr(override, priority)
-            spans.update({k: getattr(part, k) for k in KINDS if getattr(part, k) is not None})
-            calendar = part.calendar or override.calendar or calendar
-        cal = self.calendar(calendar, where)
-        return [
-            Target(kind, self.span(spans[kind], cal), calendar, cal)
-            for kind in KINDS
-            if spans[kind] is not None
-        ]
+        targets = []
+        for kind in KINDS:
+            # The most specific calendar wins; an organisation's override, at
+            # any level, wins over its plan.
+            target = getattr(entry, kind)
+            calendar = (target and target.calendar) or entry.calendar or base.calendar
+            if override is not None:
+                part = getattr(override, priority)
+                mine = getattr(part, kind)
+                target = mine or target
+                own = mine and mine.calendar
+                calendar = own or part.calendar or override.calendar or calendar
+            if target is not None:
+                cal = self.calendar(calendar, where)
+                targets.append(Target(kind, self.span(target.within, cal), calendar, cal))
+        return targets
 
     def calendar(self, name: str, where: Where) -> Calendar:
         return self._calendar(name, where)
