@@ -421,15 +421,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
     result = process(app, raw, Envelope(source="explain"), dry_run=True)
+    shown = result.as_dict()
+    del shown["ingest_id"]  # of a record rolled back with everything else
     if args.json:
-        print_json(result.as_dict())
-    else:
-        for key, value in result.as_dict().items():
-            if key == "sla" and value:
-                value = ", ".join(f"{kind} due {due}" for kind, due in value.items())
-            if key != "ingest_id":
-                print(f"{key:11} {value if value is not None else '-'}")
+        print_json(shown)
+        return EX_OK
+    for key, value in shown.items():
+        if key == "sla" and value:
+            value = ", ".join(f"{kind} due {due}" for kind, due in value.items())
+        if key == "rules" and value:
+            value = ", ".join(f"{name} {_listed(v)}" for name, v in value.items())
+        print(f"{key:11} {value if value is not None else '-'}")
     return EX_OK
+
+
+def _listed(value: object) -> str:
+    if isinstance(value, list):
+        return "; ".join(value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
 
 
 def cmd_tickets_list(args: argparse.Namespace) -> int:

@@ -4,8 +4,10 @@ the ticket that exists, the article on it, the mail that went out.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -598,7 +600,29 @@ def test_explain_writes_nothing(inst: Installation) -> None:
     from mailgate.pipeline.process import process
 
     raw = make_mail().as_bytes()
-    result = process(inst.app, raw, Envelope(source="explain"), dry_run=True)
-    assert result.outcome == "created"
+    for _ in range(2):
+        result = process(inst.app, raw, Envelope(source="explain"), dry_run=True)
+        assert (result.outcome, result.ticket) == ("created", "SUP-2026-000001")
     assert count(inst, Ticket) == 0 and count(inst, IngestRecord) == 0
     assert count(inst, OutboxMail) == 0
+    # Not even a tracking number: PostgreSQL's nextval is never given back.
+    assert inst.ingest(raw).ticket == "SUP-2026-000001"
+
+
+def test_explain_shows_who_wrote_and_what_the_rules_set(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = tmp_path / "request.eml"
+    request.write_bytes(make_mail(subject="Cannot log in").as_bytes())
+    assert inst.cli("explain", "--json", str(request)) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["identity"] == "alice@acme.example: admin of acme"
+    assert shown["rules"]["priority"] == "P1" and "critical login" in shown["rules"]["matched"]
+    assert "ingest_id" not in shown  # its record was rolled back
+    stranger = tmp_path / "stranger.eml"
+    stranger.write_bytes(make_mail(sender="Mallory <mallory@evil.example>").as_bytes())
+    assert inst.cli("explain", str(stranger)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^outcome +rejected$", out, re.M), out
+    assert "mallory@evil.example: unknown; may not open tickets: sender not in the directory" in out
+    assert re.search(r"^rules +-$", out, re.M), out

@@ -66,3 +66,16 @@ def identify(address: str, person: Person | None, on: date) -> Identity:
     if person.role != "admin":
         return Identity(address, person, False, "sender is not an authorised admin")
     return Identity(address, person, True, None)
+
+
+def describe(identity: Identity) -> str:
+    """One line for `explain` and the JSON output: who the sender is, and why not if refused."""
+    person = identity.person
+    if person is None:
+        who = f"{identity.address}: unknown"
+    elif person.kind == "staff":
+        who = f"{identity.address}: staff" + ("" if person.active else " (inactive)")
+    else:
+        inactive = "" if person.active else " (inactive)"
+        who = f"{identity.address}: {person.role} of {person.organisation_id}{inactive}"
+    return who if identity.may_open else f"{who}; may not open tickets: {identity.refusal}"

@@ -36,7 +36,7 @@ from mailgate.pipeline.authenticity import (
 from mailgate.pipeline.breaker import subject_key, tripped
 from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.delivery_failures import apply_bounce
-from mailgate.pipeline.identify import Identity, identify
+from mailgate.pipeline.identify import Identity, describe, identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.pipeline.rules import Classification, Facts, classify, customer_importance, evaluate
@@ -82,6 +82,8 @@ class Result:
     sender: str | None = None
     ingest_id: int | None = None
     sla: dict[str, str] | None = None  # a new ticket's deadlines, ISO 8601 UTC, per target
+    identity: str | None = None  # who the directory says the sender is (see `describe`)
+    rules: dict[str, Any] | None = None  # what the rules set on a new ticket
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,7 +265,7 @@ def _decide_and_apply(
 ) -> Result:
     """Everything after the duplicate check: decide, then write what was decided."""
     now = app.clock()
-    sender, message_id = record.sender, record.message_id
+    sender = record.sender
     if screening.outcome is not None or msg is None:
         if screening.outcome == "bounce" and msg is not None:
             decision, record.ticket_id = apply_bounce(app, session, raw, msg, screening)
@@ -284,6 +286,25 @@ def _decide_and_apply(
 
     assert sender is not None
     identity = identify(sender, repo.find_person(session, sender), now.date())
+    result = _apply_for_sender(app, session, record, identity, raw_sha, msg, screening,
+                               envelope, dry_run)  # fmt: skip
+    return replace(result, identity=describe(identity))
+
+
+def _apply_for_sender(
+    app: App,
+    session: Session,
+    record: IngestRecord,
+    identity: Identity,
+    raw_sha: str | None,
+    msg: ParsedMessage,
+    screening: Screening,
+    envelope: Envelope,
+    dry_run: bool,
+) -> Result:
+    """A mail that passed the screen, from a sender the directory was asked about."""
+    now = app.clock()
+    sender, message_id = identity.address, record.message_id
     match = find_ticket_for(
         msg,
         identity,
@@ -323,7 +344,7 @@ def _decide_and_apply(
         credit = balance_now(app, session, contact.organisation_id, now)
         decision = _credit_check(app, contact.organisation_id, found, decision, credit, recently)
     if decision.outcome == "created":
-        ticket = _create_ticket(app, session, msg, contact, found, decision, now)
+        ticket = _create_ticket(app, session, msg, contact, found, decision, now, dry_run)
         if found.why:
             decision = replace(decision, reason=f"{decision.reason}; {found.why}")
         article = store_inbound(session, None if dry_run else app.blobs, ticket, msg, raw_sha,
@@ -333,7 +354,8 @@ def _decide_and_apply(
         clocks = track(app.sla, session, ticket, now)
         _queue_created_mail(app, session, ticket, msg, decision, clocks, credit, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
-        return replace(_record(session, record, decision, ticket.number), sla=deadlines)
+        result = _record(session, record, decision, ticket.number)
+        return replace(result, sla=deadlines, rules=found.as_dict())
     if decision.outcome == "threaded":
         assert decision.ticket is not None
         ticket = session.get(Ticket, decision.ticket.id)
@@ -499,13 +521,14 @@ def _create_ticket(
     found: Classification,
     decision: Decision,
     now: datetime,
+    dry_run: bool,
 ) -> Ticket:
     org = contact.organisation
     ours = {contact.email, app.settings.support_address}
     copied = [a for a in (*msg.to, *msg.cc) if a not in ours]
     cc_contacts = [c.email for c in repo.contacts_of(session, org.id, copied)]
     tickets = app.settings.tickets
-    seq = next_sequence(session, now.year)
+    seq = next_sequence(session, now.year, peek=dry_run)
     ticket = Ticket(
         number=format_number(tickets.number_format, now.year, seq),
         organisation=org,

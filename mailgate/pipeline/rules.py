@@ -33,7 +33,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, time
 from pathlib import Path
 from typing import Any, Literal
@@ -347,6 +347,12 @@ class Classification:
     tags: tuple[str, ...]
     matched: tuple[str, ...]
     why: str  # for the ingest record and the ticket history; "" for the plain default
+
+    def as_dict(self) -> dict[str, Any]:
+        """What `explain` and `ingest --json` show of the decision."""
+        values = asdict(self)
+        del values["why"]  # already in the reason
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def classify(

@@ -25,9 +25,12 @@ from mailgate.store.models import TicketSequence
 _sequences: set[tuple[str, int]] = set()
 
 
-def next_sequence(session: Session, year: int) -> int:
+def next_sequence(session: Session, year: int, *, peek: bool = False) -> int:
+    """The year's next number. `peek` (a dry run): the number the next ticket
+    would get, taken from nothing; a rolled-back counter row gives its number
+    back, but `nextval` never does."""
     if session.get_bind().dialect.name == "postgresql":
-        return _from_sequence(session, year)
+        return _peek_sequence(session, year) if peek else _from_sequence(session, year)
     return _from_counter_row(session, year)
 
 
@@ -58,6 +61,16 @@ def _from_sequence(session: Session, year: int) -> int:
         _create_sequence(bind.engine, name, year)  # type: ignore[union-attr]
         _sequences.add(key)
     return int(session.scalar(text(f"SELECT nextval('{name}')")))
+
+
+def _peek_sequence(session: Session, year: int) -> int:
+    name = f"ticket_number_{int(year)}"
+    exists = session.scalar(text("SELECT to_regclass(:name) IS NOT NULL"), {"name": name})
+    if not exists:
+        last = session.scalar(select(TicketSequence.last).where(TicketSequence.year == year))
+        return (last or 0) + 1
+    last, called = session.execute(text(f"SELECT last_value, is_called FROM {name}")).one()
+    return int(last) + 1 if called else int(last)
 
 
 def _create_sequence(engine: Engine, name: str, year: int) -> None:
