@@ -127,7 +127,7 @@ class App:
     def now(self) -> datetime:
         return self.clock()
 
-    def send_outbox(self) -> int:
+    def send_outbox(self, after_send: Callable[[bytes], object] | None = None) -> int:
         """One sending round: everything due now, over one relay session; mails handled."""
         from mailgate.outbound.outbox import send_due
 
@@ -140,6 +140,7 @@ class App:
                 self.retry_policy,
                 notify=self.mailer.notify_delivery_failure,
                 later=STAFF_ONLY,
+                after_send=after_send,
             ):
                 total += handled
         finally:

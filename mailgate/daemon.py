@@ -62,9 +62,12 @@ LEADER_JOBS = ("lifecycle", "credits", "sla", "retention")  # run by the leader 
 class OutboxSender:
     """Sends due mail in one worker thread; `poke` wakes it from any thread."""
 
-    def __init__(self, app: Callable[[], App], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, app: Callable[[], App], loop: asyncio.AbstractEventLoop, fault: Fault | None = None
+    ) -> None:
         self._app = app
         self._loop = loop
+        self._fault = fault
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._stopping = False
@@ -85,9 +88,13 @@ class OutboxSender:
             except Exception:  # noqa: BLE001 - the sender must outlive one bad round
                 log.exception("outbox round failed; retrying at the next wake-up")
 
+    def _after_send(self, data: bytes) -> None:
+        assert self._fault is not None
+        self._fault.reached("after_send_before_mark", data)
+
     def _send_all_due(self) -> None:
         app = self._app()
-        app.send_outbox()
+        app.send_outbox(self._after_send if self._fault is not None else None)
         # Wake again when the next retry falls due, not at the next periodic poke:
         # a relay back up after a short outage gets its backlog within seconds.
         with app.sessions() as session:
@@ -124,11 +131,11 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.app = build_app(load_settings(self.settings_file))
-        sender = OutboxSender(self.current_app, loop)
+        self.fault = fault = Fault.from_env()  # tests only: a crash point on demand
+        sender = OutboxSender(self.current_app, loop, fault)
         self.app.on_outbox.append(sender.poke)
         settings = self.app.settings
 
-        self.fault = fault = Fault.from_env()  # tests only: a crash point on demand
         tasks = [asyncio.create_task(sender.run(), name="outbox")]
         if settings.intake.smtp.enabled:
             self.listener = SmtpListener(

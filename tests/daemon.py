@@ -55,6 +55,17 @@ def start_daemon(
     args: tuple[str, ...] = (),
 ) -> RunningDaemon:
     """Install under `root` (relay: `sink`), start `mailgate run`, wait until it listens."""
+    inst, port = install_daemon(root, sink, settings, directory)
+    return launch(inst, port, env, args)
+
+
+def install_daemon(
+    root: Path,
+    sink: Sink | None,
+    settings: dict[str, Any] | None = None,
+    directory: dict[str, Any] | None = None,
+) -> tuple[Installation, int]:
+    """An installation for `mailgate run` (relay: `sink`) and its SMTP port, not started."""
     port = free_port()
     base: dict[str, Any] = {"intake": {"smtp": {"port": port}}}
     if sink is not None:
@@ -62,8 +73,7 @@ def start_daemon(
             "transport": "smtp",
             "smtp": {"host": "127.0.0.1", "port": sink.port, "tls": "none"},
         }
-    inst = install_at(root, Clockwork(), deep_update(base, settings or {}), directory)
-    return launch(inst, port, env, args)
+    return install_at(root, Clockwork(), deep_update(base, settings or {}), directory), port
 
 
 def launch(
@@ -84,10 +94,11 @@ def launch(
     daemon = RunningDaemon(inst, port, log, proc)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mailgate run exited {proc.returncode}:\n{daemon.log()}")
+        # The log first: a daemon may start and be killed (a crash point) at once.
         if "mailgate running" in daemon.log():
             return daemon
+        if proc.poll() is not None:
+            raise AssertionError(f"mailgate run exited {proc.returncode}:\n{daemon.log()}")
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"mailgate run did not start:\n{daemon.log()}")

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from sqlalchemy import func, select
 
 from mailgate.config import ConfigError
 from mailgate.intake.faults import FAULT_ENV, Fault
+from mailgate.outbound.outbox import SENDING_LEASE
 from mailgate.store.models import IngestRecord, OutboxMail, Ticket
 from tests.conftest import NO_LOOP_LIMITS, Installation, make_mail
-from tests.daemon import RunningDaemon, launch, start_daemon
+from tests.daemon import RunningDaemon, install_daemon, launch, start_daemon
 from tests.smtp_sink import Sink
 
 LOAD = {
@@ -240,6 +242,49 @@ def test_sigkill_at_each_crash_point_stores_every_acknowledged_message_once(
         f"{len(ROUNDS)} kills in {rounds_took:.1f} s; {duplicates} duplicate deliveries, "
         f"{Counter(outcome.values())['duplicate']} of them answered"
     )
+
+
+# The outbox's crash point (RELIABILITY.md §7, after_send_before_mark): the
+# relay holds the mail, its row is not marked sent. 20 kills, each at the n-th
+# mail the relay accepted since the (re)start, amid a backlog of 500 mails.
+SEND_ROUNDS = [2 + (r * 5) % 17 for r in range(20)]
+BACKLOG = 250  # customer mails: an ack and a staff notice each
+
+
+@pytest.mark.slow
+def test_sigkill_between_send_and_mark_sends_each_mail_at_most_twice(
+    tmp_path: Path, sink: Sink
+) -> None:
+    inst, port = install_daemon(tmp_path, sink, {**LOAD, "sla": {"enabled": False}})
+    for i in range(BACKLOG):
+        inst.ingest(make_mail(message_id=f"backlog-{i}@acme.example", subject=f"backlog {i}"))
+    killed = []  # the Message-ID the relay had accepted when each kill came
+    for n in SEND_ROUNDS:
+        daemon = launch(inst, port, env={FAULT_ENV: f"after_send_before_mark:{n}"})
+        try:
+            assert daemon.proc.wait(30) == -signal.SIGKILL, daemon.log()
+        except subprocess.TimeoutExpired:
+            daemon.stop()
+            raise AssertionError(f"after_send_before_mark:{n} never reached") from None
+        found = FAULT_LINE.search(daemon.log())
+        assert found and found.group(1, 2) == ("after_send_before_mark", str(n)), daemon.log()
+        killed.append(found.group(3))
+    with inst.session() as s:
+        stuck = s.scalar(select(func.count()).where(OutboxMail.status == "sending"))
+    assert stuck == 20 * len(SEND_ROUNDS)  # each round's batch: claimed, never marked
+
+    # Once the lease is over, the next sender sends the stuck mail again.
+    inst.clock.now = datetime.now(UTC) + SENDING_LEASE + timedelta(minutes=1)
+    assert inst.cli("outbox", "send") == 0
+    with inst.session() as s:
+        rows = list(s.scalars(select(OutboxMail)))
+    assert len(rows) == 2 * BACKLOG and {r.status for r in rows} == {"sent"}
+    copies = Counter(str(m["Message-ID"]).strip("<>") for m in sink.messages())
+    assert set(copies) == {r.message_id for r in rows}  # every mail reached the relay...
+    assert max(copies.values()) == 2  # ...at most twice, with the same Message-ID
+    twice = {mid for mid, n in copies.items() if n == 2}
+    # Exactly the mails the relay had accepted in the rounds, none other.
+    assert len(twice) == sum(SEND_ROUNDS) and set(killed) <= twice
 
 
 @pytest.mark.parametrize("spec", ["after_commit", "after_commit:0", "after_commit:x", "boom:1"])

@@ -8,9 +8,12 @@ cut would) when the n-th message since start reaches <point>:
 - `after_commit`: `process` has committed, the 250 is not written yet (the
   sender retries; the retry must be stored as a duplicate);
 - `imap_after_commit`: an IMAP message is committed, not yet moved out of
-  the folder (fetched again after the restart, it must be a duplicate).
+  the folder (fetched again after the restart, it must be a duplicate);
+- `after_send_before_mark`: the relay accepted the n-th outbound mail, its
+  row is not marked sent yet (resent once after the lease: at most two
+  copies, with the same Message-ID).
 
-Read once when the SMTP listener is built; a malformed value stops the start.
+Read once when the daemon starts; a malformed value stops the start.
 Unset (production): no SQLAlchemy hook is installed, and what is left per
 message is a test for None.
 """
@@ -31,7 +34,7 @@ from sqlalchemy.orm import Session
 from mailgate.config import ConfigError
 
 FAULT_ENV = "MAILGATE_FAULT"
-FAULT_POINTS = ("before_commit", "after_commit", "imap_after_commit")
+FAULT_POINTS = ("before_commit", "after_commit", "imap_after_commit", "after_send_before_mark")
 
 
 class Fault:
