@@ -81,6 +81,7 @@ class Mailbox:
         self._thread = threading.Thread(target=self._run, name=f"imap-{settings.name}")
         self._state = ""
         self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
+        self._uidvalidity = 0  # of the folder, once selected
         self._rng = random.Random()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -187,7 +188,8 @@ class Mailbox:
             if not client.folder_exists(folder):
                 client.create_folder(folder)
         selected = client.select_folder(s.folder)
-        self._remember_uidvalidity(int(selected[b"UIDVALIDITY"]))
+        self._uidvalidity = int(selected[b"UIDVALIDITY"])
+        self._remember_uidvalidity(self._uidvalidity)
         self._report("connected", f"to {s.host}, watching {s.folder}")
         idle = s.idle and client.has_capability("IDLE")
         while not self._stop.is_set():
@@ -265,7 +267,10 @@ class Mailbox:
             return
         app = self._app()
         envelope = Envelope(
-            source="imap", rcpt_to=(s.username,), trusted_authserv_ids=tuple(s.trusted_authserv_ids)
+            source="imap",
+            rcpt_to=(s.username,),
+            trusted_authserv_ids=tuple(s.trusted_authserv_ids),
+            mailbox_uid=f"{s.name}/{s.folder}/{self._uidvalidity}/{uid}",
         )
         result = process(app, raw, envelope)
         if self.fault is not None:

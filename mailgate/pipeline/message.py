@@ -22,6 +22,9 @@ class Envelope:
     # Authentication-Results from these authserv-ids are believed (the MTA or
     # provider in front of this source); every other one is ignored.
     trusted_authserv_ids: tuple[str, ...] = ()
+    # IMAP: "source/folder/UIDVALIDITY/UID". The same message fetched again
+    # (the source stopped between its commit and its MOVE) is no new delivery.
+    mailbox_uid: str | None = None
 
 
 @dataclass(frozen=True)

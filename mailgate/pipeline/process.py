@@ -234,6 +234,15 @@ def _unit_of_work(
     )
 
     first = repo.first_delivery(session, key)
+    if first is not None and envelope.mailbox_uid is not None:
+        fetched = repo.fetched_before(session, first, envelope.mailbox_uid)
+        if fetched is not None:
+            # Stored before its MOVE, and fetched again: only the move is left
+            # to do (RELIABILITY.md checklist 19), no new row.
+            log.info("%s: already stored as ingest #%s", envelope.mailbox_uid, fetched.id)
+            number = _ticket_number(session, fetched.ticket_id)
+            return Result(fetched.outcome, fetched.reason, number, message_id,
+                          fetched.matched_by, sender, fetched.id)  # fmt: skip
     if first is not None:
         record.dedupe_key, record.duplicate_of_id = None, first.id
         record.ticket_id = first.ticket_id
@@ -482,6 +491,7 @@ def _envelope_json(envelope: Envelope) -> dict[str, Any]:
         "rcpt_to": list(envelope.rcpt_to),
         "client_address": envelope.client_address,
         "helo": envelope.helo,
+        "mailbox_uid": envelope.mailbox_uid,
     }
 
 

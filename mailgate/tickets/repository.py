@@ -92,6 +92,14 @@ def first_delivery(session: Session, dedupe_key: str) -> IngestRecord | None:
     return session.scalar(select(IngestRecord).where(IngestRecord.dedupe_key == dedupe_key))
 
 
+def fetched_before(session: Session, first: IngestRecord, mailbox_uid: str) -> IngestRecord | None:
+    """The record of this mailbox message, if it was stored already: the first
+    delivery itself, or one of its duplicates (the same mail came by SMTP too)."""
+    records = [first, *session.scalars(select(IngestRecord).where(
+        IngestRecord.duplicate_of_id == first.id))]  # fmt: skip
+    return next((r for r in records if (r.envelope or {}).get("mailbox_uid") == mailbox_uid), None)
+
+
 def message_id_seen(session: Session, message_id: str) -> bool:
     """Did another first delivery carry this Message-ID? (Duplicates point at their
     first delivery; a released mail gave its key up to its release.)"""
