@@ -84,13 +84,30 @@ def check_organisation_keys(settings: Settings, settings_file: Path) -> list[str
 
 
 def check_rules(settings: Settings) -> list[str]:
+    """Rules must load, and route to people of the directory: an assignee who is
+    active staff, a group with an active member (else everyone hears of the ticket)."""
+    from mailgate.directory import load_directory
     from mailgate.pipeline.rules import RulesError, load_rules
 
     try:
-        load_rules(settings.path(settings.rules_dir))
+        rules = load_rules(settings.path(settings.rules_dir))
     except RulesError as exc:
         return exc.problems
-    return []
+    if settings.directory is None:
+        return []
+    directory = settings.path(settings.directory)
+    staff = [s for s in load_directory(directory).staff if s.active]
+    emails, groups = {s.email for s in staff}, {g for s in staff for g in s.groups}
+    problems = []
+    for rule in rules.rules:
+        if rule.then.assignee is not None and rule.then.assignee.lower() not in emails:
+            problems.append(f"{rule.source}: assignee {rule.then.assignee!r} is not active "
+                            f"staff in {directory}")  # fmt: skip
+        group = rule.then.group
+        if group is not None and group not in groups:
+            problems.append(f"{rule.source}: group {group!r} has no active member in "
+                            f"{directory} (give some staff groups: [{group}])")  # fmt: skip
+    return problems
 
 
 def check_templates(settings: Settings) -> list[str]:

@@ -390,12 +390,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
                                msg.date or app.clock())  # fmt: skip
     sources = {rule.name: rule.source for rule in app.rules.rules}
     data = {
+        **result.as_dict(),
         "matched": [{"rule": name, "source": sources[name]} for name in result.matched],
-        "priority": result.priority,
-        "urgent": result.urgent,
-        "level": result.level,
-        "assignee": result.assignee,
-        "tags": list(result.tags),
         "why": result.why,
         "organisation": org.id if org else None,
     }
@@ -406,7 +402,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         print(f"{n}. {match['rule']}  ({match['source']})")
     if not data["matched"]:
         print("no rule matched")
-    for key in ("priority", "urgent", "level", "assignee", "tags", "why"):
+    for key in ("priority", "urgent", "level", "assignee", "group", "tags", "why"):
         print(f"{key:9} {data[key] if data[key] not in (None, []) else '-'}")
     return EX_OK
 
@@ -476,6 +472,8 @@ def _ticket_summary(ticket: Any) -> dict[str, Any]:
         "urgent": ticket.urgent,
         "level": ticket.level,
         "assignee": ticket.assignee.email if ticket.assignee else None,
+        "group": ticket.group,
+        "tags": list(ticket.tags),
         "organisation": ticket.organisation_id,
         "requester": ticket.requester.email if ticket.requester else None,
         "cc": list(ticket.cc),
@@ -501,7 +499,7 @@ def cmd_tickets_show(args: argparse.Namespace) -> int:
         print_json(data)
         return EX_OK
     for key in ("number", "subject", "status", "priority", "urgent", "level", "assignee",
-                "organisation", "requester", "cc", "created_at"):  # fmt: skip
+                "group", "tags", "organisation", "requester", "cc", "created_at"):  # fmt: skip
         print(f"{key:13} {data[key]}")
     if data["time_spent"]:
         total = sum(t["minutes"] for t in data["time_spent"])

@@ -13,7 +13,14 @@ from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,8 +54,20 @@ class OrganisationEntry(_Strict):
     language: Literal["fr", "en", "es"] = "en"
     timezone: Annotated[str, AfterValidator(valid_timezone)] = "UTC"
     country: str | None = Field(None, pattern=r"^[A-Z]{2}$")
-    referents: list[Address] = []
+    referents: list[Address] = []  # contacts told about support credit (default: the admins)
     contacts: list[ContactEntry] = []
+
+    @model_validator(mode="after")
+    def _referents_are_contacts(self) -> OrganisationEntry:
+        unknown = set(self.referents) - {c.email for c in self.contacts}
+        if unknown:
+            raise ValueError(f"referents {sorted(unknown)} are not contacts of {self.id}: "
+                             "list them under contacts too")  # fmt: skip
+        return self
+
+
+# Names of staff groups, as rules write them (`then: {group: billing}`).
+GroupName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
 
 class StaffEntry(_Strict):
@@ -56,6 +75,7 @@ class StaffEntry(_Strict):
     name: str = ""
     level: Literal["L1", "L2", "L3"] = "L1"
     active: bool = True
+    groups: list[GroupName] = []
 
 
 class DirectoryFile(_Strict):
@@ -144,6 +164,8 @@ CSV_COLUMNS = (
     "language",
     "timezone",
     "country",
+    "referent",  # contact rows: yes, no (the default)
+    "groups",  # staff rows: group names, separated by spaces or commas
 )
 
 
@@ -163,7 +185,10 @@ def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
         row = {k: v.strip() for k, v in row.items() if v and v.strip()}
         kind = row.pop("kind", "contact")
         if kind == "staff":
-            staff.append({k: row[k] for k in ("email", "name", "level") if k in row})
+            member: dict[str, object] = {k: row[k] for k in ("email", "name", "level") if k in row}
+            if "groups" in row:
+                member["groups"] = row["groups"].replace(",", " ").split()
+            staff.append(member)
         elif kind == "contact":
             org_id = row.get("organisation")
             if not org_id:
@@ -183,9 +208,18 @@ def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
                 org["name"] = row["organisation_name"]
             contact = {k: row[k] for k in ("email", "name", "role") if k in row}
             org["contacts"].append(contact)  # type: ignore[union-attr]
+            if _yes(path, line, row.get("referent", "")):
+                org.setdefault("referents", []).append(row.get("email"))  # type: ignore[union-attr]
         else:
             raise ConfigError([f"{path}:{line}: kind: {kind!r} is not 'contact' or 'staff'"])
     return {"organisations": list(orgs.values()), "staff": staff}
+
+
+def _yes(path: Path, line: int, value: str) -> bool:
+    word = value.lower()
+    if word not in ("", "yes", "no", "true", "false", "1", "0"):
+        raise ConfigError([f"{path}:{line}: referent: {value!r} is not yes or no"])
+    return word in ("yes", "true", "1")
 
 
 def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
@@ -215,6 +249,7 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
         for c in entry.contacts:
             contact = contacts.get(c.email) or Contact(email=c.email)
             contact.name, contact.role, contact.active = c.name, c.role, c.active
+            contact.referent = c.email in entry.referents
             contact.organisation = org
             session.add(contact)
             contacts[c.email] = contact
@@ -223,6 +258,7 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
     for s in directory.staff:
         member = staff.get(s.email) or Staff(email=s.email)
         member.name, member.level, member.active = s.name, s.level, s.active
+        member.groups = list(s.groups)
         session.add(member)
         listed_staff.add(s.email)
 

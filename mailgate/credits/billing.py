@@ -40,7 +40,7 @@ from mailgate.store.state import get_state, set_state
 def bill_time(
     app: App, session: Session, ticket: Ticket, entries: Sequence[TimeEntry], now: datetime
 ) -> list[Charge]:
-    """Charge time entries; tell the admins once when the balance drops below the threshold."""
+    """Charge time entries; tell the referents once when the balance drops below the threshold."""
     settings = app.settings.credits
     if not settings.enabled or not entries:
         return []
@@ -48,7 +48,7 @@ def bill_time(
     before, after = charges[0].balance_before, charges[-1].balance_after
     if before >= settings.low_balance > after:
         org = ticket.organisation
-        _notify_admins(app, session, org, "credit_low", now, {
+        _notify_referents(app, session, org, "credit_low", now, {
             "balance": after, "threshold": settings.low_balance,
             "expires": _expiry(balance(session, org.id, now), org),
         })  # fmt: skip
@@ -99,7 +99,7 @@ class CreditSweepReport:
 
 
 def sweep(app: App, now: datetime) -> CreditSweepReport:
-    """Book expiries at their dates and warn admins before credits expire unused."""
+    """Book expiries at their dates and warn the referents before credits expire unused."""
     settings = app.settings.credits
     settled = notices = 0
     if not settings.enabled:
@@ -123,7 +123,7 @@ def _expiry_notices(app: App, session: Session, org_id: str, now: datetime) -> i
         if pack.expires_at > horizon or get_state(session, key):
             continue
         set_state(session, key, now.isoformat())
-        _notify_admins(app, session, org, "credit_expiry", now, {
+        _notify_referents(app, session, org, "credit_expiry", now, {
             "credits": pack.remaining,
             "expires": format_day(_last_day(pack.expires_at), org.timezone, org.language),
             "rollover": settings.rollover,
@@ -143,22 +143,24 @@ def _expiry(current: Balance, org: Organisation) -> str | None:
     return format_day(_last_day(current.next_expiry), org.timezone, org.language)
 
 
-def _notify_admins(
+def _notify_referents(
     app: App, session: Session, org: Organisation, kind: str, now: datetime,
     context: dict[str, Any],
 ) -> None:  # fmt: skip
-    admins = session.scalars(
-        select(Contact).where(
-            Contact.organisation_id == org.id, Contact.role == "admin", Contact.active.is_(True)
-        )
-    ).all()
-    for admin in admins:
+    """One notice each to the organisation's referents named in the directory;
+    without any, to its admins."""
+    active = select(Contact).where(Contact.organisation_id == org.id, Contact.active.is_(True))
+    referents = (
+        session.scalars(active.where(Contact.referent.is_(True))).all()
+        or session.scalars(active.where(Contact.role == "admin")).all()
+    )
+    for person in referents:
         app.mailer.queue(
             session,
             kind=kind,
-            to=[admin.email],
+            to=[person.email],
             language=org.language,
-            context={"person_name": admin.name, "org_name": org.name, **context},
+            context={"person_name": person.name, "org_name": org.name, **context},
             now=now,
             auto_submitted="auto-generated",
         )

@@ -550,6 +550,7 @@ def _create_ticket(
         urgent=found.urgent,
         level=found.level,
         assignee_id=repo.staff_id(session, found.assignee) if found.assignee else None,
+        group=found.group,
         cc=cc_contacts,
         tags=list(found.tags),
         language=org.language,
@@ -643,7 +644,7 @@ def _queue_created_mail(
             answers=msg.message_id,
             references=msg.references,
         )
-    staff = [s.email for s in repo.active_staff(session)]
+    staff = repo.ticket_staff(session, ticket)
     if staff:
         app.mailer.queue(
             session,

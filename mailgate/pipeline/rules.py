@@ -190,7 +190,7 @@ class Then(_Strict):
     urgent: bool | None = None
     level: Literal["L1", "L2", "L3"] | None = None
     assignee: str | None = None
-    group: str | None = None
+    group: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # of the staff
     tags: list[str] = []
     stop: bool = False
 
@@ -344,6 +344,7 @@ class Classification:
     urgent: bool
     level: str
     assignee: str | None
+    group: str | None
     tags: tuple[str, ...]
     matched: tuple[str, ...]
     why: str  # for the ingest record and the ticket history; "" for the plain default
@@ -383,6 +384,7 @@ def classify(
         urgent=bool(values.get("urgent", False)),
         level=values.get("level") or "L1",
         assignee=values.get("assignee"),
+        group=values.get("group"),
         tags=tuple(dict.fromkeys(tags)),
         matched=evaluation.matched,
         why="; ".join(why),

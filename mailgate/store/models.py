@@ -99,6 +99,9 @@ class Contact(Base):
     organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"))
     role: Mapped[str] = mapped_column(String(20), default="member")  # admin | member
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Named in the directory as one of its organisation's referents: told about
+    # its support credit (else its admins are).
+    referent: Mapped[bool] = mapped_column(Boolean, default=False)
 
     # Joined: a contact is always read to be authorised, which needs its contract.
     organisation: Mapped[Organisation] = relationship(back_populates="contacts", lazy="joined")
@@ -112,6 +115,7 @@ class Staff(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     level: Mapped[str] = mapped_column(String(4), default="L1")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    groups: Mapped[list[str]] = mapped_column(default=list)  # staff groups rules route to
 
 
 class TicketSequence(Base):
@@ -146,6 +150,9 @@ class Ticket(Base):
     # Lower-cased addresses of the organisation's contacts copied on the ticket.
     cc: Mapped[list[str]] = mapped_column(default=list)
     tags: Mapped[list[str]] = mapped_column(default=list)  # from the rules
+    # The staff group a rule routed it to: its members hear about it while
+    # nobody is assigned.
+    group: Mapped[str | None] = mapped_column(String(64))
     language: Mapped[str] = mapped_column(String(5), default="en")
     # A follow-up to a closed ticket opens a new one that links back here.
     follows_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))

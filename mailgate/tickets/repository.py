@@ -126,11 +126,14 @@ def active_staff(session: Session) -> list[Staff]:
 
 
 def ticket_staff(session: Session, ticket: Ticket) -> list[str]:
-    """Who hears about a ticket: its assignee while active, else every active staff member."""
-    staff = [s.email for s in active_staff(session)]
-    if ticket.assignee is not None and ticket.assignee.email in staff:
+    """Who hears about a ticket: its assignee while active, else the active members
+    of its group, else every active staff member (mail about a ticket always
+    reaches someone, whatever the directory became since)."""
+    staff = active_staff(session)
+    if ticket.assignee is not None and ticket.assignee.active:
         return [ticket.assignee.email]
-    return staff
+    group = [s.email for s in staff if ticket.group in s.groups]
+    return group or [s.email for s in staff]
 
 
 def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]) -> list[Contact]:
