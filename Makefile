@@ -8,19 +8,24 @@ JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo 
 
 .PHONY: run test lint bench demo clean
 
+# `run` needs mailgate alone; `test` adds the test tools (pytest, hypothesis, ruff...).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 run: $(BIN)/.installed
 	$(BIN)/mailgate --config settings.yaml run
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-test
 	$(BIN)/pytest -q -n $(JOBS)
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check mailgate tests bench
 	$(BIN)/ruff format --check mailgate tests bench
 

@@ -105,11 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    run = command("run", cmd_run, "run the daemon: SMTP intake, outbox sender, scheduler")
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
-    command("check", cmd_check, "validate settings, directory, templates and database")
+    def group(name: str, help: str) -> argparse.ArgumentParser:
+        """A command with actions (`tickets list`); the common options go anywhere."""
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(metavar="ACTION")
+    run = command("run", cmd_run,
+                  "run the daemon: SMTP and/or IMAP intake, outbox sender, scheduler")  # fmt: skip
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    command("check", cmd_check, "validate settings, directory, rules, templates and database, "
+            "and reach the relay and IMAP servers")  # fmt: skip
+
+    db = group("db", "database schema").add_subparsers(metavar="ACTION")
     command("upgrade", cmd_db_upgrade, "apply schema migrations", db)
 
     ingest = command("ingest", cmd_ingest, "process mail from files, stdin, mbox or Maildir")
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
     ingest.add_argument("--json", action="store_true", help="one JSON object per message")
 
-    rules = sub.add_parser("rules", help="priority rules").add_subparsers(metavar="ACTION")
+    rules = group("rules", "priority rules").add_subparsers(metavar="ACTION")
     rules_test = command("test", cmd_rules_test, "which rules match a mail, and what they set",
                          rules)  # fmt: skip
     rules_test.add_argument("file", metavar="FILE.eml")
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("file", metavar="FILE.eml")
     explain.add_argument("--json", action="store_true")
 
-    tickets = sub.add_parser("tickets", help="read tickets").add_subparsers(metavar="ACTION")
+    tickets = group("tickets", "read tickets").add_subparsers(metavar="ACTION")
     tl = command("list", cmd_tickets_list, "list tickets", tickets)
     tl.add_argument("--status")
     tl.add_argument("--org")
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a time zone)")
 
-    sla = sub.add_parser("sla", help="SLA clocks").add_subparsers(metavar="ACTION")
+    sla = group("sla", "SLA clocks").add_subparsers(metavar="ACTION")
     sla_sweep = command(
         "sweep", cmd_sla_sweep,
         "send due SLA reminders and breach notices (the daemon does it every minute)", sla,
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
     report.add_argument("--json", action="store_true")
 
-    directory = sub.add_parser("directory", help="organisations, contacts, staff")
+    directory = group("directory", "organisations, contacts, staff")
     dsub = directory.add_subparsers(metavar="ACTION")
     ds = command("sync", cmd_directory_sync, "upsert the directory from YAML or CSV", dsub)
     ds.add_argument("file", nargs="?", help="default: the settings' directory file")
@@ -169,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="apply it even past directory_max_deactivations"
     )
 
-    outbox = sub.add_parser("outbox", help="outbound queue").add_subparsers(metavar="ACTION")
+    outbox = group("outbox", "outbound queue").add_subparsers(metavar="ACTION")
     ol = command("list", cmd_outbox_list, "list outbound mail", outbox)
     ol.add_argument("--status")
     ol.add_argument("--limit", type=int, default=100)
@@ -178,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     orr.add_argument("ids", nargs="*", type=int)
     command("send", cmd_outbox_send, "send what is due now", outbox)
 
-    credits = sub.add_parser("credits", help="prepaid support credit").add_subparsers(
-        metavar="ACTION"
-    )
+    credits = group("credits", "prepaid support credit").add_subparsers(metavar="ACTION")
     ca = command("add", cmd_credits_add, "record a pack an organisation bought", credits)
     ca.add_argument("org", metavar="ORG")
     ca.add_argument("pack", metavar="PACK", help="a name from settings credits.packs")
@@ -213,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                   credits)  # fmt: skip
     csw.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
 
-    quarantine = sub.add_parser("quarantine", help="mail held for an operator")
+    quarantine = group("quarantine", "mail held for an operator")
     qsub = quarantine.add_subparsers(metavar="ACTION")
     ql = command("list", cmd_quarantine_list, "held mail, newest first", qsub)
     ql.add_argument("--limit", type=int, default=100)
@@ -228,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     qd = command("delete", cmd_quarantine_delete, "drop held mail (the record stays)", qsub)
     qd.add_argument("ids", nargs="+", type=int, metavar="ID")
 
-    retention = sub.add_parser("retention", help="personal data kept only as long as needed")
+    retention = group("retention", "personal data kept only as long as needed")
     rsub = retention.add_subparsers(metavar="ACTION")
     rr = command("run", cmd_retention_run,
                  "anonymise closed tickets past retention, delete old quarantined mail",
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--dry-run", action="store_true", help="say what it would do, change nothing")
     rr.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
 
-    gdpr = sub.add_parser("gdpr", help="one person's data: export or erase")
+    gdpr = group("gdpr", "one person's data: export or erase")
     gsub = gdpr.add_subparsers(metavar="ACTION")
     ge = command("export", cmd_gdpr_export, "everything stored about a person", gsub)
     ge.add_argument("email", metavar="EMAIL")
@@ -315,7 +319,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in problems:
         print(f"error: {line}")
     if not problems:
-        print("ok: settings, directory, templates and database are valid")
+        print("ok: settings, directory, rules, templates, database, relay and IMAP checked")
     return EX_PROBLEM if problems else EX_OK
 
 

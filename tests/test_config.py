@@ -249,3 +249,22 @@ def test_duplicate_address_in_directory_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="listed twice"):
         load_directory(path)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{}", "tickets", "list"],
+        ["tickets", "--config", "{}", "list"],
+        ["tickets", "list", "--config", "{}"],
+    ],
+    ids=["before", "between", "after"],
+)
+def test_config_is_taken_anywhere_on_the_line(
+    inst: Installation, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailgate.cli import main
+
+    inst.ingest(make_mail())
+    assert main([a.format(inst.settings_file) for a in argv], clock=inst.clock) == 0
+    assert "SUP-2026-000001" in capsys.readouterr().out
