@@ -486,7 +486,9 @@ class Loops(Strict):
     auto_mail_per_ticket_per_hour: int = Field(10, gt=0)
     # Circuit breaker: past this many new tickets in an hour from one sender (or
     # with one subject, across senders), further new tickets are quarantined.
-    tickets_per_sender_per_hour: int = Field(10, gt=0)
+    # Per sender as many as it may get acks for: no ticket opens unacknowledged
+    # because a robot wrote too fast (RELIABILITY.md checklist 5).
+    tickets_per_sender_per_hour: int = Field(5, gt=0)
     tickets_per_subject_per_hour: int = Field(10, gt=0)
     alert_to: list[Address] = []  # told once per day when a cap or breaker trips; else staff
 
