@@ -296,7 +296,7 @@ def _decide_and_apply(
     assert sender is not None
     identity = identify(sender, repo.find_person(session, sender), now.date())
     result = _apply_for_sender(app, session, record, identity, raw_sha, msg, screening,
-                               envelope, dry_run)  # fmt: skip
+                               envelope, now, dry_run)  # fmt: skip
     return replace(result, identity=describe(identity))
 
 
@@ -309,10 +309,10 @@ def _apply_for_sender(
     msg: ParsedMessage,
     screening: Screening,
     envelope: Envelope,
+    now: datetime,
     dry_run: bool,
 ) -> Result:
     """A mail that passed the screen, from a sender the directory was asked about."""
-    now = app.clock()
     sender, message_id = identity.address, record.message_id
     match = find_ticket_for(
         msg,
