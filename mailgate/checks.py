@@ -96,7 +96,10 @@ def check_rules(settings: Settings) -> list[str]:
     if settings.directory is None:
         return []
     directory = settings.path(settings.directory)
-    staff = [s for s in load_directory(directory).staff if s.active]
+    try:
+        staff = [s for s in load_directory(directory).staff if s.active]
+    except ConfigError:
+        return []  # check_directory names what is wrong with it
     emails, groups = {s.email for s in staff}, {g for s in staff for g in s.groups}
     problems = []
     for rule in rules.rules:
