@@ -309,6 +309,7 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
     archive = zipfile.ZipFile(io.BytesIO(out.read_bytes()))
     data = json.loads(archive.read("export.json"))
     assert data["contact"]["name"] == ALICE[1]
+    assert (data["contact"]["role"], data["contact"]["referent"]) == ("admin", False)
     assert [t["number"] for t in data["tickets"]] == [first, second]
     assert data["tickets"][0]["role"] == "requester"
     texts = [a["text"] for t in data["tickets"] for a in t["articles"]]

@@ -98,6 +98,7 @@ def export(app: App, email: str) -> tuple[dict[str, Any], dict[str, bytes]]:
                 "name": contact.name,
                 "organisation": contact.organisation_id,
                 "role": contact.role,
+                "referent": contact.referent,  # told about the organisation's credit
                 "active": contact.active,
             },  # fmt: skip
             "tickets": [_ticket(app, t, email, staff, others, files) for t in tickets],
