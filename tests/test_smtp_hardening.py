@@ -149,6 +149,31 @@ def test_bare_line_ends_never_end_data_early(tmp_path: Path, sink: Sink, separat
         daemon.stop()
 
 
+def test_a_line_longer_than_rfc_5321_allows_is_still_taken(tmp_path: Path, sink: Sink) -> None:
+    """RFC 5321 4.5.3.1.6 asks for 1000 octets, but generators of HTML mail write
+    one line of 24 KB (the corpus has them) and a 500 bounces the mail: it is
+    accepted, as Postfix and Exim accept it, up to the listener's line limit."""
+    daemon = start_daemon(tmp_path, sink)
+    try:
+        head = make_mail(subject="one long line").as_bytes().split(b"\n\n")[0]
+        raw = head.replace(b"\n", b"\r\n") + b"\r\n\r\n" + b"word " * 5000 + b"\r\n"  # 25 KB
+        with daemon.smtp() as client:
+            client.ehlo()
+            client.mail("alice@acme.example")
+            client.rcpt("support@example.com")
+            code, reply = client.data(raw)
+        assert (code, reply[:10]) == (250, b"2.0.0 Ok: "), reply
+        assert tickets(daemon) == ["one long line"]
+        with daemon.smtp() as client:  # a line past the limit: refused, whole
+            client.ehlo()
+            client.mail("alice@acme.example")
+            client.rcpt("support@example.com")
+            code, reply = client.data(b"Subject: x\r\n\r\n" + b"a" * (1024 * 1024 + 10))
+        assert code == 500 and b"Line too long" in reply
+    finally:
+        daemon.stop()
+
+
 def test_large_messages_take_turns_within_the_memory_budget() -> None:
     """The second 25 MB message waits for the first one's share; small ones do not."""
     from mailgate.intake.budget import MemoryBudget, declared_size
