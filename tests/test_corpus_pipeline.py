@@ -8,6 +8,7 @@ ticket and be answered, and the test would see it.
 
 from __future__ import annotations
 
+import smtplib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from mailgate.config import valid_address
 from mailgate.pipeline.message import ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.store.models import OutboxMail, Ticket
-from tests.conftest import Installation
+from tests.conftest import NO_LOOP_LIMITS, Installation
 from tests.corpus import CORPUS, corpus_files
+from tests.smtp_sink import Sink
 
 Row = tuple[str, str, str, int, int]  # file, outcome, reason, tickets made, mails queued
 NEVER_TICKETS = ("bounces", "auto-replies", "reports")
@@ -139,3 +141,29 @@ def test_not_bounces_are_not_taken_for_bounces(corpus_run) -> None:
         (n, o, r) for n, o, r, *_ in corpus_run["not-bounces"] if o == "bounce" or "bounce" in r
     ]
     assert wrong == []
+
+
+def test_every_message_is_taken_over_smtp(tmp_path: Path, sink: Sink) -> None:
+    """Through the daemon's listener, with the CRLF line ends an MTA sends: a
+    250 for each, whatever its lines (some are 24 KB long) or structure."""
+    from tests.daemon import start_daemon
+
+    daemon = start_daemon(tmp_path, sink, NO_LOOP_LIMITS)
+    refused = []
+    try:
+        for path in corpus_files():
+            raw = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            with daemon.smtp() as client:
+                client.ehlo()
+                client.mail("alice@acme.example")
+                client.rcpt("support@example.com")
+                try:
+                    code, reply = client.data(raw)
+                except smtplib.SMTPDataError as exc:
+                    code, reply = exc.smtp_code, exc.smtp_error
+            if code != 250:
+                refused.append((path.name, code, reply[:80]))
+    finally:
+        daemon.stop()
+    assert refused == []
+    assert "Traceback" not in daemon.log()
