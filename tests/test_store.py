@@ -51,6 +51,32 @@ def test_models_and_migrations_agree(tmp_path: Path) -> None:
     assert diff == [], f"write a migration for: {diff}"
 
 
+def test_a_populated_database_goes_down_to_the_previous_revision_and_back(
+    inst: Installation,
+) -> None:
+    """`mailgate db upgrade` on a database in use: its rows survive, the new
+    columns (0009: staff groups, ticket group, referents) get their defaults."""
+    from alembic import command
+
+    from mailgate.store.db import alembic_config, upgrade
+    from mailgate.store.models import Contact, Staff
+
+    first = make_mail(message_id="old-1@acme.example")
+    number = inst.ingest(first).ticket
+    engine = inst.app.engine
+    command.downgrade(alembic_config(engine), "0008")
+    assert current_revision(engine) == "0008"
+    upgrade(engine)
+    assert current_revision(engine) == head_revision()
+    with inst.session() as s:
+        assert s.scalar(select(Ticket.group).where(Ticket.number == number)) is None
+        assert s.scalars(select(Staff.groups)).all() == [[]]
+        assert set(s.scalars(select(Contact.referent))) == {False}
+    answer = make_mail(subject="Re: Cannot log in", message_id="old-2@acme.example",
+                       headers={"In-Reply-To": "<old-1@acme.example>"})  # fmt: skip
+    assert (inst.ingest(answer).outcome, inst.ingest(answer).ticket) == ("threaded", number)
+
+
 @pytest.mark.sqlite_only
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(inst: Installation) -> None:
     with inst.app.engine.connect() as conn:
