@@ -19,7 +19,7 @@ from mailgate.config import valid_address
 from mailgate.pipeline.message import ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.store.models import OutboxMail, Ticket
-from tests.conftest import NO_LOOP_LIMITS, Installation
+from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at
 from tests.corpus import CORPUS, corpus_files
 from tests.smtp_sink import Sink
 
@@ -54,8 +54,6 @@ def _directory_accepts(address: str) -> bool:
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory) -> dict[str, list[Row]]:
     """Ingest the whole corpus once; rows per folder."""
-    from tests.conftest import Clockwork, install_at
-
     files = corpus_files()
     senders = corpus_senders(files)
     directory = {
@@ -167,3 +165,28 @@ def test_every_message_is_taken_over_smtp(tmp_path: Path, sink: Sink) -> None:
         daemon.stop()
     assert refused == []
     assert "Traceback" not in daemon.log()
+
+
+def test_every_message_is_filed_from_an_imap_mailbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appended as they are to a Dovecot INBOX: each is fetched, decided and
+    moved out, to the processed or the failed folder; none stays behind."""
+    from tests.dovecot import start_dovecot
+    from tests.test_imap import Running, eventually, held, settings_for
+
+    server = start_dovecot(tmp_path / "dovecot")
+    try:
+        monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+        inst = install_at(tmp_path / "inst", Clockwork(), NO_LOOP_LIMITS)
+        with server.session() as client:
+            for path in corpus_files():
+                client.append("INBOX", path.read_bytes())
+        filed = ("mailgate/processed", "mailgate/failed")
+        with Running(inst, settings_for(server, idle=False)):
+            eventually(lambda: sum(held(server, f) for f in filed) == len(corpus_files()),
+                       timeout=300, what="every corpus message filed")  # fmt: skip
+        assert server.uids("INBOX") == []
+        assert inst.ingest_records() == len(corpus_files())
+    finally:
+        server.stop()
