@@ -863,13 +863,18 @@ def cmd_gdpr_export(args: argparse.Namespace) -> int:
     except UnknownPerson as exc:
         raise CommandError(str(exc)) from None
     if args.format == "zip":
+        if not args.output and sys.stdout.isatty():
+            raise CommandError("a zip archive is not for the terminal: give -o FILE")
         content = export_zip(data, files)
     else:
         content = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
-    if args.output:
-        Path(args.output).write_bytes(content)
-    else:
+    if not args.output:
         sys.stdout.buffer.write(content)
+        return EX_OK
+    try:
+        Path(args.output).write_bytes(content)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.output}: {exc.strerror}") from None
     return EX_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -421,3 +422,35 @@ def test_settings_name_an_unknown_organisation_in_retention(tmp_path: Path) -> N
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 1 and "retention.organisations: acmee" in out.stdout + out.stderr
+
+
+def test_an_export_that_cannot_be_written_is_one_error_line(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst.ingest(make_mail())
+    assert inst.cli("gdpr", "export", "alice@acme.example", "-o", str(tmp_path)) == 1
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path}: Is a directory\n"
+
+
+def test_erase_reaches_mail_released_from_the_quarantine(
+    install: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mail too large to parse (no sender recorded) is held, then released once
+    an operator raised the limit: its first record keeps the bytes the release
+    used, and an erasure must take them too. The dry run counts them."""
+    padding = {"X-Padding": "x" * 3000}
+    held = install(settings={"hygiene": {"limits": {"max_header_bytes": 2048}}})
+    assert held.ingest(make_mail(headers=padding)).outcome == "quarantined"
+    inst = install(settings={"hygiene": {"limits": {"max_header_bytes": 65536}}})
+    with inst.session() as s:
+        first = s.scalar(select(IngestRecord).where(IngestRecord.outcome == "quarantined"))
+        assert first is not None and first.sender is None
+    assert inst.cli("quarantine", "release", "--no-send", str(first.id)) == 0
+    assert inst.cli("gdpr", "erase", ALICE[0]) == 1  # the dry run
+    would = capsys.readouterr().out
+    assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
+    did = capsys.readouterr().out
+    removed = re.search(r"(\d+) stored file\(s\) removed", did)
+    assert removed and int(removed.group(1)) >= 1
+    assert f"{removed.group(1)} stored file(s) removed" in would  # counted alike
+    assert traces(inst, ALICE[0]) == []

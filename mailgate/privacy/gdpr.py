@@ -247,10 +247,10 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
         if contact is not None:
             forget_contact(contact)
         report.articles, report.records, report.outbox = done.articles, done.records, done.outbox
+        report.blobs = drop_unreferenced(session, app.blobs, done.blobs, dry_run=dry_run)
         if dry_run:
             session.rollback()  # what it would change, counted; nothing written
             return report
-        report.blobs = drop_unreferenced(session, app.blobs, done.blobs)
         session.add(Erasure(at=now, tickets=len(tickets), articles=done.articles,
                             records=done.records, outbox=done.outbox))  # fmt: skip
         session.commit()
@@ -260,9 +260,10 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
 
 def _held_naming(app: App, session: Session, email: str) -> list[IngestRecord]:
     """Quarantined mail whose raw bytes name the person, whoever the sender was
-    (a mail held as "ambiguous sender" has none recorded)."""
+    (a mail held as "ambiguous sender", or too broken to parse, has none
+    recorded); released mail too: its record keeps the bytes its release used."""
     needle = email.encode()
-    held = select(IngestRecord).where(IngestRecord.outcome == "quarantined",
+    held = select(IngestRecord).where(IngestRecord.outcome.in_(("quarantined", "released")),
                                       IngestRecord.ticket_id.is_(None))  # fmt: skip
     found = []
     for record in session.scalars(held):

@@ -44,14 +44,18 @@ def referenced(session: Session, sha: str) -> bool:
     return False
 
 
-def drop_unreferenced(session: Session, blobs: Blobs, shas: Iterable[str]) -> int:
+def drop_unreferenced(
+    session: Session, blobs: Blobs, shas: Iterable[str], *, dry_run: bool = False
+) -> int:
     """Delete the bytes no row refers to any more, after flushing the session's
-    changes; before its commit, so a crash leaves rows to redo, not orphan bytes."""
+    changes; before its commit, so a crash leaves rows to redo, not orphan bytes.
+    `dry_run`: count them only (the caller rolls back)."""
     session.flush()
     dropped = 0
     for sha in sorted(set(shas)):
         if not referenced(session, sha):
-            blobs.delete(sha)
+            if not dry_run:
+                blobs.delete(sha)
             dropped += 1
     return dropped
 
