@@ -210,6 +210,22 @@ def test_a_ticket_past_retention_keeps_its_figures_and_loses_its_people(
     assert traces(inst, *ALICE, *CAROL, "alice-invoice") == []
 
 
+def test_an_anonymised_ticket_no_longer_points_at_a_customer_still_in_the_directory(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst = install(settings=OUTSIDE)
+    number = a_year_of_support(inst, clock)
+    clock.now = NOW + timedelta(days=366)  # Alice is still ACME's admin
+    assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
+    capsys.readouterr()
+    assert inst.cli("tickets", "show", number, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["requester"] is None
+    assert all(a.endswith("@anonymised.invalid") for a in shown["cc"])
+    assert inst.cli("gdpr", "export", ALICE[0]) == 0
+    assert number not in capsys.readouterr().out  # not hers any more: nobody's
+
+
 def test_a_retention_run_killed_half_way_finishes_without_doing_anything_twice(
     install: Any, clock: Clockwork, monkeypatch: pytest.MonkeyPatch
 ) -> None:

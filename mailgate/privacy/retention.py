@@ -148,6 +148,9 @@ def _anonymise(app: App, session: Session, ticket: Ticket, now: datetime) -> int
     names = pseudonyms_for_ticket(session, app.settings.support_address)
     ticket_people(session, ticket, names)
     done = forget_ticket(session, ticket, names)
+    # A customer still in the directory keeps their contact row: the ticket must
+    # not point at it any more, or it would still say who opened it.
+    ticket.requester_id = None
     ticket.anonymised_at = now
     why = f"retention: closed on {ticket.closed_at:%Y-%m-%d}"
     session.add(TicketEvent(ticket_id=ticket.id, at=now, actor_kind="system", actor=None,
