@@ -493,6 +493,14 @@ class Loops(Strict):
     alert_to: list[Address] = []  # told once per day when a cap or breaker trips; else staff
 
 
+def _unquoted_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false: what the operator wrote was "off".
+    return "off" if value is False else value
+
+
+Policy = Annotated[Literal["require", "prefer", "off"], BeforeValidator(_unquoted_off)]
+
+
 class Authentication(Strict):
     """Does the sender's domain vouch for the mail (DKIM aligned with From, or a
     trusted Authentication-Results header)? What to do when it does not."""
@@ -500,9 +508,9 @@ class Authentication(Strict):
     # require: quarantine, and a notice to the real address; prefer: accept and
     # flag the ticket; off: do not look. Staff /commands need authenticated
     # mail unless the staff policy is off.
-    policy: Literal["require", "prefer", "off"] = "prefer"
-    staff_policy: Literal["require", "prefer", "off"] = "prefer"
-    organisations: dict[str, Literal["require", "prefer", "off"]] = {}
+    policy: Policy = "prefer"
+    staff_policy: Policy = "prefer"
+    organisations: dict[str, Policy] = {}
     # Our own authserv-id: incoming Authentication-Results claiming it are
     # forgeries and are removed. Default: the support address's domain.
     authserv_id: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,253}$")

@@ -38,6 +38,14 @@ def test_shipped_settings_are_valid() -> None:
     assert settings.database_url.startswith("sqlite:////")  # made absolute
 
 
+def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_text("hygiene:\n  authentication:\n    staff_policy: off\n"
+                    "    organisations: {acme: off}\n")  # fmt: skip
+    auth = load_settings(path).hygiene.authentication
+    assert (auth.staff_policy, auth.organisations) == ("off", {"acme": "off"})
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
