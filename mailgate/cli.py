@@ -381,7 +381,7 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     from mailgate.pipeline.process import classify_mail
     from mailgate.store.models import Contact
 
-    app = load_app(args, sync_directory=False)
+    app = load_app(args)  # the sender's role and organisation as the directory says today
     try:
         msg = parse_message(Path(args.file).read_bytes())
     except OSError as exc:
@@ -415,7 +415,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from mailgate.pipeline.message import Envelope
     from mailgate.pipeline.process import process
 
-    app = load_app(args, sync_directory=False)
+    # The directory as ingest would see it: on a fresh install, before any
+    # ingest, the admins would otherwise be strangers. Nothing about the mail
+    # is written.
+    app = load_app(args)
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, AttachmentRow, IngestRecord, OutboxMail, Ticket
-from tests.conftest import Installation, make_mail, reply_to, staff_answer
+from tests.conftest import ROOT, Installation, make_mail, reply_to, staff_answer
 
 
 def count(inst: Installation, model: type) -> int:
@@ -629,3 +629,19 @@ def test_explain_shows_who_wrote_and_what_the_rules_set(
     assert re.search(r"^outcome +rejected$", out, re.M), out
     assert "mallory@evil.example: unknown; may not open tickets: sender not in the directory" in out
     assert re.search(r"^rules +-$", out, re.M), out
+
+
+def test_explain_on_a_fresh_install_knows_the_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tour's first step: nothing ingested yet, the directory never synced."""
+    from mailgate.cli import main
+
+    for name in ("settings.yaml", "directory.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    for name in ("templates", "rules"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    sample = str(ROOT / "samples" / "first-request.eml")
+    assert main(["--config", str(tmp_path / "settings.yaml"), "explain", "--json", sample]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["outcome"], shown["identity"]) == ("created", "alice@acme.example: admin of acme")
