@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import mailbox
 import re
 import smtplib
 import time
@@ -59,6 +60,25 @@ def test_fifty_mails_in_ten_minutes_get_five_acks_then_the_breaker_holds_them(
     later = inst.ingest(make_mail(subject="Next day", message_id="later@acme.example"))
     assert later.outcome == "created"
     assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 6
+
+
+def test_tickets_an_operator_imported_do_not_count_against_the_sender(
+    inst: Installation, tmp_path: Path
+) -> None:
+    """Six tickets of Alice's imported from an mbox, then Alice writes: a person
+    writing, not a robot; the breaker counts only what came by mail on its own."""
+    box = mailbox.mbox(tmp_path / "backlog.mbox")
+    for n in range(6):
+        box.add(make_mail(subject=f"Backlog {n}", message_id=f"b-{n}@acme.example").as_bytes())
+    box.close()
+    assert inst.cli("ingest", "--mbox", "--no-send", str(tmp_path / "backlog.mbox")) == 0
+    assert inst.ingest(make_mail(subject="Live", message_id="live@acme.example")).outcome == (
+        "created"
+    )
+    for n in range(4):  # four more live ones: five by mail in the hour
+        inst.ingest(make_mail(subject=f"Live {n}", message_id=f"l-{n}@acme.example"))
+    held = inst.ingest(make_mail(subject="One too many", message_id="over@acme.example"))
+    assert held.outcome == "quarantined" and "5 tickets from this sender" in held.reason
 
 
 def test_the_daily_cap_holds_acks_that_the_hourly_cap_lets_through(install) -> None:

@@ -416,10 +416,15 @@ def _circuit_breaker(
     assert contact is not None and contact.organisation_id is not None
     since = now - timedelta(hours=1)
     trip = tripped(
-        repo.tickets_opened_since(session, contact.id, since),
+        # What an operator chose to feed in is no robot writing fast.
+        repo.tickets_opened_since(session, contact.id, since, not_from=OPERATOR_CHOSEN),
         repo.tickets_with_subject_since(
-            session, contact.organisation_id, subject_key(msg.subject), since
-        ),
+            session,
+            contact.organisation_id,
+            subject_key(msg.subject),
+            since,
+            not_from=OPERATOR_CHOSEN,
+        ),  # fmt: skip
         app.settings.hygiene.loops,
     )
     if trip is None:

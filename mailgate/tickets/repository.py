@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.orm import Session
 
 from mailgate.pipeline.identify import Person
@@ -186,19 +186,37 @@ def time_entries_of(session: Session, ticket_id: int) -> list[TimeEntry]:
     return list(session.scalars(query.order_by(TimeEntry.id)))
 
 
-def tickets_opened_since(session: Session, requester_id: int, since: datetime) -> int:
+def _not_opened_from(sources: Collection[str]) -> ColumnElement[bool]:
+    """Tickets that no mail from `sources` opened (a bulk import, a release)."""
+    opened = select(IngestRecord.id).where(
+        IngestRecord.ticket_id == Ticket.id,
+        IngestRecord.outcome == "created",
+        IngestRecord.source.in_(sources),
+    )
+    return ~exists(opened)
+
+
+def tickets_opened_since(
+    session: Session, requester_id: int, since: datetime, *, not_from: Collection[str] = ()
+) -> int:
     query = select(func.count()).where(
-        Ticket.requester_id == requester_id, Ticket.created_at > since
+        Ticket.requester_id == requester_id, Ticket.created_at > since, _not_opened_from(not_from)
     )
     return session.scalar(query) or 0
 
 
 def tickets_with_subject_since(
-    session: Session, organisation_id: str, subject_key: str, since: datetime
+    session: Session,
+    organisation_id: str,
+    subject_key: str,
+    since: datetime,
+    *,
+    not_from: Collection[str] = (),
 ) -> int:
     query = select(func.count()).where(
         Ticket.organisation_id == organisation_id,
         Ticket.subject_key == subject_key,
         Ticket.created_at > since,
+        _not_opened_from(not_from),
     )
     return session.scalar(query) or 0
