@@ -738,9 +738,11 @@ def cmd_credits_statement(args: argparse.Namespace) -> int:
         writer.writerows(found.entries)
     else:
         print(f"{args.org}: opening balance {found.opening}")
-        print_table([[e["at"][:16], e["kind"], f"{e['credits']:+d}", str(e["balance"]),
-                      e["ticket"] or "-", e["note"][:50]] for e in found.entries],
-                    ["AT", "KIND", "CREDITS", "BALANCE", "TICKET", "NOTE"])  # fmt: skip
+        # ID: what `credits reverse ENTRY` takes.
+        print_table([[str(e["id"]), e["at"][:16], e["kind"], f"{e['credits']:+d}",
+                      str(e["balance"]), e["ticket"] or "-", e["note"][:50]]
+                     for e in found.entries],
+                    ["ID", "AT", "KIND", "CREDITS", "BALANCE", "TICKET", "NOTE"])  # fmt: skip
         print(f"closing balance {found.closing}")
     return EX_OK
 

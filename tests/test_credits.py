@@ -181,6 +181,11 @@ def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, caps
     spend(inst, capsys, ticket, "1h")
     with inst.session() as session:
         (spent,) = session.scalars(select(CreditEntry.id).where(CreditEntry.kind == "spend"))
+    # The operator finds the id to reverse in the statement, as the README says.
+    assert inst.cli("credits", "statement", ORG) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[1].split()[0] == "ID"
+    assert any(line.split()[:1] == [str(spent)] and " spend " in line for line in listed)
     assert inst.cli("credits", "reverse", str(spent), "--note", "logged twice") == 0
     assert f"spend #{spent} reversed" in capsys.readouterr().out
     assert inst.cli("credits", "reverse", str(spent)) == 1
