@@ -183,6 +183,9 @@ def test_workaround_command_stops_the_workaround_clock(
     got = clocks(inst, number)
     assert got["workaround"].stopped_at == utc(23, 10, 15)
     assert got["resolution"].stopped_at is None
+    with inst.session() as s:  # in the history that tickets show lists
+        event = s.scalar(select(TicketEvent).where(TicketEvent.field == "workaround"))
+        assert event is not None and (event.new, event.actor) == ("given", "bob@support.example")
 
 
 def test_waiting_on_the_customer_pauses_the_clock_and_extends_the_deadline(

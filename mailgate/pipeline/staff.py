@@ -20,7 +20,7 @@ from mailgate.pipeline.message import Envelope, ParsedMessage
 from mailgate.pipeline.screen import Screening
 from mailgate.pipeline.trim import trim_reply
 from mailgate.sla.clocks import track
-from mailgate.store.models import Ticket
+from mailgate.store.models import Ticket, TicketEvent
 from mailgate.tickets import repository as repo
 from mailgate.tickets.articles import store_inbound
 from mailgate.tickets.changes import apply_changes, record_time, set_status, state_of
@@ -108,6 +108,10 @@ def handle_staff_mail(
     answered = {"first_response"} if public else set()
     if any(c.name == "workaround" for c in mail.commands):
         answered.add("workaround")
+        # Not a field of the ticket, but a fact of its history like one.
+        session.add(TicketEvent(ticket_id=ticket.id, at=now, actor_kind="staff", actor=sender,
+                                field="workaround", old=None, new="given", reason=reason,
+                                article_id=article.id))  # fmt: skip
     track(app.sla, session, ticket, now, stop=answered)
     return StaffOutcome(
         "threaded" if not only_commands else "command", _describe(plan, public, internal),
