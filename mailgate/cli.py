@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time
@@ -956,6 +957,13 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
     return EX_PROBLEM if failed else EX_OK
 
 
+def _operator() -> str:
+    """Who runs the command: the login behind sudo (`sudo -u mailgate mailgate …`)."""
+    import getpass
+
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
 def cmd_quarantine_delete(args: argparse.Namespace) -> int:
     from mailgate.intake.quarantine import NotQuarantined, delete
 
@@ -963,7 +971,7 @@ def cmd_quarantine_delete(args: argparse.Namespace) -> int:
     failed = False
     for record_id in args.ids:
         try:
-            delete(app, record_id, now=app.clock())
+            delete(app, record_id, now=app.clock(), by=_operator())
         except NotQuarantined as exc:
             print(f"#{record_id}: {exc}", file=sys.stderr)
             failed = True

@@ -177,7 +177,7 @@ def setup_logging(
 
 # Label values created at zero, so that a rate() or an alert sees the series
 # before the first event; other values are accepted as they come.
-OUTCOMES = ("created", "threaded", "rejected", "ignored", "bounce", "duplicate",
+OUTCOMES = ("created", "threaded", "command", "rejected", "ignored", "bounce", "duplicate",
             "quarantined", "tempfail")  # fmt: skip
 # The outbox's results of an attempt that did not deliver (see mailgate/outbound/outbox.py):
 # retry (temporary failure, queued again), failed (refused), dead (gave up).

@@ -133,8 +133,9 @@ def test_per_ticket_cap_stops_notices_for_a_robot_replying_on_one_ticket(install
 
 
 def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
-    inst: Installation, capsys: pytest.CaptureFixture[str]
+    inst: Installation, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SUDO_USER", "olivia")  # `sudo -u mailgate mailgate quarantine …`
     for n in range(7):
         inst.ingest(make_mail(subject=f"Problem {n}", message_id=f"q-{n}@acme.example"))
     with inst.session() as session:
@@ -168,6 +169,7 @@ def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
         assert old.outcome == "released" and old.reason.startswith("released as ingest #")
         gone = session.get(IngestRecord, held[1])
         assert gone.outcome == "deleted" and "circuit breaker" in gone.reason
+        assert gone.reason.startswith("deleted by olivia on 2026-11-23 ")
         assert session.scalar(select(func.count()).select_from(Ticket)) == 6
     assert inst.cli("quarantine", "list") == 0
     assert capsys.readouterr().out.strip() == "quarantine empty"

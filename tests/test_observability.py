@@ -253,6 +253,8 @@ def test_metrics_registries_are_private(metrics: Metrics) -> None:
     other = Metrics()  # a second instance (e.g. in a test) does not collide
     other.observe_decision("created")
     assert b'mailgate_messages_total{outcome="created"} 0.0' in metrics.render()
+    # Every outcome is there from the start, staff command mails included.
+    assert b'mailgate_messages_total{outcome="command"} 0.0' in metrics.render()
     assert prometheus_client.REGISTRY.get_sample_value("mailgate_outbox_depth") is None
     port = metrics.start("127.0.0.1", 0)
     with pytest.raises(RuntimeError):

@@ -76,13 +76,13 @@ def release(app: App, record_id: int) -> Result:
         raise NotQuarantined(str(exc)) from None
 
 
-def delete(app: App, record_id: int, *, now: datetime) -> None:
+def delete(app: App, record_id: int, *, now: datetime, by: str) -> None:
     """Drop the held mail's bytes; the record stays, saying who decided what when."""
     with app.sessions.begin() as session:
         record = _quarantined(session, record_id)
         sha = record.raw_sha256
         record.outcome = "deleted"
-        record.reason = f"deleted by an operator on {now:%Y-%m-%d %H:%M} UTC; was: {record.reason}"
+        record.reason = f"deleted by {by} on {now:%Y-%m-%d %H:%M} UTC; was: {record.reason}"
         record.raw_sha256 = None
         # The same bytes may also be another record's or an article's.
         drop_unreferenced(session, app.blobs, [sha] if sha else [])
