@@ -7,6 +7,7 @@ own behaviour; `mailgate run` as a subprocess for crashes and load.
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -291,6 +292,35 @@ def test_killed_between_commit_and_move_one_ticket_one_ack(
     assert count(inst, OutboxMail, OutboxMail.kind == "ack") == 1
     assert count(inst, IngestRecord) == 1  # only the MOVE: the same message, no new row
     assert "already stored as ingest #1" in running.log()
+
+
+@pytest.mark.slow
+def test_killed_20_times_between_commit_and_move_under_load_stores_each_message_once(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    """Checklist 13 at the IMAP crash point (after_commit_before_move), 20 times
+    amid 200 messages: after the restarts each message is one ticket, one ack,
+    one ingest record (checklist 19: the re-fetch only moves it) and filed once."""
+    inst, port = daemon_with_imap(tmp_path / "inst", dovecot)
+    with dovecot.session() as client:
+        for n in range(200):
+            client.append("INBOX", mail(n))
+    for r in range(20):
+        at = 1 + (r * 3) % 7  # the n-th message since the (re)start
+        crashing = launch(inst, port, env={"MAILGATE_FAULT": f"imap_after_commit:{at}"})
+        try:
+            assert crashing.proc.wait(30) == -9, crashing.log()
+        except subprocess.TimeoutExpired:
+            crashing.stop()
+            raise AssertionError(f"imap_after_commit:{at} never reached") from None
+    running = launch(inst, port)
+    try:
+        eventually(lambda: held(dovecot, PROCESSED) == 200, timeout=120, what="all filed")
+    finally:
+        running.stop()
+    assert dovecot.uids("INBOX") == []
+    assert count(inst, Ticket) == 200 and count(inst, IngestRecord) == 200
+    assert count(inst, OutboxMail, OutboxMail.kind == "ack") == 200
 
 
 @pytest.mark.slow
