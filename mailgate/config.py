@@ -164,7 +164,9 @@ class Outbound(Strict):
     transport: Literal["maildir", "smtp"] = "maildir"
     maildir: Path = Path("var/sent")
     smtp: OutboundSmtp = OutboundSmtp()
-    max_attempts: int = Field(12, gt=0)
+    # 126 attempts: 2 h of doubling delays, then hourly, until about 5 days
+    # have passed (RFC 5321 4.5.4.1; Postfix's maximal_queue_lifetime).
+    max_attempts: int = Field(126, gt=0)
     retry_base_seconds: int = Field(60, gt=0)
     retry_max_seconds: int = Field(3600, gt=0)
 

@@ -147,6 +147,20 @@ def test_tempfail_backs_off_then_delivers_once(
     assert rows(inst, NOTICE) == []  # a delivery that only took time is nobody's problem
 
 
+def test_the_default_retries_span_about_five_days() -> None:
+    """RFC 5321 4.5.4.1 gives up after 4-5 days; so does Postfix. Not after 7 h:
+    a relay down for a weekend must not leave acknowledgements dead."""
+    from mailgate.config import Outbound
+    from mailgate.outbound.outbox import RetryPolicy
+
+    out = Outbound()
+    policy = RetryPolicy(out.max_attempts, out.retry_base_seconds, out.retry_max_seconds)
+    waited = sum((policy.delay(n, rng=lambda: 0.5) for n in range(1, policy.max_attempts)),
+                 timedelta())  # fmt: skip
+    assert timedelta(days=4, hours=20) <= waited <= timedelta(days=5, hours=4)
+    assert RetryPolicy() == policy  # the dataclass default says the same
+
+
 def test_gives_up_after_max_attempts_and_cli_retry_requeues(
     created: Callable[..., Installation], sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:

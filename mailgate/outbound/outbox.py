@@ -75,7 +75,7 @@ Notifier = Callable[[Session, OutboxMail, list[str], str, datetime], object]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 12
+    max_attempts: int = 126  # about 5 days (see config.Outbound)
     base_seconds: int = 60
     max_seconds: int = 3600
 
