@@ -961,7 +961,10 @@ def _operator() -> str:
     """Who runs the command: the login behind sudo (`sudo -u mailgate mailgate …`)."""
     import getpass
 
-    return os.environ.get("SUDO_USER") or getpass.getuser()
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (a container)
+        return f"uid {os.getuid()}"
 
 
 def cmd_quarantine_delete(args: argparse.Namespace) -> int:

@@ -67,6 +67,15 @@ def _from_header(value: str) -> str:
     return value
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+# A staff group, as the directory gives it to staff and rules route to it
+# (`then: {group: billing}`); "Billing" is the same group.
+GroupName = Annotated[str, BeforeValidator(_lower), Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

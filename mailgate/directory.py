@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from mailgate.config import (
     Address,
     ConfigError,
+    GroupName,
     format_validation_errors,
     load_yaml,
     valid_timezone,
@@ -64,10 +65,6 @@ class OrganisationEntry(_Strict):
             raise ValueError(f"referents {sorted(unknown)} are not contacts of {self.id}: "
                              "list them under contacts too")  # fmt: skip
         return self
-
-
-# Names of staff groups, as rules write them (`then: {group: billing}`).
-GroupName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
 
 class StaffEntry(_Strict):

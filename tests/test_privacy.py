@@ -470,3 +470,25 @@ def test_erase_reaches_mail_released_from_the_quarantine(
     assert removed and int(removed.group(1)) >= 1
     assert f"{removed.group(1)} stored file(s) removed" in would  # counted alike
     assert traces(inst, ALICE[0]) == []
+
+
+def test_retention_reaches_mail_released_from_the_quarantine(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = install(settings={"hygiene": {"limits": {"max_header_bytes": 2048}}, **OUTSIDE})
+    assert held.ingest(make_mail(headers={"X-Padding": "x" * 3000})).outcome == "quarantined"
+    inst = install(settings={"hygiene": {"limits": {"max_header_bytes": 65536}}, **OUTSIDE})
+    with inst.session() as s:
+        first = s.scalar(select(IngestRecord.id).where(IngestRecord.outcome == "quarantined"))
+    assert inst.cli("quarantine", "release", "--no-send", str(first)) == 0
+    number = re.search(r"SUP-\d{4}-\d{6}", capsys.readouterr().out).group(0)
+    close(inst, number)
+    clock.now = NOW + timedelta(days=366)
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"] = [
+        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
+    ]
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    assert inst.cli("directory", "sync") == 0
+    assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
+    assert traces(inst, ALICE[0]) == []

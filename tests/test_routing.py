@@ -160,3 +160,16 @@ def test_check_names_rules_that_route_to_nobody(
     assert "10-routing.yaml:3: assignee 'zed@support.example' is not active staff" in problems[1]
     with inst.session() as s:
         assert s.scalar(select(Staff.groups).where(Staff.email == "bob@support.example")) == []
+
+
+def test_a_group_name_is_the_same_group_whatever_its_case(tmp_path: Path) -> None:
+    """Rules written before groups were routed may say `group: Billing`: they still load."""
+    from mailgate.pipeline.rules import load_rules
+
+    (tmp_path / "10.yaml").write_text(RULES.replace("group: billing", "group: Billing"))
+    assert load_rules(tmp_path).rules[0].then.group == "billing"
+    data = directory()
+    data["staff"][-1]["groups"] = ["BILLING"]
+    path = tmp_path / "directory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_directory(path).staff[-1].groups == ["billing"]

@@ -74,7 +74,8 @@ def test_a_populated_database_goes_down_to_the_previous_revision_and_back(
         assert set(s.scalars(select(Contact.referent))) == {False}
     answer = make_mail(subject="Re: Cannot log in", message_id="old-2@acme.example",
                        headers={"In-Reply-To": "<old-1@acme.example>"})  # fmt: skip
-    assert (inst.ingest(answer).outcome, inst.ingest(answer).ticket) == ("threaded", number)
+    threaded = inst.ingest(answer)
+    assert (threaded.outcome, threaded.ticket) == ("threaded", number)
 
 
 @pytest.mark.sqlite_only

@@ -162,8 +162,9 @@ class Connection(SMTP):
     # RFC 5321 asks for lines of 1000 octets, and aiosmtpd answers a longer one
     # with a 500, which bounces the mail. Generators of HTML mail write single
     # lines of tens of kilobytes, and Postfix and Exim take them: so do we, up
-    # to a bound that keeps one line's buffer small beside the memory budget.
-    line_length_limit = 1024 * 1024
+    # to a bound that keeps one line's buffer small beside the memory budget
+    # (aiosmtpd reads command lines under the same limit, before any DATA).
+    line_length_limit = 256 * 1024
 
     def __init__(self, intake: SmtpListener, **kwargs: Any) -> None:
         super().__init__(intake.handler, **kwargs)

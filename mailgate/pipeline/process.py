@@ -178,11 +178,13 @@ def process(
 
 
 def _take_from_quarantine(session: Session, record_id: int) -> IngestRecord:
-    """The held record, marked released, its dedupe key given up for the new one."""
+    """The held record, marked released, its dedupe key given up for the new one,
+    and its bytes too: the new record refers to the same content-addressed raw
+    mail, so retention and erasure find it with the ticket it became."""
     held = session.get(IngestRecord, record_id)
     if held is None or held.outcome != "quarantined":
         raise LookupError(f"no quarantined mail #{record_id}")
-    held.dedupe_key, held.outcome = None, "released"
+    held.dedupe_key, held.outcome, held.raw_sha256 = None, "released", None
     session.flush()
     return held
 

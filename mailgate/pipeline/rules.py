@@ -42,7 +42,7 @@ import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mailgate.config import ConfigError
+from mailgate.config import ConfigError, GroupName
 from mailgate.pipeline.patterns import compile_pattern, found
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -190,7 +190,7 @@ class Then(_Strict):
     urgent: bool | None = None
     level: Literal["L1", "L2", "L3"] | None = None
     assignee: str | None = None
-    group: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # of the staff
+    group: GroupName | None = None  # of the staff
     tags: list[str] = []
     stop: bool = False
 

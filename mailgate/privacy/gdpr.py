@@ -261,9 +261,9 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
 def _held_naming(app: App, session: Session, email: str) -> list[IngestRecord]:
     """Quarantined mail whose raw bytes name the person, whoever the sender was
     (a mail held as "ambiguous sender", or too broken to parse, has none
-    recorded); released mail too: its record keeps the bytes its release used."""
+    recorded)."""
     needle = email.encode()
-    held = select(IngestRecord).where(IngestRecord.outcome.in_(("quarantined", "released")),
+    held = select(IngestRecord).where(IngestRecord.outcome == "quarantined",
                                       IngestRecord.ticket_id.is_(None))  # fmt: skip
     found = []
     for record in session.scalars(held):

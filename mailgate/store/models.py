@@ -286,7 +286,8 @@ class IngestRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Unique for the first delivery; NULL on duplicates, which point at the first.
     dedupe_key: Mapped[str | None] = mapped_column(String(64), unique=True)
-    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_records.id"))
+    # Indexed: an IMAP re-fetch looks among a first delivery's duplicates.
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_records.id"), index=True)
     message_id: Mapped[str | None] = mapped_column(Clipped(998), index=True)
     source: Mapped[str] = mapped_column(String(20))
     envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)

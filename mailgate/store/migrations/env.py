@@ -39,6 +39,10 @@ with engine.connect() as connection:
             if sqlite:
                 _check_foreign_keys(connection)
         connection.commit()
+    except BaseException:
+        if sqlite:  # never back in the pool with foreign keys off
+            connection.invalidate()
+        raise
     finally:
-        if sqlite:
+        if sqlite and not connection.invalidated:
             raw.execute("PRAGMA foreign_keys=ON")
