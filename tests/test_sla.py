@@ -276,6 +276,27 @@ def test_an_override_can_give_one_target_its_own_calendar(install) -> None:  # n
     )
 
 
+def test_an_organisation_calendar_leaves_a_target_its_own(install, clock: Clockwork) -> None:  # noqa: ANN001
+    """An enterprise customer with its own hours keeps P1's 24/7 first response."""
+    hours = {"hours": {"mon-fri": "08:00-16:00"}, "holidays": False}
+    own = {
+        "calendars": {"globex-hours": hours},
+        "organisations": {"globex": {"calendar": "globex-hours"}},
+    }
+    inst = install({"sla": own})
+    clock.now = datetime(2026, 11, 28, 22, 0, tzinfo=UTC)  # Saturday night
+    mail = make_mail(sender="Hank Scorpio <hank@globex.example>", message_id="g1@globex.example")
+    got = clocks(inst, inst.ingest(mail).ticket)
+    assert (got["first_response"].calendar, got["first_response"].due_at) == (
+        "24/7",
+        datetime(2026, 11, 28, 22, 15, tzinfo=UTC),
+    )
+    # The rest in the organisation's own hours: Monday 08:00 London + 2 h and + 8 h.
+    assert got["workaround"].calendar == got["resolution"].calendar == "globex-hours"
+    assert got["workaround"].due_at == datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
+    assert got["resolution"].due_at == datetime(2026, 11, 30, 16, 0, tzinfo=UTC)
+
+
 def test_sla_off_starts_no_clock_and_the_ack_says_no_deadline(install) -> None:  # noqa: ANN001
     inst = install({"sla": {"enabled": False}})
     number = inst.ingest(make_mail()).ticket

@@ -56,16 +56,27 @@ class SlaPolicy:
         override = sla.organisations.get(org_id)
         targets = []
         for kind in KINDS:
-            # The most specific calendar wins; an organisation's override, at
-            # any level, wins over its plan.
-            target = getattr(entry, kind)
-            calendar = (target and target.calendar) or entry.calendar or base.calendar
-            if override is not None:
-                part = getattr(override, priority)
-                mine = getattr(part, kind)
-                target = mine or target
-                own = mine and mine.calendar
-                calendar = own or part.calendar or override.calendar or calendar
+            plan_target = getattr(entry, kind)
+            part = getattr(override, priority) if override else None
+            own_target = getattr(part, kind) if part else None
+            target = own_target or plan_target
+            # The most specific level names the calendar: target, priority,
+            # plan; at one level an organisation's override wins over its
+            # plan. So an organisation with its own business hours keeps
+            # enterprise P1's first response on the 24/7 calendar its plan
+            # gives that one target.
+            calendar = next(
+                name
+                for name in (
+                    own_target and own_target.calendar,
+                    plan_target and plan_target.calendar,
+                    part and part.calendar,
+                    entry.calendar,
+                    override and override.calendar,
+                    base.calendar,
+                )
+                if name
+            )
             if target is not None:
                 cal = self.calendar(calendar, where)
                 targets.append(Target(kind, self.span(target.within, cal), calendar, cal))
