@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from mailgate.pipeline.message import Envelope
-from mailgate.store.models import Article, IngestRecord, Ticket
+from mailgate.store.models import Article, IngestRecord, SlaClock, Ticket
 from tests.conftest import Installation, make_mail, smtp_listener, staff_answer
 
 SELECTOR = b"s2026"
@@ -209,6 +209,34 @@ def test_staff_commands_need_an_authenticated_mail_under_prefer(install, keys) -
     result = inst.ingest(keys.sign(raw_of(signed), "support.example"))
     assert result.outcome == "threaded", result.reason
     assert tickets(inst)[0].priority == "P1"
+
+
+def test_a_forged_staff_reply_never_reaches_the_customer_under_prefer(install, keys) -> None:
+    """Staff's From forged on a guessable subject tag: no mail from support@ to the
+    customer (a phishing link, an attachment), no status change, the SLA clock runs."""
+    inst = installed(install, keys, {"hygiene": {"authentication": {"staff_policy": "prefer"}}})
+    inst.ingest(make_mail())
+    before = len(inst.sent())  # the ack and the staff notice
+    forged = staff_reply(inst, "Please re-enter your password at https://evil.example/login\n")
+    forged.add_attachment(b"MZ", maintype="application", subtype="octet-stream",
+                          filename="fix.exe")  # fmt: skip
+    result = inst.ingest(raw_of(forged))
+    assert result.outcome == "command", result.reason
+    assert "nothing applied or relayed" in result.reason
+    assert "failed sender authentication" in result.reason
+    sent = inst.sent()[before:]
+    assert [m["To"] for m in sent] == ["bob@support.example"]  # the refusal, to the real Bob
+    assert "was refused" in sent[0].get_body(("plain",)).get_content()
+    ticket = tickets(inst)[0]
+    assert ticket.status == "new"
+    with inst.session() as session:
+        clock = session.scalars(select(SlaClock).where(SlaClock.kind == "first_response")).one()
+        assert clock.stopped_at is None
+        assert session.scalars(select(Article).where(Article.author_kind == "staff")).all() == []
+    signed = staff_reply(inst, "Looking into it.\n")
+    signed.replace_header("Message-ID", "<bob-2@support.example>")
+    assert inst.ingest(keys.sign(raw_of(signed), "support.example")).outcome == "threaded"
+    assert [m["To"] for m in inst.sent()[before + 1 :]] == ["alice@acme.example"]
 
 
 def test_unsigned_staff_mail_under_require_is_held_and_staff_told(install, keys) -> None:

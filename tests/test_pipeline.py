@@ -259,6 +259,19 @@ def test_unauthorised_senders_are_rejected_once_a_day(
     assert count(inst, Ticket) == 0
 
 
+def test_a_rejection_repeats_no_display_name(inst: Installation) -> None:
+    """A stranger's display name is their text, sent to whatever address they forged."""
+    lure = "Your account is suspended - verify now at www.evil.example/verify"
+    inst.ingest(make_mail(sender=f'"{lure}" <victim@third.example>', message_id="p@x.example"))
+    inst.ingest(make_mail(sender='"Boss" <carol@acme.example>', message_id="c@x.example"))
+    victim, carol = (
+        next(m for m in inst.sent() if m["To"] == to).get_body(("plain",)).get_content()
+        for to in ("victim@third.example", "carol@acme.example")
+    )
+    assert "evil" not in victim and victim.startswith("Hello,")
+    assert carol.startswith("Bonjour Carol Petit,")  # a contact: the directory's name
+
+
 def test_expired_contract_is_rejected(install) -> None:
     inst = install(
         directory={

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from mailgate.cli import sync_directory_if_changed
 from mailgate.store.models import Article, OutboxMail, Ticket, TicketEvent, TimeEntry
 from tests.conftest import ROOT, Installation, make_mail, reply_to, smtp_listener
 from tests.smtp_sink import Received, Sink
@@ -244,6 +245,30 @@ def test_cc_of_a_stranger_is_refused(desk: Desk) -> None:
     desk.send(staff_answer(desk, "/cc hank@globex.example\n", "bob-1@support.example"))
     assert desk.ticket().cc == []
     assert "not an active contact" in staff_notice(desk).get_body(("plain",)).get_content()
+
+
+def test_a_contact_who_left_the_organisation_no_longer_gets_its_mail(desk: Desk) -> None:
+    """Recipients are checked when a mail is written: copied once is not copied forever."""
+    open_ticket(desk)
+    desk.send(staff_answer(desk, f"/cc {CAROL}\n", "bob-1@support.example"))
+    assert desk.ticket().cc == [CAROL]
+    # Carol moves to another customer of ours.
+    path = desk.inst.root / "directory.yaml"
+    directory = yaml.safe_load(path.read_text())
+    acme, globex = directory["organisations"][:2]
+    carol = next(c for c in acme["contacts"] if c["email"] == CAROL)
+    acme["contacts"].remove(carol)
+    globex["contacts"].append(carol)
+    path.write_text(yaml.safe_dump(directory))
+    sync_directory_if_changed(desk.inst.app)
+    answers = [staff_answer(desk, "Fixed on our side.\n", "bob-2@support.example"),
+               staff_answer(desk, "/resolve\n", "bob-3@support.example")]  # fmt: skip
+    desk.sink.received.clear()
+    for answer in answers:
+        desk.send(answer)
+    desk.inst.send_outbox()
+    customers = [r.rcpt_tos for r in desk.sink.received if "bob@support.example" not in r.rcpt_tos]
+    assert customers == [("alice@acme.example",), ("alice@acme.example",)]  # reply, resolution
 
 
 def test_commands_in_a_customers_mail_are_plain_text(desk: Desk) -> None:

@@ -396,7 +396,10 @@ def _apply_for_sender(
             context={
                 "reason": decision.refusal_code or _public_reason(identity.refusal),
                 "ticket": None,
-                "requester_name": msg.from_name,
+                # The directory's name or none: the display name is the
+                # sender's to choose, and the address may be forged, so it
+                # would carry a stranger's words (a phishing line) to a victim.
+                "requester_name": identity.person.name if identity.person else None,
             },
             now=now,
             answers=message_id,

@@ -58,7 +58,9 @@ def handle_staff_mail(
     mail = read_commands(msg.text)
     plan = _plan(session, ticket, mail, sender)
     problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
-    if mail.commands and screening.sender_authenticated is False:
+    if screening.sender_authenticated is False:
+        # Not only its commands: a forged reply would reach the customer from
+        # our address (a phishing link, an attachment) and stop the SLA clock.
         problems.insert(0, Problem(0, "", "the mail failed sender authentication (DKIM/DMARC)"))
     bug = any(c.name == "bug" for c in mail.commands)
     if not problems and plan.spent_minutes:
@@ -66,7 +68,9 @@ def handle_staff_mail(
     if problems:
         _refuse(app, session, ticket, msg, problems, now)
         listed = "; ".join(f"line {p.line}: {p.reason}" for p in problems)
-        return StaffOutcome("command", f"commands refused, nothing applied: {listed}", None)
+        return StaffOutcome(
+            "command", f"commands refused, nothing applied or relayed: {listed}", None
+        )
 
     settings = app.settings.tickets
     body = mail.body
@@ -195,8 +199,7 @@ def _relay(
     app: App, session: Session, ticket: Ticket, msg: ParsedMessage, body: str, now: datetime
 ) -> None:
     """The staff member's words to the requester and copied contacts, from the support address."""
-    recipients = [ticket.requester.email] if ticket.requester else []
-    recipients += [a for a in ticket.cc if a not in recipients]
+    recipients = repo.ticket_customers(session, ticket)
     if not recipients:
         return
     staff_name = repo.staff_name(session, msg.sender or "") or (msg.sender or "")

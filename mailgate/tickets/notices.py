@@ -11,6 +11,7 @@ from mailgate.app import App
 from mailgate.credits.billing import balance_now, credit_context
 from mailgate.outbound.mailer import ticket_context
 from mailgate.store.models import Article, Ticket
+from mailgate.tickets import repository
 
 
 def queue_resolution_notice(
@@ -62,16 +63,17 @@ def _to_customer(
     now: datetime,
 ) -> None:
     """An automatic mail to the requester and copied contacts, threaded under their mail."""
-    if ticket.requester is None:
+    recipients = repository.ticket_customers(session, ticket)
+    if not recipients:
         return
     app.mailer.queue(
         session,
         kind=kind,
-        to=[ticket.requester.email, *ticket.cc],
+        to=recipients,
         language=ticket.language,
         context={
             "ticket": ticket_context(ticket),
-            "requester_name": ticket.requester.name or None,
+            "requester_name": ticket.requester.name if ticket.requester else None,
             **context,
         },
         now=now,

@@ -151,6 +151,17 @@ def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]
     )
 
 
+def ticket_customers(session: Session, ticket: Ticket) -> list[str]:
+    """Who on the customer's side hears from a ticket: its requester and copied
+    contacts that are still active contacts of its organisation. Checked when
+    the mail is written, not when they were copied: the directory may since
+    have deactivated someone or moved them to another organisation."""
+    wanted = [ticket.requester.email] if ticket.requester else []
+    wanted += [a for a in ticket.cc if a not in wanted]
+    allowed = {c.email for c in contacts_of(session, ticket.organisation_id, wanted)}
+    return [a for a in wanted if a in allowed]
+
+
 def staff_id(session: Session, address: str) -> int | None:
     """An active staff member's id (a rule may name someone who has left: None)."""
     query = select(Staff.id).where(Staff.email == address.lower(), Staff.active.is_(True))
