@@ -877,8 +877,10 @@ def cmd_gdpr_export(args: argparse.Namespace) -> int:
     if not args.output:
         sys.stdout.buffer.write(content)
         return EX_OK
-    try:
-        Path(args.output).write_bytes(content)
+    try:  # personal data: owner-only, and never through a link planted at that path
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as out:
+            out.write(content)
     except OSError as exc:
         raise CommandError(f"cannot write {args.output}: {exc.strerror}") from None
     return EX_OK

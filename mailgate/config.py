@@ -8,6 +8,7 @@ working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from datetime import date
@@ -156,6 +157,15 @@ class Intake(Strict):
         return value
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class OutboundSmtp(Strict):
     host: str = "127.0.0.1"
     port: int = Field(25, ge=1, le=65535)
@@ -164,6 +174,18 @@ class OutboundSmtp(Strict):
     password_file: Path | None = None
     password_env: str | None = None
     timeout_seconds: int = Field(30, gt=0)
+    allow_plaintext: bool = False  # AUTH without TLS to a host that is not loopback
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> OutboundSmtp:
+        # A relay on the LAN that trusts our address needs no TLS; a password does.
+        in_clear = self.tls == "none" and not (self.allow_plaintext or is_loopback(self.host))
+        if self.username and in_clear:
+            raise ValueError(
+                f"username with tls: none would send the password in clear to {self.host};"
+                " use tls: starttls or implicit (or allow_plaintext: true to force it)"
+            )
+        return self
 
 
 class Outbound(Strict):

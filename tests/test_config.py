@@ -66,6 +66,11 @@ def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
             "outbound.transport: Input should be 'maildir' or 'smtp'",
         ),
         ({"outbound": {"from": "Support <bad>"}}, "outbound.from:"),
+        (
+            {"outbound": {"smtp": {"host": "relay.example.net", "username": "mailgate"}}},
+            "outbound.smtp: username with tls: none would send the password in"
+            " clear to relay.example.net",
+        ),
     ],
 )
 def test_bad_setting_is_named_with_file_and_key(tmp_path: Path, data: dict, expected: str) -> None:
@@ -75,6 +80,16 @@ def test_bad_setting_is_named_with_file_and_key(tmp_path: Path, data: dict, expe
     assert any(line.startswith(f"{path}: ") and expected in line for line in err.value.problems), (
         err.value.problems
     )
+
+
+def test_a_relay_password_in_clear_only_to_loopback_or_when_forced(tmp_path: Path) -> None:
+    for smtp in (
+        {"host": "127.0.0.1", "username": "mailgate"},  # a local MTA
+        {"host": "relay.example.net"},  # no password: a relay that trusts our address
+        {"host": "relay.example.net", "username": "mailgate", "tls": "starttls"},
+        {"host": "relay.example.net", "username": "mailgate", "allow_plaintext": True},
+    ):
+        load_settings(write(tmp_path / "settings.yaml", {"outbound": {"smtp": smtp}}))
 
 
 def test_every_problem_is_listed(tmp_path: Path) -> None:

@@ -448,6 +448,22 @@ def test_an_export_that_cannot_be_written_is_one_error_line(
     assert capsys.readouterr().err == f"error: cannot write {tmp_path}: Is a directory\n"
 
 
+def test_an_export_is_owner_only_and_never_written_through_a_link(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inst.ingest(make_mail())
+    out = tmp_path / "alice.json"
+    assert inst.cli("gdpr", "export", "alice@acme.example", "-o", str(out)) == 0
+    assert out.stat().st_mode & 0o777 == 0o600 and b"alice@acme.example" in out.read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("untouched")
+    link = tmp_path / "planted.json"
+    link.symlink_to(elsewhere)
+    assert inst.cli("gdpr", "export", "alice@acme.example", "-o", str(link)) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert elsewhere.read_text() == "untouched"
+
+
 def test_erase_reaches_mail_released_from_the_quarantine(
     install: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

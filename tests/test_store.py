@@ -292,3 +292,20 @@ def _capture(errors: list[BaseException], work: Callable[[], None]) -> None:
         work()
     except BaseException as exc:  # noqa: BLE001 - the test inspects it
         errors.append(exc)
+
+
+def test_the_database_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """It holds every ticket's text and address (SQLite gives -wal and -shm its mode)."""
+    old = os.umask(0o022)
+    try:
+        engine = make_engine(f"sqlite:///{tmp_path}/private.db")
+        ensure_schema(engine)
+        with engine.connect() as conn:  # open: the -wal and -shm files exist
+            files = sorted(f.name for f in tmp_path.glob("private.db*"))
+            modes = {f.stat().st_mode & 0o777 for f in tmp_path.glob("private.db*")}
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+    finally:
+        os.umask(old)
+    assert files == ["private.db", "private.db-shm", "private.db-wal"]
+    assert modes == {0o600}

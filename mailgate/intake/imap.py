@@ -20,7 +20,6 @@ SMTP listener. One log line per state change, not per retry.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import random
 import shlex
@@ -34,7 +33,7 @@ import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from mailgate.app import App
-from mailgate.config import ConfigError, ImapIntake, read_secret
+from mailgate.config import ConfigError, ImapIntake, is_loopback, read_secret
 from mailgate.intake.faults import Fault
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import TemporaryFailure, process
@@ -57,15 +56,6 @@ def backoff(attempt: int, rng: random.Random) -> float:
 
 def destination(settings: ImapIntake, outcome: str) -> str:
     return settings.failed_folder if outcome in FAILED_OUTCOMES else settings.processed_folder
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Mailbox:

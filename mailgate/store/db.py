@@ -13,6 +13,8 @@ seconds behind the SMTP intake threads. A thread lock hands over at once.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -38,9 +40,14 @@ class SchemaError(Exception):
 
 def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = url.partition("///")[2].partition("?")[0]  # "" for sqlite:// (in memory)
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only from the start, whatever the umask: it holds every
+            # ticket's text and address. SQLite gives its -wal and -shm files
+            # the database file's permissions.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         gate = _WriterGate(busy_timeout_ms / 1000)
         connect_args = {"timeout": busy_timeout_ms / 1000, "factory": gate.connection_class()}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
