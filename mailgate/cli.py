@@ -279,7 +279,7 @@ def sync_directory_if_changed(app: App) -> str | None:
         return None
     path = app.settings.path(app.settings.directory)
     if not path.exists():
-        raise ConfigError([f"{config_path(None)}: directory: {path} not found"])
+        raise ConfigError([f"{app.settings.source}: directory: {path} not found"])
     import hashlib
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

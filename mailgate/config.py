@@ -586,8 +586,9 @@ class Settings(Strict):
     hygiene: Hygiene = Hygiene()
     credits: Credits = Credits()
     retention: Retention = Retention()
-    # Where relative paths were resolved from; not a key operators write.
+    # Where relative paths were resolved from, and the file read; not keys operators write.
     base_dir: Path = Field(Path("."), exclude=True)
+    source: str = Field("settings.yaml", exclude=True)
 
     @property
     def support_domain(self) -> str:
@@ -652,10 +653,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
 
 
 def settings_from_mapping(data: dict[str, Any], *, source: str, base_dir: Path) -> Settings:
-    if "base_dir" in data:
-        raise ConfigError([f"{source}: base_dir: unknown key (remove it or check its spelling)"])
+    for internal in ("base_dir", "source"):
+        if internal in data:
+            raise ConfigError(
+                [f"{source}: {internal}: unknown key (remove it or check its spelling)"]
+            )
     try:
-        settings = Settings.model_validate({**data, "base_dir": base_dir})
+        settings = Settings.model_validate({**data, "base_dir": base_dir, "source": source})
     except ValidationError as exc:
         raise ConfigError(format_validation_errors(source, exc)) from None
     return _resolve_database_url(settings)

@@ -212,6 +212,12 @@ class Daemon:
                 log.error("reload refused, still running the previous configuration: %s", line)
             systemd_notify.ready("serving (last reload refused)")
             return
+        except Exception:
+            # Whatever failed, the old configuration keeps serving and systemd
+            # must hear READY again, or it waits for a reload that never ends.
+            log.exception("reload refused, still running the previous configuration")
+            systemd_notify.ready("serving (last reload refused)")
+            return
         app.on_outbox.append(sender.poke)
         for part in ("smtp", "imap"):
             if getattr(settings.intake, part) != getattr(old.settings.intake, part):

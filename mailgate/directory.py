@@ -172,6 +172,8 @@ def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:  # a spreadsheet's export in its local code page
+        raise ConfigError([f"{path}: not UTF-8 (byte {exc.start}); save it as CSV UTF-8"]) from None
     reader = csv.DictReader(io.StringIO(text))
     unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
     if unknown:

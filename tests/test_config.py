@@ -10,6 +10,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from mailgate.cli import main
 from mailgate.config import ConfigError, load_settings
 from mailgate.directory import load_directory, sync_directory
 from mailgate.store.models import Contact, Staff
@@ -291,3 +292,29 @@ def test_config_is_taken_anywhere_on_the_line(
     inst.ingest(make_mail())
     assert main([a.format(inst.settings_file) for a in argv], clock=inst.clock) == 0
     assert "SUP-2026-000001" in capsys.readouterr().out
+
+
+def test_a_directory_csv_not_in_utf8_is_one_line(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spreadsheet saved in its local code page, as Excel does by default."""
+    path = tmp_path / "dir.csv"
+    path.write_bytes(
+        "kind,email,name,role,organisation,organisation_name\n"
+        "contact,helene@initech.example,Hélène,admin,initech,Initech\n".encode("latin-1")
+    )
+    assert inst.cli("directory", "sync", str(path)) == 1
+    assert capsys.readouterr().err == f"error: {path}: not UTF-8 (byte 84); save it as CSV UTF-8\n"
+
+
+def test_a_missing_directory_file_is_named_with_the_settings_file_given(
+    install, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: ANN001
+    inst = install()
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(inst.settings_file.read_text())
+    other.write_text(yaml.safe_dump({**data, "directory": "nodir.yaml"}))
+    assert main(["--config", str(other), "ingest", "-"]) == 75
+    assert (
+        f"error: {other}: directory: {tmp_path / 'nodir.yaml'} not found" in capsys.readouterr().err
+    )
