@@ -204,23 +204,23 @@ class Daemon:
         """SIGHUP: new settings, directory and templates, or the old ones if any is broken."""
         systemd_notify.reloading()
         old = self.current_app()
+        refused = "reload refused, still running the previous configuration"
+        app: App | None = None
         try:
             settings = load_settings(self.settings_file)
             app = build_app(settings, reuse=old)
         except ConfigError as exc:
             for line in exc.problems:
-                log.error("reload refused, still running the previous configuration: %s", line)
-            systemd_notify.ready("serving (last reload refused)")
-            return
-        except Exception:
-            # Whatever failed, the old configuration keeps serving and systemd
-            # must hear READY again, or it waits for a reload that never ends.
-            log.exception("reload refused, still running the previous configuration")
+                log.error("%s: %s", refused, line)
+        except Exception:  # whatever it was, the old configuration keeps serving
+            log.exception(refused)
+        if app is None:
+            # systemd must hear READY again, or it waits for a reload that never ends.
             systemd_notify.ready("serving (last reload refused)")
             return
         app.on_outbox.append(sender.poke)
         for part in ("smtp", "imap"):
-            if getattr(settings.intake, part) != getattr(old.settings.intake, part):
+            if getattr(app.settings.intake, part) != getattr(old.settings.intake, part):
                 log.warning("intake.%s changed: it keeps its settings until a restart", part)
         self.app = app
         log.info("reloaded settings, directory and templates")

@@ -115,6 +115,16 @@ def totals(inst: Installation, capsys: pytest.CaptureFixture[str]) -> tuple[Any,
     return report, {k: statement[k] for k in ("opening", "closing", "totals")}
 
 
+def everyone_but_dave_leaves_acme(inst: Installation) -> None:
+    """Alice and Carol have left ACME: a directory sync makes them inactive."""
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"] = [
+        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
+    ]
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    assert inst.cli("directory", "sync") == 0
+
+
 def a_year_of_support(inst: Installation, clock: Clockwork) -> str:
     """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers
     and spends time; the ticket is closed. Returns its tracking number."""
@@ -171,14 +181,8 @@ def test_a_ticket_past_retention_keeps_its_figures_and_loses_its_people(
 ) -> None:
     inst = install(settings=OUTSIDE)
     number = a_year_of_support(inst, clock)
-    # A year and a day later; Alice and Carol have since left ACME (directory sync).
-    clock.now = NOW + timedelta(days=366)
-    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
-    directory["organisations"][0]["contacts"] = [
-        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
-    ]
-    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
-    assert inst.cli("directory", "sync") == 0
+    clock.now = NOW + timedelta(days=366)  # a year and a day later
+    everyone_but_dave_leaves_acme(inst)
     before = totals(inst, capsys)
 
     capsys.readouterr()
@@ -500,11 +504,6 @@ def test_retention_reaches_mail_released_from_the_quarantine(
     number = re.search(r"SUP-\d{4}-\d{6}", capsys.readouterr().out).group(0)
     close(inst, number)
     clock.now = NOW + timedelta(days=366)
-    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
-    directory["organisations"][0]["contacts"] = [
-        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin"}
-    ]
-    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
-    assert inst.cli("directory", "sync") == 0
+    everyone_but_dave_leaves_acme(inst)
     assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
     assert traces(inst, ALICE[0]) == []

@@ -54,10 +54,10 @@ class SlaPolicy:
         base = sla.plans.get(plan) or sla.plans[sla.default_plan]
         entry = getattr(base, priority)
         override = sla.organisations.get(org_id)
+        part = getattr(override, priority) if override else None
         targets = []
         for kind in KINDS:
             plan_target = getattr(entry, kind)
-            part = getattr(override, priority) if override else None
             own_target = getattr(part, kind) if part else None
             target = own_target or plan_target
             # The most specific level names the calendar: target, priority,
