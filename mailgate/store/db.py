@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -86,7 +86,13 @@ class _WriterGate:
 
     def enter(self, connection: Any) -> None:
         if not self._lock.acquire(timeout=self.timeout):
-            raise sqlite3.OperationalError("database is locked (waited for another writer)")
+            # Wrapped as SQLAlchemy wraps the driver's own "database is locked", so
+            # that every caller treats both alike (a 451, exit 75, one log line).
+            raise OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError("database is locked (waited for another writer)"),
+            )
         connection.holds_gate = True
 
     def leave(self, connection: Any) -> None:
