@@ -80,17 +80,25 @@ class MessageRunner:
         self.fault = fault
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self._reply_timeout = reply_timeout
-        self.in_flight: set[asyncio.Future[Result]] = set()
+        self.in_flight: set[asyncio.Future[None]] = set()
         self.stopping = False
         self.outcomes: Counter[str] = Counter()  # since start, for the systemd status line
 
     async def run(self, raw: bytes, envelope: MailEnvelope) -> Result:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self._process, raw, envelope)
-        self.in_flight.add(future)
-        future.add_done_callback(self.in_flight.discard)
-        # shield: on timeout the commit may still finish; a retry is then a duplicate.
-        return await asyncio.wait_for(asyncio.shield(future), self._reply_timeout)
+        # In flight until our caller has the result, not only until the pipeline
+        # is done: the caller writes its 250 in the same step of the event loop,
+        # so `drain` resumes only after the reply is out, and the 421 at shutdown
+        # cannot overtake it (the sender would deliver a stored message again).
+        answered = loop.create_future()
+        self.in_flight.add(answered)
+        try:
+            future = loop.run_in_executor(self._pool, self._process, raw, envelope)
+            # shield: on timeout the commit may still finish; a retry is then a duplicate.
+            return await asyncio.wait_for(asyncio.shield(future), self._reply_timeout)
+        finally:
+            self.in_flight.discard(answered)
+            answered.set_result(None)
 
     def _process(self, raw: bytes, envelope: MailEnvelope) -> Result:
         # Messages still waiting for a worker when we stop are refused with
