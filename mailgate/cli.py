@@ -26,8 +26,10 @@ from mailgate.app import App
 from mailgate.clock import Clock, system_clock
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.observability import set_log_key, setup_logging
+from mailgate.outbound.outbox import STATUSES as OUTBOX_STATUSES
 from mailgate.store.db import SchemaError, unavailable
 from mailgate.tickets import repository as repo
+from mailgate.tickets.lifecycle import STATUSES as TICKET_STATUSES
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
 T = TypeVar("T")
@@ -141,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tickets = group("tickets", "read tickets").add_subparsers(metavar="ACTION")
     tl = command("list", cmd_tickets_list, "list tickets", tickets)
-    tl.add_argument("--status")
-    tl.add_argument("--org")
+    tl.add_argument("--status", choices=TICKET_STATUSES)
+    tl.add_argument("--org", metavar="ORG")
     tl.add_argument("--limit", type=int, default=100)
     tl.add_argument("--json", action="store_true")
     ts = command("show", cmd_tickets_show, "one ticket and its articles", tickets)
@@ -178,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     outbox = group("outbox", "outbound queue").add_subparsers(metavar="ACTION")
     ol = command("list", cmd_outbox_list, "list outbound mail", outbox)
-    ol.add_argument("--status")
+    ol.add_argument("--status", choices=OUTBOX_STATUSES)
     ol.add_argument("--limit", type=int, default=100)
     ol.add_argument("--json", action="store_true")
     orr = command("retry", cmd_outbox_retry, "requeue failed or dead mail", outbox)
-    orr.add_argument("ids", nargs="*", type=int)
+    orr.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all of them")
     command("send", cmd_outbox_send, "send what is due now", outbox)
 
     credits = group("credits", "prepaid support credit").add_subparsers(metavar="ACTION")
@@ -448,7 +450,7 @@ def _listed(value: object) -> str:
 
 
 def cmd_tickets_list(args: argparse.Namespace) -> int:
-    from mailgate.store.models import Ticket
+    from mailgate.store.models import Organisation, Ticket
 
     app = load_app(args, sync_directory=False)
     with app.sessions() as session:
@@ -456,6 +458,8 @@ def cmd_tickets_list(args: argparse.Namespace) -> int:
         if args.status:
             query = query.where(Ticket.status == args.status)
         if args.org:
+            if session.get(Organisation, args.org) is None:
+                raise CommandError(f"no organisation {args.org!r} in the directory")
             query = query.where(Ticket.organisation_id == args.org)
         tickets = list(session.scalars(query))
         rows = [_ticket_summary(t) for t in tickets]
@@ -675,10 +679,23 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
 
     app = load_app(args, sync_directory=False)
     with app.sessions.begin() as session:
-        count = retry(session, args.ids or None, app.clock())
-    print(f"{count} mail(s) queued again")
+        queued = retry(session, args.ids or None, app.clock())
+        # An id the operator named that was not queued is said, not counted away.
+        left = [_not_retried(session, i) for i in dict.fromkeys(args.ids) if i not in queued]
+    print(f"{len(queued)} mail(s) queued again")
     _send_queued(app)
+    if left:
+        raise CommandError("; ".join(left))
     return EX_OK
+
+
+def _not_retried(session: Session, mail_id: int) -> str:
+    from mailgate.store.models import OutboxMail
+
+    row = session.get(OutboxMail, mail_id)
+    if row is None:
+        return f"no outbound mail #{mail_id}"
+    return f"mail #{mail_id} is {row.status}: only failed or dead mail is queued again"
 
 
 def cmd_outbox_send(args: argparse.Namespace) -> int:

@@ -63,6 +63,10 @@ from mailgate.store.models import Article, OutboxMail
 
 log = logging.getLogger("mailgate.outbox")
 
+# An outbound mail's life: queued -> sending -> sent, or back to queued for a
+# retry, or failed (refused) / dead (given up); `retry` queues those two again.
+STATUSES = ("queued", "sending", "sent", "failed", "dead")
+
 SENDING_LEASE = timedelta(minutes=10)
 MAX_ERROR_CHARS = 2000
 # Marks `last_error` while the relay may already hold one copy of the mail.
@@ -339,8 +343,8 @@ def next_attempt(session: Session) -> datetime | None:
     )
 
 
-def retry(session: Session, ids: list[int] | None, now: datetime) -> int:
-    """Put failed or dead mail (all, or the given ids) back in the queue."""
+def retry(session: Session, ids: list[int] | None, now: datetime) -> list[int]:
+    """Put failed or dead mail (all, or the given ids) back in the queue; their ids."""
     query = select(OutboxMail).where(OutboxMail.status.in_(("failed", "dead")))
     if ids:
         query = query.where(OutboxMail.id.in_(ids))
@@ -350,4 +354,4 @@ def retry(session: Session, ids: list[int] | None, now: datetime) -> int:
         article = session.get(Article, row.article_id) if row.article_id else None
         if article is not None:  # staff see it is on its way again
             article.delivery, article.delivery_error = "queued", None
-    return len(rows)
+    return [row.id for row in rows]
