@@ -237,6 +237,16 @@ def test_no_message_id_fetched_three_times_is_one_ticket(inst: Installation) -> 
     assert results == ["created", "duplicate", "duplicate"]
 
 
+def test_two_different_mails_with_nothing_to_tell_them_apart_are_both_held(
+    inst: Installation,
+) -> None:
+    """No headers, no blank line: nothing but the bytes themselves says which is which."""
+    first = inst.ingest(b"garbage line one\nmore garbage")
+    second = inst.ingest(b"other junk\nline two")
+    again = inst.ingest(b"other junk\nline two")
+    assert [r.outcome for r in (first, second, again)] == ["quarantined", "quarantined", "duplicate"]
+
+
 @pytest.mark.parametrize(
     ("sender", "reason"),
     [

@@ -96,6 +96,7 @@ def dedupe_key(raw: bytes, msg: ParsedMessage | None) -> str:
     over SMTP or delivered to two of our addresses differs only in its
     trace headers. The Message-ID keeps two different mails with the same body
     ("thanks!") apart; without one, sender, date and subject stand in for it.
+    A message with no blank line has no body to tell it apart: all of it counts.
     """
     body = _body_of(raw)
     body_hash = hashlib.sha256(body).hexdigest()
@@ -114,7 +115,7 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n|\r\r")
 
 def _body_of(raw: bytes) -> bytes:
     match = _HEADER_END.search(raw)
-    body = raw[match.end() :] if match else b""
+    body = raw[match.end() :] if match else raw
     # Line endings and trailing blank lines change in transit; content does not.
     return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").rstrip()
 
