@@ -244,7 +244,8 @@ def test_two_different_mails_with_nothing_to_tell_them_apart_are_both_held(
     first = inst.ingest(b"garbage line one\nmore garbage")
     second = inst.ingest(b"other junk\nline two")
     again = inst.ingest(b"other junk\nline two")
-    assert [r.outcome for r in (first, second, again)] == ["quarantined", "quarantined", "duplicate"]
+    outcomes = [r.outcome for r in (first, second, again)]
+    assert outcomes == ["quarantined", "quarantined", "duplicate"]
 
 
 @pytest.mark.parametrize(
