@@ -309,3 +309,14 @@ def test_the_database_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> N
         os.umask(old)
     assert files == ["private.db", "private.db-shm", "private.db-wal"]
     assert modes == {0o600}
+
+
+def test_a_new_database_is_announced_an_existing_one_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in database_url starts numbering tickets from 1 again: say so."""
+    make_engine(f"sqlite:///{tmp_path}/new.db").dispose()
+    assert f"created a new, empty database at {tmp_path}/new.db" in caplog.text
+    caplog.clear()
+    make_engine(f"sqlite:///{tmp_path}/new.db").dispose()
+    assert "created" not in caplog.text

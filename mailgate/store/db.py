@@ -14,6 +14,7 @@ seconds behind the SMTP intake threads. A thread lock hands over at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+log = logging.getLogger("mailgate.store")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration. Kept here so that starting the daemon does not import
@@ -48,6 +51,9 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
             # the database file's permissions.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                # Said out loud: after a typo in database_url, a fresh database
+                # would number tickets from 1 again, beside the real one.
+                log.warning("created a new, empty database at %s", Path(path).resolve())
         gate = _WriterGate(busy_timeout_ms / 1000)
         connect_args = {"timeout": busy_timeout_ms / 1000, "factory": gate.connection_class()}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
