@@ -113,13 +113,22 @@ def check_rules(settings: Settings) -> list[str]:
     return problems
 
 
+def templates_dir_problem(settings: Settings) -> str | None:
+    """The line for a `templates_dir` that is not a folder (`check` and `ingest`), or None."""
+    path = settings.path(settings.templates_dir)
+    if path.is_dir():
+        return None
+    what = "is not a folder" if path.exists() else "not found"
+    return f"{settings.source}: templates_dir: {path} {what}"
+
+
 def check_templates(settings: Settings) -> list[str]:
     from mailgate.outbound.templates import TemplateSet
 
-    path = settings.path(settings.templates_dir)
-    if not path.is_dir():
-        return [f"templates_dir: {path} is not a folder"]
-    return TemplateSet(path).check()
+    problem = templates_dir_problem(settings)
+    if problem:
+        return [problem]
+    return TemplateSet(settings.path(settings.templates_dir)).check()
 
 
 def check_database(settings: Settings) -> list[str]:

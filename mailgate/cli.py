@@ -338,10 +338,15 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from mailgate.checks import templates_dir_problem
     from mailgate.intake.pipe import NotAMailbox, read_messages
     from mailgate.pipeline.process import TemporaryFailure, process
 
     app = load_app(args)
+    # Every stored mail is answered from the templates: without their folder each
+    # one would fail at its first render, so say it once, as for the rules.
+    if problem := templates_dir_problem(app.settings):
+        raise ConfigError([problem])
     status = EX_OK
     try:
         items = read_messages(args.files, mbox=args.mbox, maildir=args.maildir,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.policy
+import shutil
 import signal
 import socket
 import sqlite3
@@ -112,3 +113,45 @@ def test_sigterm_during_scheduled_jobs_lets_them_finish(tmp_path: Path, sink: Si
     assert daemon.proc.wait(30) == 0
     log = daemon.log()
     assert "Traceback" not in log and "stopped" in log, log
+
+
+def test_sighup_keeps_the_checked_templates_until_a_good_edit(tmp_path: Path, sink: Sink) -> None:
+    """The daemon sends what it checked at start or at the last reload: a template
+    broken on disk changes nothing (no 451 for new mail), a reload refuses it and
+    the old templates keep serving, and a good edit takes effect at the reload."""
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    ack = templates / "fr" / "ack.txt.j2"
+    shipped = ack.read_text(encoding="utf-8")
+    daemon = start_daemon(tmp_path / "inst", sink, {"templates_dir": str(templates)})
+
+    def acknowledgement(subject: str) -> str:
+        """The text of the ack that a new mail with this subject gets at the relay."""
+        mail = make_mail(subject=subject, message_id=f"{subject}@acme.example")
+        with daemon.smtp() as client:  # a 451 would raise SMTPDataError
+            client.sendmail("alice@acme.example", ["support@example.com"], mail.as_bytes())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for received in list(sink.received):
+                message = received.message
+                if received.rcpt_tos == ("alice@acme.example",) and subject in message["Subject"]:
+                    return message.get_body(("plain",)).get_content()
+            time.sleep(0.05)
+        raise AssertionError(f"no ack for {subject!r} at the relay")
+
+    try:
+        ack.write_text("Bonjour {{ requester_name }\n", encoding="utf-8")  # broken, no reload yet
+        assert "Merci de nous avoir contactés." in acknowledgement("first")
+
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("reload refused")
+        assert f"{ack}:1: unexpected '}}'" in daemon.log()
+        assert "Merci de nous avoir contactés." in acknowledgement("second")
+
+        edited = shipped.replace("Merci de nous avoir contactés.", "Merci de votre mail.")
+        ack.write_text(edited, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("reloaded settings")
+        assert "Merci de votre mail." in acknowledgement("third")
+    finally:
+        daemon.stop()

@@ -144,3 +144,19 @@ def test_an_internal_error_is_exit_75_not_a_bounce(install, tmp_path: Path) -> N
     mail.write_bytes(make_mail().as_bytes())
     assert inst.cli("ingest", "--no-send", str(mail)) == 75
     assert inst.ingest_records() == 0
+
+
+def test_a_missing_templates_folder_is_one_error_line_and_exit_75(
+    install, tmp_path: Path, capsys: Capsys
+) -> None:
+    """No mail could be answered: the MTA keeps it (75), the operator reads which
+    setting points where, as for any other configuration error; `check` says the same."""
+    inst = install(settings={"templates_dir": str(tmp_path / "gone")})
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(make_mail().as_bytes())
+    problem = f"{inst.settings_file}: templates_dir: {tmp_path / 'gone'} not found"
+    assert inst.cli("ingest", "--no-send", str(mail)) == 75
+    assert capsys.readouterr().err == f"error: {problem}\n"  # one line, no traceback
+    assert inst.ingest_records() == 0
+    assert inst.cli("check") == 1
+    assert f"error: {problem}\n" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mailgate.outbound.templates import (
     excerpt,
     sample_context,
 )
+from tests.conftest import Installation, make_mail
 
 SHIPPED = Path(__file__).resolve().parents[1] / "templates"
 LANGUAGES = ("en", "fr", "es")
@@ -680,3 +682,30 @@ def test_excerpt() -> None:
     assert excerpt("a\nb\n") == "a\nb"
     assert excerpt("\n".join(map(str, range(30))), max_lines=3) == "0\n1\n2\n[…]"
     assert excerpt("x" * 50, max_chars=10) == "x" * 10 + "\n[…]"
+
+
+@pytest.mark.parametrize("edit", ["syntax error", "files deleted", "folder deleted"])
+def test_templates_edited_after_start_are_not_used_before_a_reload(
+    install: Callable[..., Installation], tmp_path: Path, edit: str
+) -> None:
+    """Mail is rendered from the templates as read and checked at start (or at the
+    last reload). An operator's edit that breaks them must not make every new mail
+    a temporary failure, nor switch its language, before a reload checks it."""
+    root = copy_templates(tmp_path, LANGUAGES)
+    inst = install(settings={"templates_dir": str(root)})
+    assert inst.app.templates.check() == []  # what the daemon's start and reload do
+    if edit == "syntax error":
+        (root / "fr" / "ack.txt.j2").write_text("Bonjour {{ requester_name }\n", encoding="utf-8")
+    elif edit == "files deleted":  # French incomplete: English would be sent instead
+        (root / "fr" / "ack.txt.j2").unlink()
+        (root / "fr" / "_labels.j2").unlink()
+    else:
+        shutil.rmtree(root)
+
+    assert inst.ingest(make_mail()).outcome == "created"
+    [ack] = [m for m in inst.sent() if "alice@acme.example" in str(m["To"])]
+    text = ack.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert text.startswith("Bonjour Alice Martin,")
+    assert "Merci de nous avoir contactés." in text
+    # What a reload would now read, and refuse.
+    assert TemplateSet(root).check() != []

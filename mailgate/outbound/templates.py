@@ -9,6 +9,11 @@ never mixes two languages.
 Templates are operator-editable files, so they run in Jinja's sandbox and
 fail loudly (``StrictUndefined``) instead of sending a mail with blanks;
 ``TemplateSet.check`` renders them all with sample data for ``mailgate check``.
+
+A ``TemplateSet`` reads every template file once, when it is built (at start
+and at each reload, where ``check`` vets that copy), and renders from that copy
+only: a file edited, broken or removed afterwards changes nothing until the
+next reload, which checks it first and keeps the old set when it is broken.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateSyntaxError
+from jinja2 import BaseLoader, Environment, StrictUndefined, TemplateNotFound, TemplateSyntaxError
+from jinja2.loaders import split_template_path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup, escape
 
@@ -152,9 +158,63 @@ def oneline(value: object) -> str:
     return " ".join(str(value).split())
 
 
-def _environment(path: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
+class _Unreadable(Exception):
+    """A template file that could not be read when the set was built; rendering
+    it fails with the reading error, as reading it then would have."""
+
+
+class _SnapshotLoader(BaseLoader):
+    """Template sources from a dict read once, by name (`fr/ack.txt.j2`).
+
+    Jinja's FileSystemLoader reads a file at first use and again whenever it
+    changes on disk: an edit would then reach live mail without a reload, and
+    without the check a reload makes first.
+    """
+
+    def __init__(self, root: Path, sources: Mapping[str, str | _Unreadable]) -> None:
+        self.root = root
+        self.sources = sources
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str, Any]:
+        # As FileSystemLoader: `./en//x.j2` is `en/x.j2`, and `..` is refused.
+        name = "/".join(split_template_path(template))
+        source = self.sources.get(name)
+        if source is None:
+            raise TemplateNotFound(template)
+        if isinstance(source, _Unreadable):
+            raise _Unreadable(*source.args)  # a fresh one: a raised one carries a traceback
+        # The file's path, for error messages and tracebacks; never stale (uptodate).
+        return source, str(self.root / name), lambda: True
+
+    def list_templates(self) -> list[str]:
+        return sorted(self.sources)
+
+
+def _read_sources(root: Path) -> tuple[tuple[str, ...], dict[str, str | _Unreadable]]:
+    """The language folders under `root`, and every `*.j2` file directly in `root`
+    or in one of its folders (the layout above), read now, by template name."""
+    languages: list[str] = []
+    sources: dict[str, str | _Unreadable] = {}
+    if not root.is_dir():
+        return (), sources
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    for folder in folders:
+        if _LANGUAGE.fullmatch(folder.name):
+            languages.append(folder.name)
+    for file in sorted([*root.glob("*.j2"), *(f for d in folders for f in d.glob("*.j2"))]):
+        if not file.is_file():
+            continue
+        name = file.relative_to(root).as_posix()
+        try:
+            sources[name] = file.read_bytes().decode("utf-8")
+        except (OSError, UnicodeError) as exc:
+            sources[name] = _Unreadable(str(exc))
+    return tuple(languages), sources
+
+
+def _environment(loader: BaseLoader, *, html: bool) -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
-        loader=FileSystemLoader(path, encoding="utf-8"),
+        loader=loader,
         undefined=StrictUndefined,
         autoescape=html,
         # Text templates are written one statement per line; these keep
@@ -162,6 +222,7 @@ def _environment(path: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        auto_reload=False,  # the sources never change (_SnapshotLoader)
     )
     env.filters["excerpt"] = excerpt
     env.filters["nl2br"] = nl2br
@@ -288,19 +349,22 @@ def sample_context(kind: str, *, sparse: bool = False) -> dict[str, Any]:
 
 
 class TemplateSet:
-    """The templates of one directory, rendered in a sandbox."""
+    """The templates of one directory as read when built, rendered in a sandbox.
+
+    Everything below uses that copy, never the disk: a running daemon keeps
+    sending what was checked when it started or last reloaded (module docstring).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._text_env = _environment(self.path, html=False)
-        self._html_env = _environment(self.path, html=True)
+        self.found = self.path.is_dir()
+        self._languages, self._sources = _read_sources(self.path)
+        loader = _SnapshotLoader(self.path, self._sources)
+        self._text_env = _environment(loader, html=False)
+        self._html_env = _environment(loader, html=True)
 
     def languages(self) -> list[str]:
-        if not self.path.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.path.iterdir() if p.is_dir() and _LANGUAGE.fullmatch(p.name)
-        )
+        return list(self._languages)
 
     def kinds(self) -> list[str]:
         """Kinds that can be rendered in every language: complete in the fallback language."""
@@ -341,7 +405,7 @@ class TemplateSet:
 
     def check(self) -> list[str]:
         """Render every template with sample data; one line per problem, naming the file."""
-        if not self.path.is_dir():
+        if not self.found:
             return [f"{self.path}: templates directory not found"]
         languages = self.languages()
         if FALLBACK_LANGUAGE not in languages:
@@ -362,22 +426,27 @@ class TemplateSet:
     def _file(self, lang: str, kind: str, part: str) -> Path:
         return self.path / lang / f"{kind}.{part}.j2"
 
+    def _has(self, lang: str, kind: str, part: str) -> bool:
+        return f"{lang}/{kind}.{part}.j2" in self._sources
+
     def _complete(self, lang: str, kind: str) -> bool:
-        return all(self._file(lang, kind, part).is_file() for part in PARTS)
+        return all(self._has(lang, kind, part) for part in PARTS)
+
+    def _files_in(self, lang: str) -> list[str]:
+        """File names in a language folder, as read when the set was built."""
+        return [name[len(lang) + 1 :] for name in self._sources if name.startswith(f"{lang}/")]
 
     def _kinds_in(self, lang: str) -> set[str]:
-        directory = self.path / lang
-        if not directory.is_dir():
-            return set()
-        return {m["kind"] for p in directory.iterdir() if (m := _FILE.fullmatch(p.name))}
+        return {m["kind"] for name in self._files_in(lang) if (m := _FILE.fullmatch(name))}
 
     def _misnamed_files(self, languages: list[str]) -> list[str]:
         problems = []
         for lang in languages:
-            for p in sorted((self.path / lang).glob("*.j2")):
-                if not p.name.startswith("_") and not _FILE.fullmatch(p.name):
-                    problems.append(f"{p}: not named <kind>.subject.j2, <kind>.txt.j2 or "
-                                    "<kind>.html.j2 (partials start with _); ignored")  # fmt: skip
+            for name in sorted(self._files_in(lang)):
+                if not name.startswith("_") and not _FILE.fullmatch(name):
+                    problems.append(f"{self.path / lang / name}: not named <kind>.subject.j2, "
+                                    "<kind>.txt.j2 or <kind>.html.j2 (partials start with _); "
+                                    "ignored")  # fmt: skip
         return problems
 
     def _render_part(self, lang: str, kind: str, part: str, values: Mapping[str, Any]) -> str:
@@ -399,8 +468,9 @@ class TemplateSet:
         return None
 
     def _check_kind(self, lang: str, kind: str) -> list[str]:
-        files = [self._file(lang, kind, part) for part in PARTS]
-        missing = [f for f in files if not f.is_file()]
+        missing = [
+            self._file(lang, kind, part) for part in PARTS if not self._has(lang, kind, part)
+        ]
         if missing and lang == FALLBACK_LANGUAGE:
             return [f"{f}: missing; English is the fallback and must be complete" for f in missing]
         if missing:
