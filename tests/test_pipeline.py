@@ -246,6 +246,13 @@ def test_two_different_mails_with_nothing_to_tell_them_apart_are_both_held(
     again = inst.ingest(b"other junk\nline two")
     outcomes = [r.outcome for r in (first, second, again)]
     assert outcomes == ["quarantined", "quarantined", "duplicate"]
+    # A mail of headers only still has its Message-ID: by another route, the same.
+    headers_only = (
+        b"From: alice@acme.example\nSubject: Export broken\nMessage-ID: <h@acme.example>\n"
+    )
+    assert inst.ingest(headers_only).outcome == "created"
+    relayed = b"Received: from relay.example by mx.example\n" + headers_only
+    assert inst.ingest(relayed).outcome == "duplicate"
 
 
 @pytest.mark.parametrize(

@@ -95,15 +95,18 @@ def dedupe_key(raw: bytes, msg: ParsedMessage | None) -> str:
     The body, not the whole message: the same mail fetched over IMAP, received
     over SMTP or delivered to two of our addresses differs only in its
     trace headers. The Message-ID keeps two different mails with the same body
-    ("thanks!") apart; without one, sender, date and subject stand in for it.
-    A message with no blank line has no body to tell it apart: all of it counts.
+    ("thanks!") apart; without one, sender, date and subject stand in for it,
+    and without a body either (no blank line: often not mail at all), only all
+    of its bytes tell it from another.
     """
     body = _body_of(raw)
-    body_hash = hashlib.sha256(body).hexdigest()
+    body_hash = hashlib.sha256(body if body is not None else b"").hexdigest()
     if msg is None:
         basis = "raw\0" + hashlib.sha256(raw).hexdigest()
     elif msg.message_id:
         basis = f"mid\0{msg.message_id}\0{body_hash}"
+    elif body is None:
+        basis = "nobody\0" + hashlib.sha256(raw).hexdigest()
     else:
         date = msg.date.isoformat() if msg.date else ""
         basis = f"nomid\0{','.join(msg.from_addresses)}\0{date}\0{msg.subject}\0{body_hash}"
@@ -113,11 +116,13 @@ def dedupe_key(raw: bytes, msg: ParsedMessage | None) -> str:
 _HEADER_END = re.compile(rb"\r?\n\r?\n|\r\r")
 
 
-def _body_of(raw: bytes) -> bytes:
+def _body_of(raw: bytes) -> bytes | None:
+    """The body, None when no blank line ends the headers."""
     match = _HEADER_END.search(raw)
-    body = raw[match.end() :] if match else raw
+    if match is None:
+        return None
     # Line endings and trailing blank lines change in transit; content does not.
-    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").rstrip()
+    return raw[match.end() :].replace(b"\r\n", b"\n").replace(b"\r", b"\n").rstrip()
 
 
 def process(
