@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import smtplib
 import ssl
 from pathlib import Path
 
-from mailgate.config import ConfigError, Settings, load_settings, read_secret
+from mailgate.config import ConfigError, Settings, load_settings, read_secret, running_user
 
 
 def run_checks(settings_file: Path) -> list[str]:
@@ -17,7 +18,7 @@ def run_checks(settings_file: Path) -> list[str]:
         return exc.problems  # nothing else can be checked without valid settings
     problems: list[str] = []
     checks = (check_directory, check_calendars, check_rules, check_templates, check_database,
-              check_paths, check_relay, check_imap)  # fmt: skip
+              check_paths, check_smtp, check_relay, check_imap)  # fmt: skip
     for check in checks:
         try:
             problems += check(settings)
@@ -33,7 +34,10 @@ def check_directory(settings: Settings) -> list[str]:
 
     if settings.directory is None:
         return []
-    load_directory(settings.path(settings.directory))
+    path = settings.path(settings.directory)
+    if not path.exists():  # as the daemon and ingest say it
+        return [f"{settings.source}: directory: {path} not found"]
+    load_directory(path)
     return []
 
 
@@ -45,8 +49,12 @@ def check_calendars(settings: Settings) -> list[str]:
     if settings.directory is None:
         return []
     path = settings.path(settings.directory)
+    try:
+        organisations = load_directory(path).organisations
+    except ConfigError:
+        return []  # check_directory names what is wrong with it, once
     problems = []
-    for org in load_directory(path).organisations:
+    for org in organisations:
         for name, calendar in settings.sla.calendars.items():
             if not calendar.holidays or calendar.country is not None:
                 continue
@@ -136,12 +144,16 @@ def check_database(settings: Settings) -> list[str]:
 
     from mailgate.store.db import current_revision, head_revision, make_engine
 
+    if problems := sqlite_file_problems(settings):
+        return problems  # connecting would fail, or work read-only and say nothing
     try:
         engine = make_engine(settings.database_url)
         current = current_revision(engine)
     except SQLAlchemyError as exc:
         first = str(exc).splitlines()[0]
         return [f"database_url: cannot connect ({first})"]
+    except OSError as exc:  # make_engine creating a SQLite file the checks above let through
+        return [f"{settings.source}: database_url: cannot create the database ({exc})"]
     if current is None:
         return []  # an empty database is migrated on first use
     if current != head_revision():
@@ -150,8 +162,71 @@ def check_database(settings: Settings) -> list[str]:
     return []
 
 
+def sqlite_file_problems(settings: Settings) -> list[str]:
+    """A SQLite database the daemon can open but not write answers 451 to every
+    mail: the file, its -wal and -shm files, and its folder (where SQLite creates
+    them) must be writable by the user running mailgate."""
+    path = sqlite_path(settings.database_url)
+    if path is None:
+        return []
+    key, user = f"{settings.source}: database_url", running_user()
+    fix = "every mail would get 451; give it to the user that runs mailgate"
+    if not path.exists():
+        problem = folder_problem(path.parent)  # make_engine creates the file and its folders
+        return [f"{key}: cannot create {path}: {problem}"] if problem else []
+    if not path.is_file():
+        return [f"{key}: {path} is not a file"]
+    problems = [
+        f"{key}: {file} is not writable by user {user} ({fix})"
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+        if file.exists() and not _access(file, os.R_OK | os.W_OK)
+    ]
+    if not _access(path.parent, os.W_OK | os.X_OK):
+        problems.append(f"{key}: folder {path.parent} is not writable by user {user}, so SQLite "
+                        f"cannot create the database's -wal and -shm files ({fix})")  # fmt: skip
+    return problems
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (made absolute by load_settings); None for anything else."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.partition("///")[2].partition("?")[0]  # as make_engine reads it
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _access(path: Path, mode: int) -> bool:
+    """May this process (its effective user) do `mode` on `path`? Root may do anything
+    (CAP_DAC_OVERRIDE), except on a read-only file system."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, mode, effective_ids=True)
+    return os.access(path, mode)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why this process could not create files in `path` (made with its parents
+    when missing), or None."""
+    user = running_user()
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is not a folder"
+        if not _access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable by user {user}"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # under a regular file nothing "exists"
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not _access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by user {user}, so {path} cannot be created"
+    return None
+
+
 def check_paths(settings: Settings) -> list[str]:
+    """Where the daemon writes files: data_dir (and its blob folders), the outbound Maildir."""
     problems = []
+    source = settings.source
     data_dir = settings.path(settings.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +234,50 @@ def check_paths(settings: Settings) -> list[str]:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        problems.append(f"data_dir: {data_dir} is not writable ({exc.strerror})")
+        problems.append(f"{source}: data_dir: {data_dir} is not writable by user "
+                        f"{running_user()} ({exc.strerror}; raw mail and attachments are "
+                        "stored there, give it to the user that runs mailgate)")  # fmt: skip
+    else:  # the folders under it, when it is there to hold them
+        if _blobs_in_files(settings):
+            problems += _blob_folder_problems(source, data_dir / "blobs")
+    out = settings.outbound
+    if out.transport == "maildir":
+        maildir = settings.path(out.maildir)
+        for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+            if (problem := folder_problem(folder)) is not None:
+                fix = "the mail we send goes there; give it to the user that runs mailgate"
+                problems.append(f"{source}: outbound.maildir: {problem} ({fix})")
+                break  # the first folder in the way is enough
     return problems
+
+
+def _blobs_in_files(settings: Settings) -> bool:
+    """Are raw mail and attachments kept under data_dir? (as App.blobs decides)"""
+    if settings.blob_store == "auto":
+        return not settings.database_url.startswith("postgresql")
+    return settings.blob_store == "directory"
+
+
+def _blob_folder_problems(source: str, blobs: Path) -> list[str]:
+    """blobs/ and its two levels of folders (blobs/ab/cd/): one made by a command run
+    as root refuses every mail whose hash falls in it. One line, however many."""
+    folders = [blobs]
+    if blobs.is_dir():
+        level = [p for p in blobs.iterdir() if p.is_dir()]
+        folders += level + [q for p in level for q in p.iterdir() if q.is_dir()]
+    bad = [problem for folder in folders if (problem := folder_problem(folder)) is not None]
+    if not bad:
+        return []
+    more = f" (and {len(bad) - 1} more under {blobs})" if len(bad) > 1 else ""
+    return [f"{source}: data_dir: {bad[0]}{more}: raw mail and attachments are stored there, "
+            "every mail would get 451; give them to the user that runs mailgate"]  # fmt: skip
+
+
+def check_smtp(settings: Settings) -> list[str]:
+    """The listener's certificate, key and AUTH users file, read as `mailgate run` reads them."""
+    from mailgate.intake.smtp import file_problems
+
+    return file_problems(settings)
 
 
 # `check` must answer quickly even when the relay host drops packets.

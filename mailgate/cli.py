@@ -322,7 +322,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in problems:
         print(f"error: {line}")
     if not problems:
-        print("ok: settings, directory, rules, templates, database, relay and IMAP checked")
+        print(
+            "ok: settings, directory, rules, templates, database, files and folders, relay "
+            "and IMAP checked"
+        )
     return EX_PROBLEM if problems else EX_OK
 
 

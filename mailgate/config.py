@@ -675,6 +675,16 @@ def _resolve_database_url(settings: Settings) -> Settings:
     return settings.model_copy(update={"database_url": url})
 
 
+def running_user() -> str:
+    """The name of the user this process runs as, for "not writable by USER" lines."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return str(os.geteuid())
+
+
 def read_secret(*, file: Path | None, env: str | None, settings: Settings, key: str) -> str | None:
     """A secret from `<key>_env` (preferred) or `<key>_file`; ConfigError names the key."""
     if env:

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener
+from mailgate.intake.smtp import file_problems as smtp_file_problems
 from mailgate.observability import Metrics, set_log_key
 from mailgate.outbound.outbox import next_attempt
 from mailgate.privacy.retention import run as retention_run
@@ -326,27 +326,11 @@ def build_app(settings: Settings, reuse: App | None = None) -> App:
     if problems:
         raise ConfigError(problems)
     sync_directory_if_changed(app)
-    if settings.intake.smtp.enabled:
-        _check_tls_files(settings)
+    # The listener's certificate, key and AUTH users, read now: a start stops with
+    # one line naming the key, and a reload that would not survive a restart is refused.
+    if problems := smtp_file_problems(settings):
+        raise ConfigError(problems)
     return app
-
-
-def _check_tls_files(settings: Settings) -> None:
-    smtp = settings.intake.smtp
-    if (smtp.tls_cert_file is None) != (smtp.tls_key_file is None):
-        raise ConfigError(
-            [f"{config_path(None)}: intake.smtp: set both tls_cert_file and tls_key_file"]
-        )
-    if smtp.tls_cert_file and smtp.tls_key_file:
-        try:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(
-                settings.path(smtp.tls_cert_file), settings.path(smtp.tls_key_file)
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [f"intake.smtp.tls_cert_file/tls_key_file: cannot load the certificate: {exc}"]
-            ) from None
 
 
 def _start_metrics(settings: Settings) -> Metrics | None:

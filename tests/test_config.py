@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -15,6 +20,7 @@ from mailgate.config import ConfigError, load_settings
 from mailgate.directory import load_directory, sync_directory
 from mailgate.store.models import Contact, Staff
 from tests.conftest import ROOT, Installation, make_mail
+from tests.smtp_sink import make_certificate
 
 
 def write(path: Path, data: object) -> Path:
@@ -22,13 +28,14 @@ def write(path: Path, data: object) -> Path:
     return path
 
 
-def mailgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def mailgate(*args: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mailgate", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
+        **kwargs,
     )
 
 
@@ -318,3 +325,202 @@ def test_a_missing_directory_file_is_named_with_the_settings_file_given(
     assert (
         f"error: {other}: directory: {tmp_path / 'nodir.yaml'} not found" in capsys.readouterr().err
     )
+
+
+# --- `mailgate check` names what would stop the daemon, not only bad settings ---------------
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def _give_up_root_file_access() -> None:
+    """In the child, before exec: root without these capabilities is held to file
+    modes like any user (and stays the owner of the files the test made)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def modes_bind(tmp_path: Path) -> dict[str, Any]:
+    """Arguments for subprocess.run under which a chmod binds the `mailgate` it runs.
+    A user is bound anyway; root (CI containers) is not, so its child drops
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, and is bound like the `mailgate`
+    user of a real installation. A probe proves it before the test relies on it."""
+    if os.geteuid() != 0:
+        return {}
+    kwargs: dict[str, Any] = {"preexec_fn": _give_up_root_file_access}
+    probe = tmp_path / "read-only-probe"
+    probe.write_text("")
+    probe.chmod(0o444)
+    try:
+        wrote = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}, 'a')"],
+                               capture_output=True, **kwargs).returncode == 0  # fmt: skip
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"running as root, and this root cannot drop CAP_DAC_OVERRIDE ({exc}): "
+                    "a chmod binds no process here")  # fmt: skip
+    finally:
+        probe.unlink()
+    if wrote:
+        pytest.skip("running as root, and without CAP_DAC_OVERRIDE it still wrote a read-only "
+                    "file: a chmod binds no process here")  # fmt: skip
+    return kwargs
+
+
+def check(inst: Installation, **kwargs: Any) -> list[str]:
+    """What `mailgate check` prints on this installation, after it exited 1."""
+    proc = mailgate("--config", str(inst.settings_file), "check", cwd=inst.root, **kwargs)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+GIVE_IT = "give it to the user that runs mailgate"
+
+
+def running_user() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@pytest.mark.parametrize("read_only", ["file", "folder"])
+def test_check_names_a_database_the_daemon_could_not_write(
+    install, modes_bind: dict[str, Any], read_only: str
+) -> None:  # noqa: ANN001
+    """SQLite opens a read-only file, or one in a folder where it cannot create its
+    -wal and -shm files, and the daemon answers 451 to every mail: not ok."""
+    inst = install(settings={"database_url": "sqlite:///db/mailgate.db"})
+    inst.app.engine.dispose()  # the last connection gone, SQLite removes -wal and -shm
+    db = inst.root / "db" / "mailgate.db"
+    settings, user = inst.settings_file, running_user()
+    target, mode, expected = {
+        "file": (db, 0o400, f"error: {settings}: database_url: {db} is not writable by user "
+                            f"{user} (every mail would get 451; {GIVE_IT})"),
+        "folder": (db.parent, 0o500, f"error: {settings}: database_url: folder {db.parent} is "
+                                     f"not writable by user {user}, so SQLite cannot create the "
+                                     f"database's -wal and -shm files (every mail would get 451; "
+                                     f"{GIVE_IT})"),
+    }[read_only]  # fmt: skip
+    before = target.stat().st_mode
+    target.chmod(mode)
+    try:
+        assert check(inst, **modes_bind) == [expected]
+    finally:
+        target.chmod(before)
+    assert mailgate("--config", str(settings), "check", cwd=inst.root).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["blobs", "maildir"])
+def test_check_names_a_blob_or_maildir_folder_the_daemon_could_not_write(
+    inst: Installation, modes_bind: dict[str, Any], where: str
+) -> None:
+    """A folder left to root by a command run as root refuses every mail stored or sent there."""
+    inst.ingest(make_mail())
+    inst.send_outbox()  # the raw mail under var/blobs/ab/cd/; the ack and notice in var/sent/new
+    settings, user = inst.settings_file, running_user()
+    if where == "blobs":
+        folder = next((inst.root / "var" / "blobs").glob("*/*"))
+        expected = (f"error: {settings}: data_dir: {folder} is not writable by user {user}: raw "
+                    "mail and attachments are stored there, every mail would get 451; give "
+                    "them to the user that runs mailgate")  # fmt: skip
+    else:
+        folder = inst.root / "var" / "sent" / "new"
+        expected = (f"error: {settings}: outbound.maildir: {folder} is not writable by user "
+                    f"{user} (the mail we send goes there; {GIVE_IT})")  # fmt: skip
+    folder.chmod(0o500)
+    try:
+        assert check(inst, **modes_bind) == [expected]
+    finally:
+        folder.chmod(0o700)
+
+
+def test_check_names_a_data_folder_that_is_a_file(inst: Installation) -> None:
+    """The same check without chmod, so it binds root too: nothing can be created there."""
+    blobs, sent = inst.root / "var" / "blobs", inst.root / "var" / "sent"
+    blobs.write_text("")
+    sent.write_text("")
+    settings = inst.settings_file
+    assert check(inst) == [
+        f"error: {settings}: data_dir: {blobs} is not a folder: raw mail and attachments are "
+        "stored there, every mail would get 451; give them to the user that runs mailgate",
+        f"error: {settings}: outbound.maildir: {sent} is not a folder (the mail we send goes "
+        f"there; {GIVE_IT})",
+    ]
+
+
+NO_TLS = "give the PEM file's path, or remove tls_cert_file and tls_key_file for no STARTTLS"
+
+
+@pytest.mark.parametrize("broken", ["missing", "not a certificate", "not the certificate's key"])
+def test_check_names_a_broken_smtp_certificate_or_key(
+    install, certificate: tuple[Path, Path], tmp_path: Path, broken: str
+) -> None:  # noqa: ANN001
+    cert, key = certificate
+    other = tmp_path / "other"
+    other.mkdir()
+    other_key = make_certificate(other)[1]
+    cert_file, key_file = {
+        "missing": (tmp_path / "missing.pem", key),
+        "not a certificate": (key, key),
+        "not the certificate's key": (cert, other_key),
+    }[broken]
+    inst = install(settings={"intake": {"smtp": {"tls_cert_file": str(cert_file),
+                                                 "tls_key_file": str(key_file)}}})  # fmt: skip
+    prefix = f"error: {inst.settings_file}: intake.smtp"
+    assert check(inst) == [{
+        "missing": f"{prefix}.tls_cert_file: {cert_file} not found ({NO_TLS})",
+        "not a certificate": f"{prefix}.tls_cert_file: {key} holds no PEM certificate (give the "
+                             "certificate chain, -----BEGIN CERTIFICATE-----)",
+        "not the certificate's key": f"{prefix}.tls_key_file: {other_key} is not the private key "
+                                     f"of the certificate in {cert} (give the key the "
+                                     "certificate was made for)",
+    }[broken]]  # fmt: skip
+
+
+NO_AUTH = "create it with one user:password line per client, or remove the key for no AUTH"
+
+
+def test_check_names_a_missing_or_broken_smtp_users_file(install, tmp_path: Path) -> None:  # noqa: ANN001
+    users = tmp_path / "smtp-users"
+    inst = install(settings={"intake": {"smtp": {"auth_users_file": str(users)}}})
+    where = f"error: {inst.settings_file}: intake.smtp.auth_users_file"
+    assert check(inst) == [f"{where}: {users} not found ({NO_AUTH})"]
+
+    users.write_text("# relays\nrelay:s3cret\n\nbackup-relay\nrelay:0th3r\n:n0body\n")
+    lines = check(inst)
+    assert lines == [
+        f"{where}: {users}:4: not a user:password line with a user and a password (# starts a "
+        "comment)",
+        f"{where}: {users}:5: user 'relay' is already on line 2; keep one",
+        f"{where}: {users}:6: not a user:password line with a user and a password (# starts a "
+        "comment)",
+    ]
+    assert not any(secret in "\n".join(lines) for secret in ("s3cret", "0th3r", "n0body"))
+
+    users.write_text("relay:s3cret\n")
+    assert mailgate("--config", str(inst.settings_file), "check", cwd=inst.root).returncode == 0
+
+
+@pytest.mark.parametrize("unreadable", ["tls_key_file", "auth_users_file"])
+def test_check_names_an_smtp_file_the_daemon_could_not_read(
+    install, certificate: tuple[Path, Path], tmp_path: Path, modes_bind: dict[str, Any],
+    unreadable: str,
+) -> None:  # fmt: skip  # noqa: ANN001
+    cert, key = certificate
+    shutil.copy(key, tmp_path / "key.pem")
+    (tmp_path / "smtp-users").write_text("relay:s3cret\n")
+    smtp = {"tls_cert_file": str(cert), "tls_key_file": str(tmp_path / "key.pem"),
+            "auth_users_file": str(tmp_path / "smtp-users")}  # fmt: skip
+    inst = install(settings={"intake": {"smtp": smtp}})
+    path = Path(smtp[unreadable])
+    path.chmod(0o000)
+    assert check(inst, **modes_bind) == [
+        f"error: {inst.settings_file}: intake.smtp.{unreadable}: cannot read {path} (Permission "
+        f"denied; it must be readable by user {running_user()}, who runs mailgate)"
+    ]
+
+
+def test_check_says_a_missing_directory_file_once(inst: Installation) -> None:
+    (inst.root / "directory.yaml").unlink()
+    assert check(inst) == [
+        f"error: {inst.settings_file}: directory: {inst.root / 'directory.yaml'} not found"
+    ]

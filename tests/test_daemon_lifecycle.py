@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import ROOT, Clockwork, install_at, make_mail
 from tests.daemon import open_data, read_reply, start_daemon
-from tests.smtp_sink import Sink
+from tests.smtp_sink import Sink, free_port
 
 
 def notifications(sock: socket.socket, until: str, timeout: float = 15) -> list[str]:
@@ -70,6 +70,31 @@ def test_invalid_settings_refuse_to_start_with_one_line_errors(tmp_path: Path) -
     assert "Traceback" not in proc.stderr
     assert any("intake.smtp.port" in line and "settings.yaml" in line for line in lines)
     assert any("intake.smtp.max_recipent" in line for line in lines)
+
+
+def run_briefly(settings_file: Path) -> subprocess.CompletedProcess[str]:
+    """`mailgate run` expected to refuse to start (a timeout here: it started)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(settings_file), "run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def errors(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The `error:` lines of a daemon that exited 1, as ConfigError makes it (systemd: failed)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_missing_smtp_users_file_refuses_to_start_with_one_line(tmp_path: Path) -> None:
+    users = tmp_path / "smtp-users"
+    inst = install_at(tmp_path, Clockwork(), {"intake": {"smtp": {
+        "port": free_port(), "auth_users_file": str(users)}}})  # fmt: skip
+    assert errors(run_briefly(inst.settings_file)) == [
+        f"error: {inst.settings_file}: intake.smtp.auth_users_file: {users} not found (create "
+        "it with one user:password line per client, or remove the key for no AUTH)"
+    ]
 
 
 def test_sigterm_says_421_to_an_open_session(tmp_path: Path, sink: Sink) -> None:
