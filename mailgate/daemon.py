@@ -37,7 +37,7 @@ from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
-from mailgate.intake.smtp import SmtpListener
+from mailgate.intake.smtp import SmtpListener, listen_problem
 from mailgate.intake.smtp import file_problems as smtp_file_problems
 from mailgate.observability import Metrics, set_log_key
 from mailgate.outbound.outbox import next_attempt
@@ -141,11 +141,12 @@ class Daemon:
             self.listener = SmtpListener(
                 self.current_app, settings.intake.smtp, settings.base_dir, fault
             )
-            for host, port in await self.listener.start():
+            for host, port in await self.listener.start():  # a port taken: ConfigError
                 log.info("SMTP listening on %s:%d", host, port)
+        # Before leading: a metrics port taken stops the start before any mailbox is polled.
+        self.metrics = _start_metrics(settings)
         self.leadership = leadership_for(self.app.engine)
         await self.check_leadership()  # a lone instance leads before its first sweep
-        self.metrics = _start_metrics(settings)
         self.scheduler = scheduler = AsyncIOScheduler(event_loop=loop)
         scheduler.add_job(sender.poke, "interval", seconds=OUTBOX_RETRY_SECONDS, id="outbox")
         scheduler.add_job(
@@ -338,8 +339,13 @@ def _start_metrics(settings: Settings) -> Metrics | None:
     if not settings.metrics.enabled:
         return None
     metrics = Metrics()
+    host, port = settings.metrics.host, settings.metrics.port
+    try:
+        port = metrics.start(host, port)
+    except OSError as exc:  # the port taken: one line and exit 1, as for a bad setting
+        problem = listen_problem(settings.source, "metrics.port", host, port, exc)
+        raise ConfigError([problem]) from None
     logging.getLogger("mailgate").addHandler(metrics.log_handler())
-    port = metrics.start(settings.metrics.host, settings.metrics.port)
     log.info("metrics on http://%s:%d/metrics", settings.metrics.host, port)
     return metrics
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, Clockwork, install_at, make_mail
@@ -94,6 +95,24 @@ def test_a_missing_smtp_users_file_refuses_to_start_with_one_line(tmp_path: Path
     assert errors(run_briefly(inst.settings_file)) == [
         f"error: {inst.settings_file}: intake.smtp.auth_users_file: {users} not found (create "
         "it with one user:password line per client, or remove the key for no AUTH)"
+    ]
+
+
+@pytest.mark.parametrize("key", ["intake.smtp.port", "metrics.port"])
+def test_a_port_in_use_refuses_to_start_with_one_line(tmp_path: Path, key: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings: dict = {"intake": {"smtp": {"port": port}}}
+        if key == "metrics.port":
+            settings = {"intake": {"smtp": {"port": free_port()}},
+                        "metrics": {"enabled": True, "port": port}}  # fmt: skip
+        inst = install_at(tmp_path, Clockwork(), settings)
+        proc = run_briefly(inst.settings_file)
+    assert errors(proc) == [
+        f"error: {inst.settings_file}: {key}: 127.0.0.1:{port} already in use (another "
+        "mailgate or an MTA listens there: stop it, or choose another port)"
     ]
 
 

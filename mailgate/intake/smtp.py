@@ -26,8 +26,11 @@ messages are processed at once.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import hmac
 import logging
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable
@@ -242,19 +245,30 @@ class SmtpListener:
 
     async def start(self) -> list[tuple[str, int]]:
         """Listen on `port`, and with implicit TLS on `tls_port` when set; the addresses."""
-        loop = asyncio.get_running_loop()
         s = self.settings
-        self.servers.append(await loop.create_server(self._new_connection, s.host, s.port))
-        if s.tls_port is not None and self.tls_context is not None:
-            self.servers.append(
-                await loop.create_server(
-                    lambda: self._new_connection(implicit_tls=True),
-                    s.host,
-                    s.tls_port,
-                    ssl=self.tls_context,
-                )
-            )
+        try:
+            await self._listen("port", s.port, self._new_connection)
+            if s.tls_port is not None and self.tls_context is not None:
+                implicit = functools.partial(self._new_connection, implicit_tls=True)
+                await self._listen("tls_port", s.tls_port, implicit, ssl=self.tls_context)
+        except ConfigError:
+            for server in self.servers:
+                server.close()
+            self.servers = []
+            raise
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+    async def _listen(self, key: str, port: int, factory: Callable[[], Connection],
+                      **kwargs: Any) -> None:  # fmt: skip
+        """Bind host:port, or ConfigError: one line naming the key and why (a port taken)."""
+        host = self.settings.host
+        try:
+            server = await asyncio.get_running_loop().create_server(factory, host, port, **kwargs)
+        except OSError as exc:
+            source = self.app().settings.source
+            problem = listen_problem(source, f"intake.smtp.{key}", host, port, exc)
+            raise ConfigError([problem]) from None
+        self.servers.append(server)
 
     def _new_connection(self, implicit_tls: bool = False) -> Connection:
         s = self.settings
@@ -327,6 +341,21 @@ class SmtpListener:
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())  # no timing hint about the password
+
+
+def listen_problem(source: str, key: str, host: str, port: int, exc: OSError) -> str:
+    """Why a listening socket could not be opened, for an operator: one line."""
+    where = f"{source}: {key}: cannot listen on {host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{source}: {key}: {host}:{port} already in use (another mailgate or an MTA "
+                "listens there: stop it, or choose another port)")  # fmt: skip
+    if exc.errno == errno.EACCES:
+        return (f"{where}: permission denied (a port below 1024 needs CAP_NET_BIND_SERVICE, "
+                "see systemd/mailgate.service; or choose a port of 1024 or above)")  # fmt: skip
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        host_key = key.rpartition(".")[0] + ".host"
+        return f"{where}: {exc.strerror or exc} ({host_key} must be an address of this machine)"
+    return f"{where}: {exc.strerror or exc}"
 
 
 def _readable(path: Path, where: str, fix: str) -> str | None:
