@@ -77,7 +77,8 @@ class App:
     @cached_property
     def rules(self) -> RuleSet:
         """The priority rules; RulesError (file:line problems) when a file is broken."""
-        return load_rules(self.settings.path(self.settings.rules_dir))
+        folder, source = self.settings.path(self.settings.rules_dir), self.settings.source
+        return load_rules(folder, setting=f"{source}: rules_dir")
 
     @cached_property
     def parse_limits(self) -> Limits:

@@ -98,7 +98,8 @@ def check_rules(settings: Settings) -> list[str]:
     from mailgate.pipeline.rules import RulesError, load_rules
 
     try:
-        rules = load_rules(settings.path(settings.rules_dir))
+        folder = settings.path(settings.rules_dir)
+        rules = load_rules(folder, setting=f"{settings.source}: rules_dir")
     except RulesError as exc:
         return exc.problems
     if settings.directory is None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from mailgate.store.models import IngestRecord, Ticket, TicketEvent
@@ -172,6 +173,65 @@ def test_sighup_with_a_broken_rules_file_keeps_the_old_rules(tmp_path: Path, sin
         assert ticket(daemon.inst).priority == "P2"  # the new rules, once they are valid
     finally:
         daemon.stop()
+
+
+NO_RULES_DIR = "not found (create the folder with the rule files; an empty folder means no rules)"
+
+
+def test_a_missing_rules_dir_is_named_everywhere_and_an_empty_one_means_no_rules(
+    install: Callable[..., Installation], tmp_path: Path
+) -> None:
+    """A typo in rules_dir, or rules/ left out of a copy, gave every ticket the
+    default priority without a word."""
+    rules = tmp_path / "my-rules"
+    inst = install(settings={"rules_dir": str(rules)})
+    expected = f"error: {inst.settings_file}: rules_dir: {rules} {NO_RULES_DIR}"
+    eml = tmp_path / "mail.eml"
+    eml.write_bytes(make_mail(subject="service down").as_bytes())
+
+    checked = cli(inst, "check")
+    assert (checked.returncode, checked.stdout.decode().splitlines()) == (1, [expected])
+    tested = cli(inst, "rules", "test", str(eml))
+    assert (tested.returncode, tested.stderr.decode().splitlines()) == (1, [expected])
+    ingested = cli(inst, "ingest", stdin=eml.read_bytes())  # the MTA keeps the mail
+    assert (ingested.returncode, ingested.stderr.decode().splitlines()) == (75, [expected])
+    with inst.session() as session:
+        assert session.scalars(select(IngestRecord)).all() == []
+
+    rules.mkdir()  # an installation without rules: the default priority decides
+    assert cli(inst, "check").returncode == 0
+    assert cli(inst, "ingest", stdin=eml.read_bytes()).returncode == 0
+    assert ticket(inst).priority == "P3"
+
+
+def test_a_missing_rules_dir_refuses_a_reload_and_a_start(tmp_path: Path, sink: Sink) -> None:
+    rules = tmp_path / "my-rules"
+    rules.mkdir()
+    (rules / "10-test.yaml").write_text(RULES)
+    (tmp_path / "inst").mkdir()
+    daemon = start_daemon(tmp_path / "inst", sink, {"rules_dir": str(rules)})
+    settings = daemon.inst.settings_file
+    problem = f"{settings}: rules_dir: {tmp_path / 'gone'} {NO_RULES_DIR}"
+    try:
+        data = yaml.safe_load(settings.read_text())
+        settings.write_text(yaml.safe_dump({**data, "rules_dir": str(tmp_path / "gone")}))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("reload refused")
+        refused = "reload refused, still running the previous configuration"
+        assert f"{refused}: {problem}" in daemon.log()
+        with daemon.smtp() as client:
+            client.sendmail("alice@acme.example", ["support@example.com"],
+                            make_mail(subject="service down").as_bytes())  # fmt: skip
+        assert ticket(daemon.inst).priority == "P1"  # the old rules still apply
+    finally:
+        assert daemon.stop() == 0
+
+    started = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(settings), "run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert "Traceback" not in started.stderr
+    assert (started.returncode, started.stderr.splitlines()) == (1, [f"error: {problem}"])
 
 
 def test_the_shipped_rules_classify_mail_in_the_pipeline(inst: Installation) -> None:

@@ -502,12 +502,26 @@ def test_rule_names_of_a_refused_file_are_not_checked_for_duplicates(tmp_path: P
 
 
 def test_directory_without_rules(tmp_path: Path) -> None:
-    assert load_rules(tmp_path / "missing") == RuleSet()
+    assert load_rules(tmp_path) == RuleSet()  # an empty folder: no rules
     write(tmp_path, "10-comments.yaml", "# nothing yet\n")
     write(tmp_path, "20-other.yml", "# *.yml is read too\n")
     write(tmp_path, "README", "rules: 3\n")  # other names are not
     loaded = load_rules(tmp_path)
     assert (loaded.rules, loaded.files) == ((), ("10-comments.yaml", "20-other.yml"))
+
+
+def test_a_missing_rules_folder_is_an_error_not_no_rules(tmp_path: Path) -> None:
+    """A typo in rules_dir, or rules/ left out of a copy, must not quietly give every
+    ticket the default priority."""
+    with pytest.raises(RulesError) as err:
+        load_rules(tmp_path / "missing", setting="settings.yaml: rules_dir")
+    assert err.value.problems == [
+        f"settings.yaml: rules_dir: {tmp_path / 'missing'} not found (create the folder with "
+        "the rule files; an empty folder means no rules)"
+    ]
+    write(tmp_path, "10-a-file.yaml", "rules: []\n")
+    with pytest.raises(RulesError, match="10-a-file.yaml is not a folder"):
+        load_rules(tmp_path / "10-a-file.yaml")
 
 
 # --- evaluation semantics on tiny rule sets -------------------------------------------------

@@ -231,10 +231,17 @@ class RuleSet:
     files: tuple[str, ...] = ()
 
 
-def load_rules(directory: Path) -> RuleSet:
-    """Every `*.yaml` and `*.yml` in `directory`, by file name; RulesError lists all problems."""
+def load_rules(directory: Path, *, setting: str = "rules_dir") -> RuleSet:
+    """Every `*.yaml` and `*.yml` in `directory`, by file name; RulesError lists all problems.
+
+    An empty folder is no rules. A missing one is an error (`setting` names the
+    settings file and key): a typo or a folder left out of a copy would otherwise
+    silently give every ticket the default priority.
+    """
     if not directory.is_dir():
-        return RuleSet()
+        problem = "is not a folder" if directory.exists() else "not found"
+        raise RulesError([f"{setting}: {directory} {problem} (create the folder with the "
+                          "rule files; an empty folder means no rules)"])  # fmt: skip
     rules: list[Rule] = []
     problems: list[str] = []
     files = sorted(
