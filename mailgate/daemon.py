@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mailgate import systemd_notify
 from mailgate.app import App
+from mailgate.checks import sqlite_file_problems
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
@@ -319,7 +320,8 @@ def build_app(settings: Settings, reuse: App | None = None) -> App:
     set_log_key(app.log_key)
     if reuse is not None and reuse.settings.database_url == settings.database_url:
         app.engine = reuse.engine  # type: ignore[misc] - keep the pool across reloads
-    problems = app.templates.check()
+    # A database it cannot write would have every mail answered 451, in silence.
+    problems = sqlite_file_problems(settings) + app.templates.check()
     try:
         app.rules  # noqa: B018 - loaded now, so a broken file refuses the reload
     except ConfigError as exc:

@@ -404,6 +404,10 @@ def test_check_names_a_database_the_daemon_could_not_write(
     target.chmod(mode)
     try:
         assert check(inst, **modes_bind) == [expected]
+        # and the daemon does not start to answer 451 to every mail: it says why
+        run = mailgate("--config", str(settings), "run", cwd=inst.root, **modes_bind)
+        assert run.returncode == 1
+        assert expected in run.stderr and "Traceback" not in run.stderr
     finally:
         target.chmod(before)
     assert mailgate("--config", str(settings), "check", cwd=inst.root).returncode == 0
