@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from mailgate.app import App
 from mailgate.cli import sync_directory_if_changed
 from mailgate.config import load_settings
+from mailgate.sla.clocks import clocks_of
 from mailgate.sla.sweep import SlaSweepReport, sweep
 from mailgate.store.models import OutboxMail, SlaClock, Ticket, TicketEvent
 from tests.conftest import (
@@ -44,11 +45,11 @@ def utc(day: int, hour: int, minute: int = 0) -> datetime:
 
 
 def clocks(inst: Installation, number: str) -> dict[str, SlaClock]:
+    """The ticket's clocks for its priority now, as the sweep and the report see them."""
     with inst.session() as s:
         ticket = s.scalar(select(Ticket).where(Ticket.number == number))
         assert ticket is not None
-        rows = s.scalars(select(SlaClock).where(SlaClock.ticket_id == ticket.id))
-        return {c.kind: c for c in rows}
+        return {c.kind: c for c in clocks_of(s, ticket.id)}
 
 
 def ticket(inst: Installation, number: str) -> Ticket:
@@ -243,6 +244,28 @@ def test_a_new_priority_recomputes_the_deadlines(inst: Installation, clock: Cloc
     assert "workaround" not in got  # P3 has no workaround target
     # 5 business days of 9 h from Monday 10:30: the next Monday 10:30
     assert got["resolution"].due_at == utc(30, 9, 30)
+
+
+def test_a_priority_changed_and_back_does_not_send_a_breach_again(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """P1 -> P3 -> P1: the workaround target goes and comes back with its deadline,
+    and what staff were already told about that deadline is not told twice."""
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 11, 30)
+    assert sweep(inst.app, clock.now).breaches == 2  # first response and workaround
+    clock.now = utc(23, 11, 40)
+    bob_says(inst, "/priority P3\n", "b1@support.example")
+    assert "workaround" not in clocks(inst, number)
+    clock.now = utc(23, 11, 45)
+    bob_says(inst, "/priority P1\n", "b2@support.example")
+    workaround = clocks(inst, number)["workaround"]
+    assert (workaround.due_at, workaround.breached_at) == (utc(23, 11, 30), utc(23, 11, 30))
+    clock.now = utc(23, 11, 50)
+    report = sweep(inst.app, clock.now)
+    assert (report.reminders, report.breaches) == (0, 0)
+    assert len(sla_mail(inst, "sla_breach")) == 2
+    assert ticket(inst, number).level == "L3"  # one level per breach, not three
 
 
 def test_a_new_plan_in_the_directory_retargets_open_tickets(

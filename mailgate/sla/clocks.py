@@ -35,8 +35,11 @@ def where_of(org: Organisation) -> Where:
     return Where(timezone=org.timezone or "UTC", country=org.country)
 
 
-def clocks_of(session: Session, ticket_id: int) -> list[SlaClock]:
+def clocks_of(session: Session, ticket_id: int, *, suspended: bool = False) -> list[SlaClock]:
+    """The ticket's clocks at its priority now (with `suspended`: every one it had)."""
     query = select(SlaClock).where(SlaClock.ticket_id == ticket_id).order_by(SlaClock.id)
+    if not suspended:
+        query = query.where(SlaClock.suspended_at.is_(None))
     return list(session.scalars(query))
 
 
@@ -55,13 +58,16 @@ def track(
     """Bring the ticket's clocks in line with it; `stop` names clocks whose event happened."""
     org = ticket.organisation
     targets = {t.kind: t for t in policy.targets(org.id, org.plan, ticket.priority, where_of(org))}
-    clocks = {c.kind: c for c in clocks_of(session, ticket.id)}
+    clocks = {c.kind: c for c in clocks_of(session, ticket.id, suspended=True)}
     for kind in clocks.keys() - targets.keys():
-        session.delete(clocks.pop(kind))  # no longer a target at this priority
+        if clocks[kind].suspended_at is None:  # no longer a target at this priority
+            clocks[kind].suspended_at, clocks[kind].next_alert_at = now, None
     for kind, target in targets.items():
         clock = clocks.get(kind)
         if clock is None:
             clock = clocks[kind] = _start(session, ticket, target, clocks.get("resolution"))
+        elif clock.suspended_at is not None:
+            _resume(clock, clocks.get("resolution"))
         _follow(policy, clock, target, ticket.status, kind in stop, now)
     return [clocks[k] for k in targets]
 
@@ -98,6 +104,16 @@ def _start(
     )
     session.add(clock)
     return clock
+
+
+def _resume(clock: SlaClock, resolution: SlaClock | None) -> None:
+    """A target back at the ticket's priority: its deadline counts from the ticket's
+    creation with the ticket's pauses, as for a clock started late (`_start`), and
+    the alerts already sent about it stay sent. A stopped clock (its event
+    happened) stays stopped."""
+    clock.suspended_at = None
+    if clock.stopped_at is None and resolution is not None and resolution is not clock:
+        clock.paused_seconds, clock.paused_at = resolution.paused_seconds, resolution.paused_at
 
 
 def _follow(

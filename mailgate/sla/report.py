@@ -58,7 +58,11 @@ def sla_report(
         select(Ticket.id, Ticket.priority, SlaClock)
         .join(
             SlaClock,
-            and_(SlaClock.ticket_id == Ticket.id, SlaClock.kind.in_(REPORTED)),
+            and_(
+                SlaClock.ticket_id == Ticket.id,
+                SlaClock.kind.in_(REPORTED),
+                SlaClock.suspended_at.is_(None),
+            ),
             isouter=True,
         )
         .order_by(Ticket.id)

@@ -78,6 +78,7 @@ def _alert(app: App, session: Session, clock: SlaClock, now: datetime) -> str | 
             SlaClock.alerts_sent == before,  # the claim: a racing sweep finds it taken
             SlaClock.stopped_at.is_(None),
             SlaClock.paused_at.is_(None),
+            SlaClock.suspended_at.is_(None),
         )
         .values(
             alerts_sent=reached,

@@ -247,6 +247,9 @@ class SlaClock(Base):
     alerts_sent: Mapped[int] = mapped_column(Integer, default=0)  # reminders and breach so far
     next_alert_at: Mapped[datetime | None] = mapped_column(index=True)
     breached_at: Mapped[datetime | None]
+    # No longer a target at the ticket's priority (P2 -> P3 drops the workaround):
+    # kept with its alerts, so that P3 -> P2 does not send them again.
+    suspended_at: Mapped[datetime | None]
 
 
 class TimeEntry(Base):
