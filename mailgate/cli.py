@@ -732,18 +732,29 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
 
 
 def cmd_credits_balance(args: argparse.Namespace) -> int:
+    from mailgate.credits.billing import last_valid_day
     from mailgate.credits.ledger import balance
 
-    found = _settled(args, lambda session, now: balance(session, args.org, now))
-    packs = [{"id": p.id, "pack": p.pack, "remaining": p.remaining,
-              "expires_at": p.expires_at.isoformat()} for p in found.packs]  # fmt: skip
+    def read(session: Session, now: datetime) -> tuple[Any, str]:
+        return balance(session, args.org, now), _known_org(session, args.org).timezone
+
+    found, timezone = _settled(args, read)
+
+    # Days as the customer's mails give them: in the organisation's time zone,
+    # the last day the credits can be used.
+    def listed(p: Any) -> dict[str, Any]:
+        return {"id": p.id, "pack": p.pack, "remaining": p.remaining,
+                "expires_at": p.expires_at.isoformat(),
+                "valid_until": last_valid_day(p.expires_at, timezone).isoformat()}  # fmt: skip
+
+    packs = [listed(p) for p in found.packs]
     if args.json:
         print_json({"organisation": args.org, "balance": found.total, "packs": packs})
         return EX_OK
     print(f"{args.org}: {found.total} credit(s)" + ("" if found.on_credit else " (no pack bought)"))
     if packs:
-        print_table([[str(p["id"]), p["pack"], str(p["remaining"]), p["expires_at"][:10]]
-                     for p in packs], ["PACK", "NAME", "LEFT", "EXPIRES"])  # fmt: skip
+        print_table([[str(p["id"]), p["pack"], str(p["remaining"]), p["valid_until"]]
+                     for p in packs], ["PACK", "NAME", "LEFT", "VALID UNTIL"])  # fmt: skip
     return EX_OK
 
 

@@ -16,15 +16,28 @@ from sqlalchemy import select
 
 from mailgate.credits.rules import add_months, cost, periods
 from mailgate.store.models import CreditEntry, Ticket
-from tests.conftest import ROOT, Installation, make_mail, staff_answer
+from tests.conftest import ROOT, Clockwork, Installation, make_mail, staff_answer
 
 ORG = "acme"
 
 
-def balance(inst: Installation, capsys: pytest.CaptureFixture[str], now: str | None = None) -> dict:
+def balance(
+    inst: Installation, capsys: pytest.CaptureFixture[str], now: str | None = None, org: str = ORG
+) -> dict:
     capsys.readouterr()
-    assert inst.cli("credits", "balance", ORG, "--json", *(["--now", now] if now else [])) == 0
+    assert inst.cli("credits", "balance", org, "--json", *(["--now", now] if now else [])) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def printed(inst: Installation, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    capsys.readouterr()
+    assert inst.cli(*args) == 0
+    return capsys.readouterr().out
+
+
+def at(clock: Clockwork, moment: str) -> None:
+    """Move the clock: what "now" is to the commands and mail that follow."""
+    clock.now = datetime.fromisoformat(moment)
 
 
 def open_ticket(inst: Installation, n: int = 1, subject: str = "Export question") -> str:
@@ -215,6 +228,31 @@ def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> No
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "id,at,kind,credits,balance,pack,ticket,reverses,note"
     assert len(lines) == 2 and ",spend,-3,57," in lines[1] and ticket in lines[1]
+
+
+# -- days as the customer is told them ---------------------------------------------
+
+
+def test_balance_gives_the_last_valid_day_the_mails_give(
+    inst: Installation, clock: Clockwork, capsys
+) -> None:
+    # At 23:30 UTC it is already 5 December in Brussels: valid through 5 December 2027.
+    at(clock, "2026-12-04T23:30:00+00:00")
+    assert inst.cli("credits", "add", ORG, "light") == 0
+    # Globex is in London: from its midnight on 10 January (00:00 UTC), through 9 January 2027.
+    assert inst.cli("credits", "add", "globex", "light", "--activated", "2026-01-10") == 0
+    open_ticket(inst)
+    inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>", subject="Export question",
+                          message_id="g1@globex.example", body="How do I export?\n"))  # fmt: skip
+    acks = {str(m["To"]): m.get_body(("plain",)).get_content() for m in inst.sent()
+            if str(m["To"]) in ("alice@acme.example", "hank@globex.example")}  # fmt: skip
+    assert "5 décembre 2027" in acks["alice@acme.example"]
+    assert "January 9, 2027" in acks["hank@globex.example"]
+    for org, day in ((ORG, "2027-12-05"), ("globex", "2027-01-09")):
+        table = printed(inst, capsys, "credits", "balance", org).splitlines()
+        assert table[2].split()[1:] == ["light", "20", day]
+        assert table[1].split() == ["PACK", "NAME", "LEFT", "VALID", "UNTIL"]
+        assert [p["valid_until"] for p in balance(inst, capsys, org=org)["packs"]] == [day]
 
 
 # -- concurrency --------------------------------------------------------------------

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -135,6 +136,12 @@ def _expiry_notices(app: App, session: Session, org_id: str, now: datetime) -> i
 def _last_day(expires_at: datetime) -> datetime:
     """Credits ending at midnight are valid through the day before."""
     return expires_at - timedelta(seconds=1)
+
+
+def last_valid_day(expires_at: datetime, timezone: str) -> date:
+    """The organisation's last day to use credits ending at `expires_at`: the day
+    its mails name (what `format_day(_last_day(...))` writes out)."""
+    return _last_day(expires_at).astimezone(ZoneInfo(timezone)).date()
 
 
 def _expiry(current: Balance, org: Organisation) -> str | None:
