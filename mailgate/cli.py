@@ -588,10 +588,16 @@ def cmd_sla_sweep(args: argparse.Namespace) -> int:
     return _sweep_once(args, sweep)
 
 
-def _sweep_once(args: argparse.Namespace, sweep: Callable[[App, datetime], object]) -> int:
-    """One run of a scheduled sweep, for cron or a test clock; then send what it queued."""
+def _sweep_once(
+    args: argparse.Namespace, sweep: Callable[[App, datetime], object], *, books: str = ""
+) -> int:
+    """One run of a scheduled sweep, for cron or a test clock; then send what it queued.
+    `books`: why a --now later than the clock is refused (see _not_later)."""
     app = load_app(args, sync_directory=False)
-    print(sweep(app, parse_now(args.now) or app.clock()))
+    now = parse_now(args.now)
+    if books:
+        _not_later(now, app, books)
+    print(sweep(app, now or app.clock()))
     _send_queued(app)
     return EX_OK
 
@@ -732,7 +738,7 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
 
 
 def cmd_credits_balance(args: argparse.Namespace) -> int:
-    from mailgate.credits.billing import last_valid_day
+    from mailgate.credits.billing import first_valid_day, last_valid_day
     from mailgate.credits.ledger import balance
 
     def read(session: Session, now: datetime) -> tuple[Any, str]:
@@ -745,16 +751,23 @@ def cmd_credits_balance(args: argparse.Namespace) -> int:
     def listed(p: Any) -> dict[str, Any]:
         return {"id": p.id, "pack": p.pack, "remaining": p.remaining,
                 "expires_at": p.expires_at.isoformat(),
+                "valid_from": first_valid_day(p.activated_at, timezone).isoformat(),
                 "valid_until": last_valid_day(p.expires_at, timezone).isoformat()}  # fmt: skip
 
-    packs = [listed(p) for p in found.packs]
+    packs, later = [listed(p) for p in found.packs], [listed(p) for p in found.later]
     if args.json:
-        print_json({"organisation": args.org, "balance": found.total, "packs": packs})
+        print_json({"organisation": args.org, "balance": found.total, "packs": packs,
+                    "not_active_yet": later})  # fmt: skip
         return EX_OK
     print(f"{args.org}: {found.total} credit(s)" + ("" if found.on_credit else " (no pack bought)"))
     if packs:
         print_table([[str(p["id"]), p["pack"], str(p["remaining"]), p["valid_until"]]
                      for p in packs], ["PACK", "NAME", "LEFT", "VALID UNTIL"])  # fmt: skip
+    if later:
+        print(f"not active yet, not in the balance: {sum(p['remaining'] for p in later)} credit(s)")
+        print_table([[str(p["id"]), p["pack"], str(p["remaining"]), p["valid_from"],
+                      p["valid_until"]] for p in later],
+                    ["PACK", "NAME", "LEFT", "VALID FROM", "VALID UNTIL"])  # fmt: skip
     return EX_OK
 
 
@@ -764,7 +777,7 @@ def cmd_credits_statement(args: argparse.Namespace) -> int:
     from mailgate.credits.ledger import statement
 
     start, end = parse_day(args.start, "--from"), parse_day(args.end, "--to")
-    found = _settled(args, lambda session, now: statement(session, args.org, start, end))
+    found = _settled(args, lambda session, now: statement(session, args.org, start, end, now))
     if args.json:
         print_json({"organisation": found.organisation_id, "opening": found.opening,
                     "entries": found.entries, "closing": found.closing,
@@ -799,7 +812,7 @@ def cmd_credits_spend(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"{args.duration}: {exc}") from None
     app = load_app(args)
-    now = parse_now(args.now) or app.clock()
+    now = _not_later(parse_now(args.now), app, "a spend books expiries due by then") or app.clock()
     try:
         with app.sessions.begin() as session:
             ticket = session.scalar(select(Ticket).where(Ticket.number == args.ticket))
@@ -833,19 +846,38 @@ def cmd_credits_reverse(args: argparse.Namespace) -> int:
 def cmd_credits_sweep(args: argparse.Namespace) -> int:
     from mailgate.credits.billing import sweep
 
-    return _sweep_once(args, sweep)
+    return _sweep_once(args, sweep, books="a sweep books the expiries due by then")
+
+
+def _not_later(pretend: datetime | None, app: App, why: str) -> datetime | None:
+    """A --now that would book ledger entries: refused when later than the clock,
+    since what it books stays (the ledger is append-only)."""
+    if pretend is not None and pretend > app.clock():
+        raise CommandError(
+            f"--now {pretend.isoformat()} is later than now ({app.clock().isoformat()}): "
+            f"{why}, and they would stay booked; give the present or a past time"
+        )
+    return pretend
 
 
 def _settled(args: argparse.Namespace, read: Callable[[Session, datetime], T]) -> T:
-    """Read an organisation's ledger after booking the expiries due by --now."""
+    """Read an organisation's ledger after booking the expiries due now. With a
+    pretend --now, what it would be then, booking nothing: the entries settling
+    makes are rolled back."""
     from mailgate.credits.ledger import settle
 
     app = load_app(args)
-    now = parse_now(args.now) or app.clock()
-    with app.sessions.begin() as session:
+    pretend = parse_now(args.now)
+    now = pretend or app.clock()
+    with app.sessions() as session:
         _known_org(session, args.org)
         settle(session, app.settings.credits, args.org, now)
-        return read(session, now)
+        found = read(session, now)
+        if pretend is None:
+            session.commit()
+        else:
+            session.rollback()
+        return found
 
 
 def _known_org(session: Session, org_id: str) -> Any:

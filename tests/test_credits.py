@@ -35,6 +35,12 @@ def printed(inst: Installation, capsys: pytest.CaptureFixture[str], *args: str) 
     return capsys.readouterr().out
 
 
+def statement(inst: Installation, capsys, *now: str) -> dict:
+    found = json.loads(printed(inst, capsys, "credits", "statement", ORG, "--json", *now))
+    assert found["closing"] == sum(found["totals"].values())
+    return found
+
+
 def at(clock: Clockwork, moment: str) -> None:
     """Move the clock: what "now" is to the commands and mail that follow."""
     clock.now = datetime.fromisoformat(moment)
@@ -118,7 +124,9 @@ def test_an_organisation_never_on_credit_is_not_charged(inst: Installation, caps
     ticket = open_ticket(inst)
     code, out = spend(inst, capsys, ticket, "2h")
     assert code == 0 and "0 credit(s) charged" in out
-    assert balance(inst, capsys) == {"organisation": ORG, "balance": 0, "packs": []}
+    assert balance(inst, capsys) == {
+        "organisation": ORG, "balance": 0, "packs": [], "not_active_yet": [],
+    }  # fmt: skip
 
 
 # -- staff by mail: /spend, /urgent, /bug ----------------------------------------------
@@ -162,12 +170,14 @@ def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation
 # -- expiry and rollover at their dates -------------------------------------------------
 
 
-def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, capsys) -> None:
+def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, clock, capsys) -> None:
     inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
     # Activated on 1 December 2025 in Brussels (the organisation's time zone): valid
     # until midnight there, twelve months later.
-    assert balance(inst, capsys, "2026-11-30T23:59:59+01:00")["balance"] == 20
-    assert balance(inst, capsys, "2026-12-01T00:00:00+01:00")["balance"] == 0
+    at(clock, "2026-11-30T23:59:59+01:00")
+    assert balance(inst, capsys)["balance"] == 20
+    at(clock, "2026-12-01T00:00:00+01:00")
+    assert balance(inst, capsys)["balance"] == 0
     with inst.session() as session:
         (expiry,) = session.scalars(select(CreditEntry).where(CreditEntry.kind == "expiry"))
         assert (expiry.credits, expiry.at) == (-20, datetime(2026, 11, 30, 23, tzinfo=UTC))
@@ -253,6 +263,102 @@ def test_balance_gives_the_last_valid_day_the_mails_give(
         assert table[2].split()[1:] == ["light", "20", day]
         assert table[1].split() == ["PACK", "NAME", "LEFT", "VALID", "UNTIL"]
         assert [p["valid_until"] for p in balance(inst, capsys, org=org)["packs"]] == [day]
+
+
+# -- a pack activated later, a pretend time ----------------------------------------
+
+AUDIT_DAY = "2026-12-04T15:03:00+00:00"
+
+
+def entries(found: dict) -> list[tuple[str, int]]:
+    return [(e["kind"], e["credits"]) for e in found["entries"]]
+
+
+def test_a_pack_activated_later_ends_nothing_now_and_counts_from_its_day(
+    inst: Installation, clock: Clockwork, capsys
+) -> None:
+    at(clock, AUDIT_DAY)  # the audit's sequence
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-01-10",
+                    "--reference", "A") == 0  # fmt: skip
+    assert inst.cli("credits", "add", ORG, "maxi", "--activated", "2025-12-20",
+                    "--reference", "B") == 0  # fmt: skip
+    assert balance(inst, capsys)["balance"] == 120
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2027-06-01",
+                    "--reference", "FUT") == 0  # fmt: skip
+
+    # Still 120 to spend until 9 January; the new pack is listed apart, not counted.
+    found = balance(inst, capsys)
+    assert found["balance"] == 120
+    assert [(p["pack"], p["remaining"], p["valid_until"]) for p in found["packs"]] == [
+        ("maxi", 100, "2026-12-19"), ("light", 20, "2027-01-09"),
+    ]  # fmt: skip
+    assert [(p["pack"], p["remaining"], p["valid_from"], p["valid_until"])
+            for p in found["not_active_yet"]] == [
+        ("light", 20, "2027-06-01", "2028-05-31"),
+    ]  # fmt: skip
+    text = printed(inst, capsys, "credits", "balance", ORG)
+    assert text.startswith("acme: 120 credit(s)\n")
+    assert "not active yet, not in the balance: 20 credit(s)" in text
+    # Nothing ended: the statement has the two purchases, the third enters on its day.
+    assert entries(statement(inst, capsys)) == [("purchase", 100), ("purchase", 20)]
+    assert statement(inst, capsys)["closing"] == 120
+    open_ticket(inst)
+    (ack,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    assert "Il vous reste 120 crédits" in ack.get_body(("plain",)).get_content()
+
+    # 20 December in Brussels: maxi ends, its 100 credits move into pack A.
+    at(clock, "2026-12-20T00:00+01:00")
+    assert inst.cli("credits", "sweep") == 0
+    assert [(p["remaining"], p["valid_until"]) for p in balance(inst, capsys)["packs"]] == [
+        (120, "2027-01-09")
+    ]
+    # 10 January: pack A ends; the pack of June was not active before, nothing rolls into it.
+    at(clock, "2027-01-10T00:00+01:00")
+    assert inst.cli("credits", "sweep") == 0
+    found = balance(inst, capsys)
+    assert (found["balance"], found["packs"]) == (0, [])
+    assert [p["valid_from"] for p in found["not_active_yet"]] == ["2027-06-01"]
+    (notice,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"
+                 and "120" in str(m["Subject"])]  # fmt: skip
+    assert "9 janvier 2027" in notice.get_body(("plain",)).get_content()
+    last = statement(inst, capsys)["entries"][-1]
+    assert (last["kind"], last["credits"], last["at"][:16]) == ("expiry", -120, "2027-01-09T23:00")
+    # 1 June 2027 in Brussels: the new pack counts.
+    at(clock, "2027-06-01T00:00+02:00")
+    found = balance(inst, capsys)
+    assert found["balance"] == 20 and found["not_active_yet"] == []
+    assert [(p["pack"], p["remaining"]) for p in found["packs"]] == [("light", 20)]
+    assert entries(statement(inst, capsys))[-1] == ("purchase", 20)
+
+
+def test_a_pretend_time_books_nothing(inst: Installation, clock: Clockwork, capsys) -> None:
+    at(clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light") == 0  # valid until 4 December 2027
+    ticket = open_ticket(inst)
+    later = "2030-01-01T00:00+00:00"
+    # Reading with a pretend time shows what would be then, and books nothing.
+    assert balance(inst, capsys, later)["balance"] == 0
+    assert entries(statement(inst, capsys, "--now", later)) == [("purchase", 20), ("expiry", -20)]
+    found = balance(inst, capsys)
+    assert (found["balance"], [p["remaining"] for p in found["packs"]]) == (20, [20])
+    assert entries(statement(inst, capsys)) == [("purchase", 20)]
+    with inst.session() as session:  # not even an entry dated later
+        assert session.scalars(select(CreditEntry.kind)).all() == ["purchase"]
+    # What books entries refuses a time still to come: they would stay.
+    capsys.readouterr()
+    assert inst.cli("credits", "sweep", "--now", later) == 1
+    assert "later than now" in capsys.readouterr().err
+    assert inst.cli("credits", "spend", ticket, "15m", "--now", later) == 1
+    assert "later than now" in capsys.readouterr().err
+    # Nothing was booked, and no expiry notice went out.
+    assert balance(inst, capsys)["balance"] == 20
+    assert entries(statement(inst, capsys)) == [("purchase", 20)]
+    assert [m["To"] for m in inst.sent() if "alice" in str(m["To"])] == ["alice@acme.example"]
+    # Its day comes: it expires for good, at its end.
+    at(clock, "2027-12-04T15:03:00+00:00")
+    assert inst.cli("credits", "sweep") == 0
+    assert balance(inst, capsys)["balance"] == 0
+    assert statement(inst, capsys)["entries"][-1]["at"] == "2027-12-04T15:03:00+00:00"
 
 
 # -- concurrency --------------------------------------------------------------------

@@ -144,6 +144,11 @@ def last_valid_day(expires_at: datetime, timezone: str) -> date:
     return _last_day(expires_at).astimezone(ZoneInfo(timezone)).date()
 
 
+def first_valid_day(activated_at: datetime, timezone: str) -> date:
+    """The organisation's day a pack becomes usable."""
+    return activated_at.astimezone(ZoneInfo(timezone)).date()
+
+
 def _expiry(current: Balance, org: Organisation) -> str | None:
     if current.next_expiry is None:
         return None

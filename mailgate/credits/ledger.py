@@ -12,6 +12,11 @@ two spends on the last credit cannot both take it.
 
 Organisations that never bought a pack are not on prepaid credit: their time
 is recorded, nothing is charged.
+
+`now` is always the real clock (the app's, which tests control): expiries are
+booked only once they are due, and a pack activated later is bought but not
+spendable, nor counted in the balance, before its day. Anything dated after
+`now` (a later pack's purchase) is left out of balances and statements.
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ class PackBalance:
 @dataclass(frozen=True)
 class Balance:
     organisation_id: str
-    total: int  # may be negative: an overdraft
+    total: int  # entries dated up to now; may be negative: an overdraft
     packs: tuple[PackBalance, ...]  # valid now, with credit left, oldest expiry first
     on_credit: bool  # has the organisation ever bought a pack?
+    later: tuple[PackBalance, ...] = ()  # bought, activated after now: not in `total` yet
 
     @property
     def spendable(self) -> int:
@@ -117,17 +123,25 @@ def balance(session: Session, org_id: str, now: datetime) -> Balance:
 
 def _balance(session: Session, org_id: str, now: datetime, packs: list[CreditPackRow]) -> Balance:
     remaining = _remaining(session, [p.id for p in packs]) if packs else {}
+    # A later pack's purchase (and an overdraft it repays) is dated at its
+    # activation: the balance is what can be spent now, not what will be.
     total = session.scalar(
         select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
-            CreditEntry.organisation_id == org_id
+            CreditEntry.organisation_id == org_id, CreditEntry.at <= now
         )
     )
+
+    def listed(p: CreditPackRow) -> PackBalance:
+        return PackBalance(p.id, p.pack, remaining.get(p.id, 0), p.activated_at, p.expires_at)
+
     valid = tuple(
-        PackBalance(p.id, p.pack, remaining.get(p.id, 0), p.activated_at, p.expires_at)
+        listed(p)
         for p in packs
         if p.activated_at <= now < p.expires_at and remaining.get(p.id, 0) > 0
     )
-    return Balance(org_id, int(total or 0), valid, bool(packs))
+    starting = sorted(packs, key=lambda p: (p.activated_at, p.id))
+    later = tuple(listed(p) for p in starting if p.activated_at > now)
+    return Balance(org_id, int(total or 0), valid, bool(packs), later)
 
 
 # -- writing ---------------------------------------------------------------------
@@ -157,7 +171,10 @@ def add_pack(
         known = ", ".join(sorted(settings.packs)) or "none"
         raise CreditError(f"no pack {pack_name!r} in settings credits.packs (known: {known})")
     _lock(session, org_id)
-    settle(session, settings, org_id, activated)
+    # What ended before a backdated activation is settled first; what ends after
+    # it stays for the sweep, so it can roll over into this pack. Never beyond
+    # now: a pack starting next year ends nothing today.
+    settle(session, settings, org_id, min(activated, now))
     row = CreditPackRow(
         organisation_id=org_id,
         pack=pack_name,
@@ -200,7 +217,10 @@ def settled_balance(session: Session, settings: Credits, org_id: str, now: datet
 def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> list[CreditEntry]:
     """Book what ended by `now`: each pack past its end with credit left either rolls
     it into a pack activated before that end (when `rollover`), or expires it. Dated
-    at the pack's end, whenever this runs; running it twice books nothing twice."""
+    at the pack's end, whenever this runs; running it twice books nothing twice.
+
+    `now` is the real clock: what this books stays (the ledger is append-only), so
+    a later time would end packs that are still valid."""
     return _settle(session, settings, org_id, now, _packs(session, org_id))
 
 
@@ -312,15 +332,18 @@ def reverse_ticket(session: Session, ticket: Ticket, now: datetime, why: str) ->
 
 
 def statement(
-    session: Session, org_id: str, start: datetime | None, end: datetime | None
+    session: Session, org_id: str, start: datetime | None, end: datetime | None, now: datetime
 ) -> Statement:
-    """Entries with `start <= at < end`, the balance before and after, totals per kind."""
+    """Entries with `start <= at < end` dated up to `now` (a pack activated later enters
+    on its day, as in the balance), the balance before and after, totals per kind."""
     opening = 0
     if start is not None:
         opening = int(
             session.scalar(
                 select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
-                    CreditEntry.organisation_id == org_id, CreditEntry.at < start
+                    CreditEntry.organisation_id == org_id,
+                    CreditEntry.at < start,
+                    CreditEntry.at <= now,
                 )
             )
             or 0
@@ -328,7 +351,7 @@ def statement(
     query = (
         select(CreditEntry, Ticket.number)
         .outerjoin(Ticket, Ticket.id == CreditEntry.ticket_id)
-        .where(CreditEntry.organisation_id == org_id)
+        .where(CreditEntry.organisation_id == org_id, CreditEntry.at <= now)
     )
     if start is not None:
         query = query.where(CreditEntry.at >= start)
