@@ -32,6 +32,7 @@ from mailgate.tickets import repository as repo
 from mailgate.tickets.lifecycle import STATUSES as TICKET_STATUSES
 
 EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
+ACT_AT = "act as at this time, with a zone: now or earlier (a catch-up), never later"
 T = TypeVar("T")
 
 log = logging.getLogger("mailgate")
@@ -155,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "send due waiting reminders, resolve and close tickets (the daemon does it every 5 min)",
         tickets,
     )  # fmt: skip
-    sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a time zone)")
+    sweep.add_argument("--now", metavar="ISO", help=ACT_AT)
 
     sla = group("sla", "SLA clocks").add_subparsers(metavar="ACTION")
     sla_sweep = command(
         "sweep", cmd_sla_sweep,
         "send due SLA reminders and breach notices (the daemon does it every minute)", sla,
     )  # fmt: skip
-    sla_sweep.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+    sla_sweep.add_argument("--now", metavar="ISO", help=ACT_AT)
     report = command("report", cmd_sla_report, "targets met and breached, per priority", sla)
     report.add_argument("--org", help="one organisation's tickets")
     report.add_argument("--from", dest="start", metavar="DATE", help="tickets created from (ISO)")
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     csw = command("sweep", cmd_credits_sweep,
                   "book expiries and send expiry notices (the daemon does it hourly)",
                   credits)  # fmt: skip
-    csw.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+    csw.add_argument("--now", metavar="ISO", help=ACT_AT)
 
     quarantine = group("quarantine", "mail held for an operator")
     qsub = quarantine.add_subparsers(metavar="ACTION")
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "anonymise closed tickets past retention, delete old quarantined mail",
                  rsub)  # fmt: skip
     rr.add_argument("--dry-run", action="store_true", help="say what it would do, change nothing")
-    rr.add_argument("--now", metavar="ISO", help="pretend it is this time (with a zone)")
+    rr.add_argument("--now", metavar="ISO", help=ACT_AT + "; any time with --dry-run")
 
     gdpr = group("gdpr", "one person's data: export or erase")
     gsub = gdpr.add_subparsers(metavar="ACTION")
@@ -588,16 +589,10 @@ def cmd_sla_sweep(args: argparse.Namespace) -> int:
     return _sweep_once(args, sweep)
 
 
-def _sweep_once(
-    args: argparse.Namespace, sweep: Callable[[App, datetime], object], *, books: str = ""
-) -> int:
-    """One run of a scheduled sweep, for cron or a test clock; then send what it queued.
-    `books`: why a --now later than the clock is refused (see _not_later)."""
+def _sweep_once(args: argparse.Namespace, sweep: Callable[[App, datetime], object]) -> int:
+    """One run of a scheduled sweep, for cron or a test clock; then send what it queued."""
     app = load_app(args, sync_directory=False)
-    now = parse_now(args.now)
-    if books:
-        _not_later(now, app, books)
-    print(sweep(app, now or app.clock()))
+    print(sweep(app, _acting_at(args.now, app)))
     _send_queued(app)
     return EX_OK
 
@@ -812,7 +807,7 @@ def cmd_credits_spend(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"{args.duration}: {exc}") from None
     app = load_app(args)
-    now = _not_later(parse_now(args.now), app, "a spend books expiries due by then") or app.clock()
+    now = _acting_at(args.now, app)
     try:
         with app.sessions.begin() as session:
             ticket = session.scalar(select(Ticket).where(Ticket.number == args.ticket))
@@ -846,18 +841,20 @@ def cmd_credits_reverse(args: argparse.Namespace) -> int:
 def cmd_credits_sweep(args: argparse.Namespace) -> int:
     from mailgate.credits.billing import sweep
 
-    return _sweep_once(args, sweep, books="a sweep books the expiries due by then")
+    return _sweep_once(args, sweep)
 
 
-def _not_later(pretend: datetime | None, app: App, why: str) -> datetime | None:
-    """A --now that would book ledger entries: refused when later than the clock,
-    since what it books stays (the ledger is append-only)."""
-    if pretend is not None and pretend > app.clock():
-        raise CommandError(
-            f"--now {pretend.isoformat()} is later than now ({app.clock().isoformat()}): "
-            f"{why}, and they would stay booked; give the present or a past time"
-        )
-    return pretend
+def _acting_at(value: str | None, app: App) -> datetime:
+    """The --now of a command that acts (sends, books, closes, anonymises), or the
+    clock. Never later than the clock: what it did then would be done for good,
+    before its time (a breach notice for a deadline not reached, credits expired
+    while still valid, a ticket anonymised early)."""
+    pretend, now = parse_now(value), app.clock()
+    if pretend is not None and pretend > now:
+        raise CommandError(f"--now {pretend.isoformat()} is later than now ({now.isoformat()}): "
+                           "what this command does would stay done; give the present or a "
+                           "past time")  # fmt: skip
+    return pretend or now
 
 
 def _settled(args: argparse.Namespace, read: Callable[[Session, datetime], T]) -> T:
@@ -919,7 +916,9 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
     from mailgate.privacy.retention import run
 
     app = load_app(args, sync_directory=False)
-    report = run(app, parse_now(args.now) or app.clock(), dry_run=args.dry_run)
+    # A dry run changes nothing: it may look at any time.
+    now = (parse_now(args.now) or app.clock()) if args.dry_run else _acting_at(args.now, app)
+    report = run(app, now, dry_run=args.dry_run)
     if args.dry_run:
         print(f"would anonymise {len(report.tickets)} ticket(s)"
               + (f": {', '.join(report.tickets)}" if report.tickets else "")

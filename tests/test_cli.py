@@ -1,10 +1,14 @@
-"""Reading tickets and the outbox from the command line: a filter that cannot
-match is refused with the reason, never an empty listing that looks like news."""
+"""Operator commands: a filter that cannot match is refused with the reason, never
+an empty listing that looks like news; a command that acts never acts ahead of time."""
 
 from __future__ import annotations
 
-import pytest
+from datetime import timedelta
 
+import pytest
+from sqlalchemy import select
+
+from mailgate.store.models import Ticket
 from tests.conftest import Installation, make_mail
 
 Capsys = pytest.CaptureFixture[str]
@@ -49,3 +53,40 @@ def test_outbox_retry_says_which_ids_it_did_not_queue(inst: Installation, capsys
     assert "0 mail(s) queued again" in captured.out
     assert "no outbound mail #99999" in captured.err
     assert "mail #1 is queued: only failed or dead mail is queued again" in captured.err
+
+
+ACTING = [
+    ("sla", "sweep"),
+    ("tickets", "sweep"),
+    ("credits", "sweep"),
+    ("retention", "run"),
+]
+
+
+@pytest.mark.parametrize("command", ACTING, ids=" ".join)
+def test_a_command_that_acts_refuses_a_time_still_to_come(
+    inst: Installation, capsys: Capsys, command: tuple[str, str]
+) -> None:
+    """A breach notice for a deadline not reached, a ticket closed or anonymised
+    early: what a sweep does at a future --now would stay done."""
+    number = inst.ingest(make_mail()).ticket
+    inst.send_outbox()
+    sent = len(inst.sent())
+    capsys.readouterr()
+    later = (inst.clock() + timedelta(days=400)).isoformat()
+    assert inst.cli(*command, "--now", later) == 1
+    assert "is later than now" in capsys.readouterr().err
+    assert inst.send_outbox() == 0 and len(inst.sent()) == sent  # nothing sent
+    with inst.session() as s:
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        assert ticket is not None
+        assert (ticket.status, ticket.level, ticket.anonymised_at) == ("new", "L1", None)
+    earlier = (inst.clock() - timedelta(minutes=1)).isoformat()
+    assert inst.cli(*command, "--now", earlier) == 0  # a catch-up is fine
+
+
+def test_a_retention_dry_run_may_look_ahead(inst: Installation, capsys: Capsys) -> None:
+    inst.ingest(make_mail())
+    later = (inst.clock() + timedelta(days=4000)).isoformat()
+    assert inst.cli("retention", "run", "--dry-run", "--now", later) == 0
+    assert "would anonymise" in capsys.readouterr().out
