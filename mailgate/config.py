@@ -23,7 +23,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -135,11 +137,37 @@ class ImapIntake(Strict):
     # The provider's Authentication-Results we believe (e.g. mx.google.com).
     trusted_authserv_ids: list[str] = []
 
+    @model_validator(mode="after")
+    def _folders_apart(self) -> ImapIntake:
+        # A message moved into the folder it was read from gets a new UID there:
+        # it would be read, recorded as a duplicate and moved again, for ever.
+        for key in ("processed_folder", "failed_folder"):
+            if _mailbox_name(getattr(self, key)) == _mailbox_name(self.folder):
+                raise ValueError(
+                    f"{key} is the folder mailgate reads ({self.folder}); "
+                    "give it a folder of its own, e.g. mailgate/processed"
+                )
+        return self
+
+
+def _mailbox_name(name: str) -> str:
+    """As an IMAP server compares them: INBOX in any case is INBOX (RFC 3501 5.1)."""
+    return "INBOX" if name.upper() == "INBOX" else name
+
+
+# Labels of the two forms of intake.imap: pydantic puts them in an error's
+# location, format_validation_errors leaves them out of the key it names.
+ONE_MAILBOX, MAILBOXES = "one mailbox", "a list of mailboxes"
+
 
 class Intake(Strict):
     smtp: SmtpIntake = SmtpIntake()
-    # One mailbox, or a list of them (each with its own `name`).
-    imap: ImapIntake | list[ImapIntake] = ImapIntake()
+    # One mailbox, or a list of them (each with its own `name`). Told apart by the
+    # shape of the value, so that a problem is reported once, for what was written.
+    imap: Annotated[
+        Annotated[ImapIntake, Tag(ONE_MAILBOX)] | Annotated[list[ImapIntake], Tag(MAILBOXES)],
+        Discriminator(lambda value: MAILBOXES if isinstance(value, list) else ONE_MAILBOX),
+    ] = ImapIntake()
 
     @property
     def mailboxes(self) -> list[ImapIntake]:
@@ -607,7 +635,8 @@ _FIX_HINTS = {
 def format_validation_errors(source: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"] if p not in (ONE_MAILBOX, MAILBOXES))
+        key = key or "(top level)"
         hint = _FIX_HINTS.get(err["type"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

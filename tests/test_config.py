@@ -74,6 +74,16 @@ def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
             "outbound.transport: Input should be 'maildir' or 'smtp'",
         ),
         ({"outbound": {"from": "Support <bad>"}}, "outbound.from:"),
+        (  # a moved message gets a new UID there: read again and again, for ever
+            {"intake": {"imap": {"processed_folder": "inbox"}}},
+            "intake.imap: processed_folder is the folder mailgate reads (INBOX)",
+        ),
+        (
+            {"intake": {"imap": [{"name": "a", "folder": "Support", "failed_folder": "Support"}]}},
+            "intake.imap.0: failed_folder is the folder mailgate reads (Support)",
+        ),
+        ({"intake": {"imap": {"port": "x"}}}, "intake.imap.port: Input should be a valid integer"),
+        ({"intake": {"imap": [{"prot": 1}]}}, "intake.imap.0.prot: unknown key"),
         (
             {"outbound": {"smtp": {"host": "relay.example.net", "username": "mailgate"}}},
             "outbound.smtp: username with tls: none would send the password in"
@@ -85,9 +95,9 @@ def test_bad_setting_is_named_with_file_and_key(tmp_path: Path, data: dict, expe
     path = write(tmp_path / "settings.yaml", data)
     with pytest.raises(ConfigError) as err:
         load_settings(path)
-    assert any(line.startswith(f"{path}: ") and expected in line for line in err.value.problems), (
-        err.value.problems
-    )
+    # one line, for the form that was written (one mailbox or a list of them)
+    assert len(err.value.problems) == 1, err.value.problems
+    assert err.value.problems[0].startswith(f"{path}: {expected}"), err.value.problems
 
 
 def test_a_relay_password_in_clear_only_to_loopback_or_when_forced(tmp_path: Path) -> None:
