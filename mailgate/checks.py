@@ -333,7 +333,7 @@ def check_imap(settings: Settings) -> list[str]:
     from imapclient.exceptions import IMAPClientError, LoginError
 
     from mailgate.app import App
-    from mailgate.intake.imap import Mailbox
+    from mailgate.intake.imap import Mailbox, error_text
 
     app = App(settings, migrate=False)
     problems = []
@@ -342,7 +342,8 @@ def check_imap(settings: Settings) -> list[str]:
         try:
             Mailbox(lambda: app, box).connect().logout()
         except LoginError as exc:
-            problems.append(f"{where}: login refused ({exc}); check the password or token")
+            problems.append(f"{where}: login refused ({error_text(exc)}); check the password "
+                            "or token")  # fmt: skip
         except (OSError, IMAPClientError) as exc:
             problems.append(f"{where}: cannot connect ({exc})")
         except ConfigError as exc:

@@ -242,6 +242,8 @@ def test_check_names_a_refused_login(tmp_path: Path, dovecot: Dovecot) -> None:
     (inst.root / "imap.secret").write_text("wrong\n")
     problems = check_imap(load_settings(inst.settings_file))
     assert len(problems) == 1 and "login refused" in problems[0], problems
+    assert "(Authentication failed.)" in problems[0] or "([AUTHENTICATIONFAILED]" in problems[0]
+    assert "b'" not in problems[0]  # the server's words, not a Python repr of them
     (inst.root / "imap.secret").write_text(dovecot.password + "\n")
     assert check_imap(load_settings(inst.settings_file)) == []
 

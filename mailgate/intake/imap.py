@@ -19,9 +19,11 @@ SMTP listener. One log line per state change, not per retry.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import random
+import re
 import shlex
 import socket
 import ssl
@@ -91,11 +93,13 @@ class Mailbox:
                     attempt = 0
                     self._serve(client)
             except LoginError as exc:
-                self._report("login refused", f"by {self.settings.host}: {_text(exc)}", error=True)
+                self._report(
+                    "login refused", f"by {self.settings.host}: {error_text(exc)}", error=True
+                )
             except ConfigError as exc:
                 self._report("cannot log in", "; ".join(exc.problems), error=True)
             except (OSError, IMAPClientError, TemporaryFailure) as exc:
-                self._report("disconnected", _text(exc), error=True)
+                self._report("disconnected", error_text(exc), error=True)
             except Exception:  # noqa: BLE001 - the thread must survive to reconnect
                 log.exception("imap %s: unexpected error", self.settings.name)
                 self._state = "unexpected error"
@@ -317,5 +321,11 @@ def _close(client: imapclient.IMAPClient) -> None:
             client.shutdown()
 
 
-def _text(exc: BaseException) -> str:
-    return str(exc).strip() or type(exc).__name__
+def error_text(exc: BaseException) -> str:
+    """An error as an operator reads it. imaplib's carry the server's reply as bytes,
+    and imapclient passes on str() of them: b'[AUTHENTICATIONFAILED] ...'."""
+    text = str(exc).strip()
+    if re.fullmatch(r"b(['\"]).*\1", text, re.DOTALL):
+        with contextlib.suppress(ValueError, SyntaxError):
+            text = ast.literal_eval(text).decode("utf-8", "replace").strip()
+    return text or type(exc).__name__
