@@ -294,6 +294,7 @@ def test_killed_between_commit_and_move_one_ticket_one_ack(
     assert count(inst, OutboxMail, OutboxMail.kind == "ack") == 1
     assert count(inst, IngestRecord) == 1  # only the MOVE: the same message, no new row
     assert "already stored as ingest #1" in running.log()
+    assert "message decided" not in running.log()  # nor counted in the metrics again
 
 
 @pytest.mark.slow

@@ -84,9 +84,14 @@ class Result:
     sla: dict[str, str] | None = None  # a new ticket's deadlines, ISO 8601 UTC, per target
     identity: str | None = None  # who the directory says the sender is (see `describe`)
     rules: dict[str, Any] | None = None  # what the rules set on a new ticket
+    # A message fetched again after it was stored (IMAP, before its move): the
+    # earlier decision, told again to the caller, not a new one to log or count.
+    replayed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        shown = asdict(self)
+        del shown["replayed"]
+        return shown
 
 
 def dedupe_key(raw: bytes, msg: ParsedMessage | None) -> str:
@@ -168,6 +173,8 @@ def process(
             raise TemporaryFailure(unavailable(exc)) from exc
         except OSError as exc:
             raise TemporaryFailure(f"cannot write under data_dir: {exc}") from exc
+    if result.replayed:  # logged once, when it was decided (the metrics count these lines)
+        return result
     log.info(
         "message decided",
         extra={
@@ -250,7 +257,7 @@ def _unit_of_work(
             log.info("%s: already stored as ingest #%s", envelope.mailbox_uid, fetched.id)
             number = _ticket_number(session, fetched.ticket_id)
             return Result(fetched.outcome, fetched.reason, number, message_id,
-                          fetched.matched_by, sender, fetched.id)  # fmt: skip
+                          fetched.matched_by, sender, fetched.id, replayed=True)  # fmt: skip
     if first is not None:
         record.dedupe_key, record.duplicate_of_id = None, first.id
         record.ticket_id = first.ticket_id
