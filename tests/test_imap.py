@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from mailgate.config import ImapIntake
 from mailgate.intake.imap import Mailbox, backoff, destination
-from mailgate.store.models import IngestRecord, OutboxMail, Ticket
+from mailgate.store.models import Article, IngestRecord, OutboxMail, Ticket
 from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at, make_mail
 from tests.daemon import launch
 from tests.dovecot import Dovecot, start_dovecot
@@ -140,13 +140,32 @@ def test_without_move_only_our_message_is_expunged(
 
 
 def test_too_large_mail_goes_to_the_failed_folder_and_the_rest_goes_on(
-    inst: Installation, dovecot: Dovecot, password: None
+    inst: Installation, dovecot: Dovecot, password: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dovecot.append(mail(1, body="x" * 50_000))
     dovecot.append(mail(2))
     with Running(inst, settings_for(dovecot, idle=False, max_message_bytes=20_000)):
         eventually(lambda: held(dovecot, PROCESSED) == 1 and held(dovecot, FAILED) == 1)
     assert count(inst, Ticket) == 1
+    # Not filed in silence: held with its header and why, where held mail is listed.
+    with inst.session() as s:
+        record = s.scalar(select(IngestRecord).where(IngestRecord.outcome == "quarantined"))
+        assert record is not None
+        assert (record.message_id, record.sender) == ("imap-1@acme.example", "alice@acme.example")
+        assert record.reason.startswith("not fetched: ")
+        assert "over intake.imap.max_message_bytes (20000)" in record.reason
+        assert f"the original is in IMAP folder {FAILED}" in record.reason
+    capsys.readouterr()
+    assert inst.cli("quarantine", "list") == 0
+    listed = capsys.readouterr().out
+    assert "alice@acme.example  Export fails 1  not fetched: 52" in listed
+    # Released, it becomes a ticket whose text tells staff where the original is.
+    assert inst.cli("quarantine", "release", str(record.id)) == 0
+    with inst.session() as s:
+        text = s.scalar(select(Article.text).where(Article.direction == "in").order_by(
+            Article.id.desc()))  # fmt: skip
+    assert text is not None and f"the original is in IMAP folder {FAILED}" in text
+    assert count(inst, Ticket) == 2
 
 
 def test_a_dovecot_restart_is_survived_with_nothing_lost_or_doubled(
@@ -498,6 +517,10 @@ def test_a_message_too_slow_to_fetch_goes_to_the_failed_folder(
         proxy.close()
     assert held(dovecot, PROCESSED) == 1
     assert any("fetch_timeout_seconds" in r.getMessage() for r in caplog.records)
+    with inst.session() as s:
+        reasons = list(s.scalars(select(IngestRecord.reason).where(
+            IngestRecord.outcome == "quarantined")))  # fmt: skip
+    assert len(reasons) == 1 and "fetch took over fetch_timeout_seconds (2 s)" in reasons[0]
 
 
 def test_idle_is_reissued_within_idle_seconds(

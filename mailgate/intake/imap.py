@@ -45,6 +45,8 @@ log = logging.getLogger("mailgate.imap")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
+# The header of a message held back (_hold): enough for its sender, subject and ids.
+HEADER_BYTES = 65_536
 FETCH_ATTEMPTS = 2  # a message whose fetch was cut this often goes to failed_folder
 # Outcomes kept for an operator rather than filed as handled.
 FAILED_OUTCOMES = frozenset({"quarantined"})
@@ -246,30 +248,47 @@ class Mailbox:
         s = self.settings
         size = int(client.fetch([uid], ["RFC822.SIZE"]).get(uid, {}).get(b"RFC822.SIZE", 0))
         if size > s.max_message_bytes:
-            log.warning("imap %s: uid %s is %s bytes, over max_message_bytes: to %s",
-                        s.name, uid, size, s.failed_folder)  # fmt: skip
-            self._file(client, uid, s.failed_folder)
+            why = f"{size} bytes, over intake.imap.max_message_bytes ({s.max_message_bytes})"
+            self._hold(client, uid, why)
             return
         if self._slow.get(uid, 0) >= FETCH_ATTEMPTS:
-            log.warning("imap %s: uid %s took over fetch_timeout_seconds %s times: to %s",
-                        s.name, uid, FETCH_ATTEMPTS, s.failed_folder)  # fmt: skip
-            self._file(client, uid, s.failed_folder)
+            why = (f"its fetch took over fetch_timeout_seconds ({s.fetch_timeout_seconds} s) "
+                   f"{FETCH_ATTEMPTS} times")  # fmt: skip
+            self._hold(client, uid, why)
             del self._slow[uid]
             return
         raw = self._fetch(client, uid)
         if raw is None:
             return
-        app = self._app()
-        envelope = Envelope(
+        result = process(self._app(), raw, self._envelope(uid))
+        if self.fault is not None:
+            self.fault.reached("imap_after_commit", raw)
+        self._file(client, uid, destination(s, result.outcome))
+
+    def _envelope(self, uid: int, held: str | None = None) -> Envelope:
+        s = self.settings
+        return Envelope(
             source="imap",
             rcpt_to=(s.username,),
             trusted_authserv_ids=tuple(s.trusted_authserv_ids),
             mailbox_uid=f"{s.name}/{s.folder}/{self._uidvalidity}/{uid}",
+            held=held,
         )
-        result = process(app, raw, envelope)
-        if self.fault is not None:
-            self.fault.reached("imap_after_commit", raw)
-        self._file(client, uid, destination(s, result.outcome))
+
+    def _hold(self, client: imapclient.IMAPClient, uid: int, why: str) -> None:
+        """A message not fetched whole goes to failed_folder, and is recorded as
+        quarantined with its header, so an operator finds it where held mail is
+        listed (`mailgate quarantine list`), as an SMTP sender would hear of it."""
+        s = self.settings
+        log.warning("imap %s: uid %s: %s: to %s", s.name, uid, why, s.failed_folder)
+        reason = f"not fetched: {why}; the original is in IMAP folder {s.failed_folder}"
+        fetched = client.fetch([uid], [f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"]).get(uid)
+        if fetched is None:
+            return  # expunged by someone else meanwhile
+        header = next((bytes(v) for k, v in fetched.items() if k.startswith(b"BODY[HEADER]")), b"")
+        stand_in = header.rstrip(b"\r\n") + f"\r\n\r\n[mailgate: {reason}]\r\n".encode()
+        process(self._app(), stand_in, self._envelope(uid, held=reason))
+        self._file(client, uid, s.failed_folder)
 
     def _fetch(self, client: imapclient.IMAPClient, uid: int) -> bytes | None:
         # The socket timeout only bounds each read: a server trickling bytes would

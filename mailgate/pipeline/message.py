@@ -25,6 +25,9 @@ class Envelope:
     # IMAP: "source/folder/UIDVALIDITY/UID". The same message fetched again
     # (the source stopped between its commit and its MOVE) is no new delivery.
     mailbox_uid: str | None = None
+    # The source kept the message back and passes on a stand-in (IMAP: over
+    # max_message_bytes, or too slow to fetch): quarantined, for this reason.
+    held: str | None = None
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,9 @@ def process(
         screening = screen(msg, ScreenContext(app.signer, app.settings.support_address, envelope))
     except ParseError as exc:
         msg, screening = None, Screening("quarantined", f"not parsed: {exc}")
-    if msg and msg.sender and screening.outcome is None:
+    if envelope.held:
+        screening = Screening("quarantined", envelope.held)
+    elif msg and msg.sender and screening.outcome is None:
         screening = _authenticate(app, raw, msg, screening, envelope)
     key = dedupe_key(raw, msg)
     for attempt in (1, 2):
