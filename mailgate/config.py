@@ -108,6 +108,18 @@ class SmtpIntake(Strict):
     # The upstream MTA (an MX in front of us) whose Authentication-Results we believe.
     trusted_authserv_ids: list[str] = []
 
+    @model_validator(mode="after")
+    def _tls_for_what_needs_it(self) -> SmtpIntake:
+        # Without a certificate neither would ever happen, and nothing would say so.
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            if self.tls_port is not None:
+                raise ValueError("tls_port needs tls_cert_file and tls_key_file (the "
+                                 "certificate served there)")  # fmt: skip
+            if self.auth_users_file is not None:
+                raise ValueError("auth_users_file needs tls_cert_file and tls_key_file: AUTH "
+                                 "is offered only over TLS, never a password in clear")  # fmt: skip
+        return self
+
 
 class ImapIntake(Strict):
     enabled: bool = False

@@ -74,6 +74,15 @@ def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
             "outbound.transport: Input should be 'maildir' or 'smtp'",
         ),
         ({"outbound": {"from": "Support <bad>"}}, "outbound.from:"),
+        (
+            {"intake": {"smtp": {"tls_port": 4650}}},
+            "intake.smtp: tls_port needs tls_cert_file and tls_key_file",
+        ),
+        (
+            {"intake": {"smtp": {"auth_users_file": "users", "tls_cert_file": "c.pem"}}},
+            "intake.smtp: auth_users_file needs tls_cert_file and tls_key_file: AUTH is "
+            "offered only over TLS",
+        ),
         (  # a moved message gets a new UID there: read again and again, for ever
             {"intake": {"imap": {"processed_folder": "inbox"}}},
             "intake.imap: processed_folder is the folder mailgate reads (INBOX)",
@@ -493,9 +502,12 @@ def test_check_names_a_broken_smtp_certificate_or_key(
 NO_AUTH = "create it with one user:password line per client, or remove the key for no AUTH"
 
 
-def test_check_names_a_missing_or_broken_smtp_users_file(install, tmp_path: Path) -> None:  # noqa: ANN001
-    users = tmp_path / "smtp-users"
-    inst = install(settings={"intake": {"smtp": {"auth_users_file": str(users)}}})
+def test_check_names_a_missing_or_broken_smtp_users_file(
+    install, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:  # noqa: ANN001
+    users, (cert, key) = tmp_path / "smtp-users", certificate
+    smtp = {"auth_users_file": str(users), "tls_cert_file": str(cert), "tls_key_file": str(key)}
+    inst = install(settings={"intake": {"smtp": smtp}})
     where = f"error: {inst.settings_file}: intake.smtp.auth_users_file"
     assert check(inst) == [f"{where}: {users} not found ({NO_AUTH})"]
 

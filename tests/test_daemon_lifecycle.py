@@ -88,10 +88,13 @@ def errors(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
-def test_a_missing_smtp_users_file_refuses_to_start_with_one_line(tmp_path: Path) -> None:
-    users = tmp_path / "smtp-users"
+def test_a_missing_smtp_users_file_refuses_to_start_with_one_line(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    users, (cert, key) = tmp_path / "smtp-users", certificate
     inst = install_at(tmp_path, Clockwork(), {"intake": {"smtp": {
-        "port": free_port(), "auth_users_file": str(users)}}})  # fmt: skip
+        "port": free_port(), "auth_users_file": str(users),
+        "tls_cert_file": str(cert), "tls_key_file": str(key)}}})  # fmt: skip
     assert errors(run_briefly(inst.settings_file)) == [
         f"error: {inst.settings_file}: intake.smtp.auth_users_file: {users} not found (create "
         "it with one user:password line per client, or remove the key for no AUTH)"
