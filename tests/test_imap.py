@@ -376,6 +376,7 @@ class Proxy:
         self.target = target_port
         self.frozen = threading.Event()
         self.rate: float | None = None  # bytes per second from the server, when trickling
+        self.cut_on: bytes | None = None  # a client command cut before it reaches the server, once
         self.said = bytearray()  # everything the client sent
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -412,6 +413,11 @@ class Proxy:
                 time.sleep(len(data) / self.rate)
             if not from_server:
                 self.said += data
+                if self.cut_on and self.cut_on in data:
+                    self.cut_on = None
+                    src.close()
+                    dst.close()
+                    return
             try:
                 dst.sendall(data)
             except OSError:
@@ -426,6 +432,29 @@ class Proxy:
         for a, b in self.links:
             a.close()
             b.close()
+
+
+def test_without_move_a_message_left_deleted_by_a_cut_is_expunged_at_the_next_session(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copied and flagged \\Deleted, then the link cut before the EXPUNGE: the next
+    session expunges it (searches skip \\Deleted mail, so nothing else would), and
+    still never someone else's \\Deleted mail."""
+    server = start_dovecot(tmp_path / "nomove", without=("MOVE",))
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    proxy = Proxy(server.port)
+    proxy.cut_on = b"EXPUNGE"
+    try:
+        theirs = server.append(mail(99), flags=[b"\\Deleted"])
+        server.append(mail(1))
+        with Running(inst, settings_for(server, port=proxy.port, idle=False, poll_seconds=1)):
+            eventually(lambda: proxy.cut_on is None, what="the cut")
+            eventually(lambda: server.uids("INBOX") == [theirs], what="ours expunged")
+        assert held(server, PROCESSED) == 1
+        assert count(inst, Ticket) == 1
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_a_silently_cut_idle_link_is_noticed_and_mail_meanwhile_ingested(

@@ -48,6 +48,8 @@ BACKOFF_MAX = 300.0
 # The header of a message held back (_hold): enough for its sender, subject and ids.
 HEADER_BYTES = 65_536
 FETCH_ATTEMPTS = 2  # a message whose fetch was cut this often goes to failed_folder
+# Set with \\Deleted when filing without MOVE: marks the message as copied by us.
+FILED = b"$MailgateFiled"
 # Outcomes kept for an operator rather than filed as handled.
 FAILED_OUTCOMES = frozenset({"quarantined"})
 
@@ -236,6 +238,8 @@ class Mailbox:
     def drain(self, client: imapclient.IMAPClient) -> int:
         """Process every message in the folder, oldest first; how many were filed."""
         filed = 0
+        if not client.has_capability("MOVE"):
+            _expunge_our_leftovers(client, self.settings.name)
         # Whatever the flags (\\Seen hides nothing), except mail someone else deleted.
         for uid in sorted(client.search(["NOT", "DELETED"])):
             if self._stop.is_set():
@@ -320,10 +324,20 @@ class Mailbox:
         else:
             # Only our UID is expunged (UID EXPUNGE, UIDPLUS), never others' \\Deleted mail.
             client.copy([uid], folder)
-            client.add_flags([uid], [imapclient.DELETED])
+            client.add_flags([uid], [imapclient.DELETED, FILED])
             client.expunge([uid])
         with self._app().sessions.begin() as session:
             set_state(session, f"imap.{self.settings.name}.last_uid", str(uid))
+
+
+def _expunge_our_leftovers(client: imapclient.IMAPClient, name: str) -> None:
+    """Without MOVE, a link cut between our STORE \\Deleted and our EXPUNGE leaves a
+    message that is filed (copied) but still here, skipped by every search: ours
+    carry FILED, so they are told from mail someone else deleted, and expunged."""
+    leftovers = client.search(["DELETED", "KEYWORD", FILED.decode()])
+    if leftovers:
+        log.info("imap %s: expunging %s message(s) filed before a cut", name, len(leftovers))
+        client.expunge(leftovers)
 
 
 def _cut(client: imapclient.IMAPClient, cut: threading.Event) -> None:
