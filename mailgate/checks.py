@@ -8,7 +8,14 @@ import smtplib
 import ssl
 from pathlib import Path
 
-from mailgate.config import ConfigError, Settings, load_settings, read_secret, running_user
+from mailgate.config import (
+    ConfigError,
+    Settings,
+    folder_missing,
+    load_settings,
+    read_secret,
+    running_user,
+)
 
 
 def run_checks(settings_file: Path) -> list[str]:
@@ -125,10 +132,8 @@ def check_rules(settings: Settings) -> list[str]:
 def templates_dir_problem(settings: Settings) -> str | None:
     """The line for a `templates_dir` that is not a folder (`check` and `ingest`), or None."""
     path = settings.path(settings.templates_dir)
-    if path.is_dir():
-        return None
-    what = "is not a folder" if path.exists() else "not found"
-    return f"{settings.source}: templates_dir: {path} {what}"
+    problem = folder_missing(path)
+    return f"{settings.source}: templates_dir: {path} {problem}" if problem else None
 
 
 def check_templates(settings: Settings) -> list[str]:
@@ -167,7 +172,9 @@ def sqlite_file_problems(settings: Settings) -> list[str]:
     """A SQLite database the daemon can open but not write answers 451 to every
     mail: the file, its -wal and -shm files, and its folder (where SQLite creates
     them) must be writable by the user running mailgate."""
-    path = sqlite_path(settings.database_url)
+    from mailgate.store.db import sqlite_file
+
+    path = sqlite_file(settings.database_url)
     if path is None:
         return []
     key, user = f"{settings.source}: database_url", running_user()
@@ -186,14 +193,6 @@ def sqlite_file_problems(settings: Settings) -> list[str]:
         problems.append(f"{key}: folder {path.parent} is not writable by user {user}, so SQLite "
                         f"cannot create the database's -wal and -shm files ({fix})")  # fmt: skip
     return problems
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL (made absolute by load_settings); None for anything else."""
-    if not url.startswith("sqlite"):
-        return None
-    path = url.partition("///")[2].partition("?")[0]  # as make_engine reads it
-    return Path(path) if path and path != ":memory:" else None
 
 
 def _access(path: Path, mode: int) -> bool:

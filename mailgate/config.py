@@ -716,6 +716,14 @@ def _resolve_database_url(settings: Settings) -> Settings:
     return settings.model_copy(update={"database_url": url})
 
 
+def folder_missing(path: Path) -> str | None:
+    """What is wrong with a folder a setting names ("not found", "is not a
+    folder"), or None when it is one."""
+    if path.is_dir():
+        return None
+    return "is not a folder" if path.exists() else "not found"
+
+
 def running_user() -> str:
     """The name of the user this process runs as, for "not writable by USER" lines."""
     import pwd

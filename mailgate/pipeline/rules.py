@@ -42,7 +42,7 @@ import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mailgate.config import ConfigError, GroupName
+from mailgate.config import ConfigError, GroupName, folder_missing
 from mailgate.pipeline.patterns import compile_pattern, found
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -238,8 +238,7 @@ def load_rules(directory: Path, *, setting: str = "rules_dir") -> RuleSet:
     settings file and key): a typo or a folder left out of a copy would otherwise
     silently give every ticket the default priority.
     """
-    if not directory.is_dir():
-        problem = "is not a folder" if directory.exists() else "not found"
+    if problem := folder_missing(directory):
         raise RulesError([f"{setting}: {directory} {problem} (create the folder with the "
                           "rule files; an empty folder means no rules)"])  # fmt: skip
     rules: list[Rule] = []

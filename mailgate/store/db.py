@@ -43,9 +43,9 @@ class SchemaError(Exception):
 
 def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
-        path = url.partition("///")[2].partition("?")[0]  # "" for sqlite:// (in memory)
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             # Owner-only from the start, whatever the umask: it holds every
             # ticket's text and address. SQLite gives its -wal and -shm files
             # the database file's permissions.
@@ -53,7 +53,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 # Said out loud: after a typo in database_url, a fresh database
                 # would number tickets from 1 again, beside the real one.
-                log.warning("created a new, empty database at %s", Path(path).resolve())
+                log.warning("created a new, empty database at %s", path.resolve())
         gate = _WriterGate(busy_timeout_ms / 1000)
         connect_args = {"timeout": busy_timeout_ms / 1000, "factory": gate.connection_class()}
         engine = create_engine(url, connect_args=connect_args, **kwargs)
@@ -63,6 +63,14 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
         # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT, **kwargs)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for another database or one in memory."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.partition("///")[2].partition("?")[0]  # "" for sqlite:// (in memory)
+    return Path(path) if path and path != ":memory:" else None
 
 
 # libpq options: a server that vanished without closing the connection (power
