@@ -275,7 +275,7 @@ def _blob_folder_problems(source: str, blobs: Path) -> list[str]:
 
 def check_smtp(settings: Settings) -> list[str]:
     """The listener's certificate, key and AUTH users file, read as `mailgate run` reads them."""
-    from mailgate.intake.smtp import file_problems
+    from mailgate.intake.smtp_files import file_problems
 
     return file_problems(settings)
 

@@ -39,7 +39,7 @@ from mailgate.credits.billing import sweep as credits_sweep
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener, listen_problem
-from mailgate.intake.smtp import file_problems as smtp_file_problems
+from mailgate.intake.smtp_files import file_problems as smtp_file_problems
 from mailgate.observability import Metrics, set_log_key
 from mailgate.outbound.outbox import next_attempt
 from mailgate.privacy.retention import run as retention_run
