@@ -16,6 +16,7 @@ import contextlib
 import email
 import email.policy
 import functools
+import logging
 import mailbox
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from mailgate.app import App
 from mailgate.cli import main, sync_directory_if_changed
 from mailgate.clock import Clock
 from mailgate.config import load_settings
+from mailgate.observability import CHATTY_LOGGERS
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import Result, process
 from mailgate.store.db import make_engine, upgrade
@@ -150,6 +152,19 @@ class Installation:
     def ingest_records(self) -> int:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(IngestRecord)) or 0
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """setup_logging (run by every in-process `mailgate` command) changes process-wide
+    state: put it back, so that no later test's thread writes to this test's closed
+    stderr ("--- Logging error ---")."""
+    loggers = [logging.getLogger(name) for name in ("", "mailgate", *CHATTY_LOGGERS)]
+    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
+    yield
+    for logger, handlers, level in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
 
 
 @pytest.fixture

@@ -20,21 +20,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailgate.config import ConfigError, load_settings, settings_from_mapping
-from mailgate.observability import CHATTY_LOGGERS, Metrics, setup_logging
+from mailgate.observability import Metrics, setup_logging
 from tests.conftest import NOW, ROOT, Installation, make_mail
 from tests.smtp_sink import free_port
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """setup_logging changes process-wide state: put it back for the other tests."""
-    loggers = [logging.getLogger(name) for name in ("", "mailgate", *CHATTY_LOGGERS)]
-    saved = [(logger, list(logger.handlers), logger.level) for logger in loggers]
-    yield
-    for logger, handlers, level in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-
 
 DECIDED = {"outcome": "created", "reason": "new ticket", "ticket": "SUP-2026-000001",
            "message_id": "<req-1@acme.example>", "ingest_id": 1, "ms": 12.5}  # fmt: skip
