@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import yaml
 from sqlalchemy import select
 
 from mailgate.cli import main
-from mailgate.config import ConfigError, load_settings
+from mailgate.config import ConfigError, load_settings, running_user
 from mailgate.directory import load_directory, sync_directory
 from mailgate.store.models import Contact, Staff
 from tests.conftest import ROOT, Installation, make_mail
@@ -395,10 +394,6 @@ def check(inst: Installation, **kwargs: Any) -> list[str]:
 
 
 GIVE_IT = "give it to the user that runs mailgate"
-
-
-def running_user() -> str:
-    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 @pytest.mark.parametrize("read_only", ["file", "folder"])

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from mailgate.store.models import IngestRecord, Ticket, TicketEvent
 from tests.conftest import ROOT, Installation, make_mail
-from tests.daemon import start_daemon
+from tests.daemon import RunningDaemon, start_daemon
 from tests.smtp_sink import Sink
 
 RULES = """\
@@ -147,12 +147,17 @@ def test_a_broken_rule_file_is_named_with_its_line_everywhere(
         assert session.scalars(select(IngestRecord)).all() == []
 
 
-def test_sighup_with_a_broken_rules_file_keeps_the_old_rules(tmp_path: Path, sink: Sink) -> None:
+def daemon_with_rules(tmp_path: Path, sink: Sink) -> tuple[RunningDaemon, Path]:
+    """A running daemon whose rules_dir holds RULES (service down -> P1), and that folder."""
     rules = tmp_path / "my-rules"
     rules.mkdir()
     (rules / "10-test.yaml").write_text(RULES)
     (tmp_path / "inst").mkdir()
-    daemon = start_daemon(tmp_path / "inst", sink, {"rules_dir": str(rules)})
+    return start_daemon(tmp_path / "inst", sink, {"rules_dir": str(rules)}), rules
+
+
+def test_sighup_with_a_broken_rules_file_keeps_the_old_rules(tmp_path: Path, sink: Sink) -> None:
+    daemon, rules = daemon_with_rules(tmp_path, sink)
     try:
         (rules / "10-test.yaml").write_text(BROKEN)
         daemon.signal(signal.SIGHUP)
@@ -205,11 +210,7 @@ def test_a_missing_rules_dir_is_named_everywhere_and_an_empty_one_means_no_rules
 
 
 def test_a_missing_rules_dir_refuses_a_reload_and_a_start(tmp_path: Path, sink: Sink) -> None:
-    rules = tmp_path / "my-rules"
-    rules.mkdir()
-    (rules / "10-test.yaml").write_text(RULES)
-    (tmp_path / "inst").mkdir()
-    daemon = start_daemon(tmp_path / "inst", sink, {"rules_dir": str(rules)})
+    daemon, rules = daemon_with_rules(tmp_path, sink)
     settings = daemon.inst.settings_file
     problem = f"{settings}: rules_dir: {tmp_path / 'gone'} {NO_RULES_DIR}"
     try:
