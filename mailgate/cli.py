@@ -31,7 +31,7 @@ from mailgate.store.db import SchemaError, unavailable
 from mailgate.tickets import repository as repo
 from mailgate.tickets.lifecycle import STATUSES as TICKET_STATUSES
 
-EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL = 0, 1, 2, 75
+EX_OK, EX_PROBLEM, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
 ACT_AT = "act as at this time, with a zone: now or earlier (a catch-up), never later"
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ log = logging.getLogger("mailgate")
 
 
 class CommandError(Exception):
-    """A failure the user can act on: printed as one line, exit 1."""
+    """A failure the user can act on: printed as one line, exit 1 (78 from `run`)."""
 
 
 def main(argv: Sequence[str] | None = None, *, clock: Clock = system_clock) -> int:
@@ -60,20 +60,25 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock = system_clock) -> i
         level=logging.INFO if args.handler is cmd_run else logging.WARNING,
     )
     # `ingest` answers an MTA: anything but 0 or 75 (EX_TEMPFAIL) makes it
-    # bounce the mail, so whatever stops it is "try again later".
+    # bounce the mail, so whatever stops it is "try again later". `run` tells
+    # systemd which failures a restart cannot mend: a setting, a port taken by
+    # another program, an outdated schema exit 78 (EX_CONFIG, which the unit's
+    # RestartPreventExitStatus names); a database not up yet exits 75, restarted.
     failed = EX_TEMPFAIL if args.handler is cmd_ingest else EX_PROBLEM
+    misconfigured = EX_CONFIG if args.handler is cmd_run else failed
+    unreachable = EX_TEMPFAIL if args.handler is cmd_run else failed
     try:
         return int(args.handler(args) or EX_OK)
     except ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
-        return failed
+        return misconfigured
     except (CommandError, SchemaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return failed
+        return misconfigured
     except DBAPIError as exc:  # down, locked, or its disk full, before any message
         print(f"error: {unavailable(exc)}", file=sys.stderr)
-        return failed
+        return unreachable
     except BrokenPipeError:
         return EX_OK
     except Exception:

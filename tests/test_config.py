@@ -14,7 +14,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from mailgate.cli import main
+from mailgate.cli import EX_CONFIG, main
 from mailgate.config import ConfigError, load_settings, running_user
 from mailgate.directory import load_directory, sync_directory
 from mailgate.store.models import Contact, Staff
@@ -420,7 +420,7 @@ def test_check_names_a_database_the_daemon_could_not_write(
         assert check(inst, **modes_bind) == [expected]
         # and the daemon does not start to answer 451 to every mail: it says why
         run = mailgate("--config", str(settings), "run", cwd=inst.root, **modes_bind)
-        assert run.returncode == 1
+        assert run.returncode == EX_CONFIG
         assert expected in run.stderr and "Traceback" not in run.stderr
     finally:
         target.chmod(before)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mailgate.cli import EX_CONFIG, EX_TEMPFAIL
 from tests.conftest import ROOT, Clockwork, install_at, make_mail
 from tests.daemon import open_data, read_reply, start_daemon
 from tests.smtp_sink import Sink, free_port
@@ -66,7 +67,7 @@ def test_invalid_settings_refuse_to_start_with_one_line_errors(tmp_path: Path) -
         [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "run"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG  # systemd does not restart it (RestartPreventExitStatus)
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr
     assert any("intake.smtp.port" in line and "settings.yaml" in line for line in lines)
@@ -82,10 +83,28 @@ def run_briefly(settings_file: Path) -> subprocess.CompletedProcess[str]:
 
 
 def errors(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    """The `error:` lines of a daemon that exited 1, as ConfigError makes it (systemd: failed)."""
+    """The `error:` lines of a daemon that exited 78, as ConfigError makes it (systemd:
+    failed, and not restarted)."""
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == EX_CONFIG, proc.stderr
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_database_not_up_yet_exits_75_so_systemd_starts_it_again(tmp_path: Path) -> None:
+    """Unlike a bad setting: PostgreSQL may come up a little later than we do."""
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"postgresql://mailgate@127.0.0.1:{port}/mailgate"
+    inst = install_at(tmp_path, Clockwork())
+    data = yaml.safe_load(inst.settings_file.read_text())
+    data["database_url"] = url
+    inst.settings_file.write_text(yaml.safe_dump(data))
+    proc = run_briefly(inst.settings_file)
+    assert proc.returncode == EX_TEMPFAIL, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: database unavailable: ") and str(port) in line, line
 
 
 def test_a_missing_smtp_users_file_refuses_to_start_with_one_line(

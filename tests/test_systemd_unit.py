@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.cli import EX_CONFIG, EX_TEMPFAIL
 from tests.conftest import ROOT
 
 UNIT = ROOT / "systemd" / "mailgate.service"
@@ -105,6 +106,17 @@ def test_unit_has_the_operator_contract() -> None:
         f"{INSTALLED_BINARY} --config /etc/mailgate/settings.yaml run --log-format json"
     )
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_only_failures_a_restart_cannot_mend_stop_the_restarts() -> None:
+    """`mailgate run` exits EX_CONFIG on a bad setting or a port another program
+    holds (tests/test_daemon_lifecycle.py): restarting every RestartSec would
+    only fill the journal. A database not up yet (EX_TEMPFAIL) or a crash (1)
+    is restarted."""
+    service = parse_unit(UNIT.read_text())["Service"]
+    prevented = service["RestartPreventExitStatus"].split()
+    assert prevented == [str(EX_CONFIG)]
+    assert str(EX_TEMPFAIL) not in prevented and "1" not in prevented
 
 
 def test_exec_start_is_a_valid_command_line() -> None:
