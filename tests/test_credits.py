@@ -331,6 +331,52 @@ def test_a_pack_activated_later_ends_nothing_now_and_counts_from_its_day(
     assert entries(statement(inst, capsys))[-1] == ("purchase", 20)
 
 
+OVERDRAFT = {"credits": {"organisations": {ORG: {"overdraft": True}}}}
+
+
+def test_an_overdraft_is_paid_back_from_the_next_pack_once(
+    install: Callable[..., Installation], capsys
+) -> None:
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 24 credits: 4 beyond the 20
+    assert balance(inst, capsys)["balance"] == -4
+    assert inst.cli("credits", "add", ORG, "maxi", "--reference", "PO-7") == 0
+    found = balance(inst, capsys)
+    assert (found["balance"], [p["remaining"] for p in found["packs"]]) == (96, [96])
+    assert inst.cli("credits", "sweep") == 0  # and nothing is paid back twice
+    assert entries(statement(inst, capsys))[-3:] == [
+        ("purchase", 100), ("repayment", -4), ("repayment", 4),
+    ]  # fmt: skip
+    assert balance(inst, capsys)["balance"] == 96
+
+
+def test_an_overdraft_run_up_before_a_later_pack_starts_is_paid_back_on_its_day(
+    install: Callable[..., Installation], capsys
+) -> None:
+    """The pack was recorded first, with a later activation date; the overdraft came
+    after. On the pack's day it pays the overdraft back, as a pack bought then would."""
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    assert inst.cli("credits", "add", ORG, "maxi", "--activated", "2027-01-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0
+    assert balance(inst, capsys)["balance"] == -4  # the later pack does not count yet
+
+    at(inst.clock, "2027-01-01T09:00+01:00")
+    assert inst.cli("credits", "sweep") == 0
+    assert inst.cli("credits", "sweep") == 0
+    found = balance(inst, capsys)
+    assert (found["balance"], [p["remaining"] for p in found["packs"]]) == (96, [96])
+    repaid = [e for e in statement(inst, capsys)["entries"] if e["kind"] == "repayment"]
+    assert [(e["credits"], e["at"]) for e in repaid] == [
+        (-4, "2026-12-31T23:00:00+00:00"), (4, "2026-12-31T23:00:00+00:00"),  # midnight in Paris
+    ]  # fmt: skip
+
+
 def test_a_pretend_time_books_nothing(inst: Installation, clock: Clockwork, capsys) -> None:
     at(clock, AUDIT_DAY)
     assert inst.cli("credits", "add", ORG, "light") == 0  # valid until 4 December 2027

@@ -92,11 +92,12 @@ def credit_context(
 
 @dataclass(frozen=True)
 class CreditSweepReport:
-    settled: int  # ledger entries booked (expiries, rollovers)
+    settled: int  # ledger entries booked (expiries, rollovers, overdraft repayments)
     notices: int
 
     def __str__(self) -> str:
-        return f"{self.settled} expiry or rollover entries, {self.notices} expiry notices"
+        booked = f"{self.settled} expiry, rollover or repayment entries"
+        return f"{booked}, {self.notices} expiry notices"
 
 
 def sweep(app: App, now: datetime) -> CreditSweepReport:

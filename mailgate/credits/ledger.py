@@ -189,21 +189,8 @@ def add_pack(
     note = f"pack {pack_name}" + (f", {reference}" if reference else "")
     _entry(session, org_id, "purchase", pack.size, activated, now, pack_id=row.id,
            note=note[:300])  # fmt: skip
-    debt = -int(
-        session.scalar(
-            select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
-                CreditEntry.organisation_id == org_id, CreditEntry.pack_id.is_(None)
-            )
-        )
-        or 0
-    )
-    if debt > 0:  # the overdraft is paid back out of the new pack
-        repaid = min(debt, pack.size)
-        _entry(session, org_id, "repayment", -repaid, activated, now, pack_id=row.id,
-               note="overdraft paid back from this pack")  # fmt: skip
-        _entry(session, org_id, "repayment", repaid, activated, now,
-               note=f"overdraft paid back from pack #{row.id}")  # fmt: skip
     session.flush()
+    _repay_overdraft(session, org_id, now, [row])  # a pack valid now repays at once
     return row
 
 
@@ -227,7 +214,10 @@ def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> l
 def _settle(
     session: Session, settings: Credits, org_id: str, now: datetime, packs: list[CreditPackRow]
 ) -> list[CreditEntry]:
-    booked: list[CreditEntry] = []
+    # Before anything ends: a pack that became valid while the organisation was
+    # overdrawn repays it first, whether it was bought then or recorded earlier
+    # with a later activation date.
+    booked = _repay_overdraft(session, org_id, now, packs)
     for pack in packs:  # oldest end first, so a chain of rollovers settles in order
         if pack.expires_at > now:
             break
@@ -246,6 +236,43 @@ def _settle(
                        pack_id=into.id, note=f"carried over from pack #{pack.id}"),
             ]  # fmt: skip
         session.flush()
+    return booked
+
+
+def _repay_overdraft(
+    session: Session, org_id: str, now: datetime, packs: Sequence[CreditPackRow]
+) -> list[CreditEntry]:
+    """Pay an overdraft back out of packs, oldest end first: each repayment is a pair
+    of entries (out of the pack, into the overdraft), dated when it became possible,
+    the later of the pack's activation and the last overdraft, while the pack was
+    valid. Booked once: an overdraft paid back is no longer owed."""
+    owed = session.execute(
+        select(func.coalesce(func.sum(CreditEntry.credits), 0), func.max(CreditEntry.at)).where(
+            CreditEntry.organisation_id == org_id,
+            CreditEntry.pack_id.is_(None),
+            CreditEntry.at <= now,
+        )
+    ).one()
+    debt, last_owed = -int(owed[0] or 0), owed[1]
+    booked: list[CreditEntry] = []
+    if debt <= 0:
+        return booked
+    remaining = _remaining(session, [p.id for p in packs])
+    for pack in packs:
+        at = max(pack.activated_at, last_owed)
+        repaid = min(debt, remaining.get(pack.id, 0))
+        if repaid <= 0 or not at <= now or at >= pack.expires_at:
+            continue
+        booked += [
+            _entry(session, org_id, "repayment", -repaid, at, now, pack_id=pack.id,
+                   note="overdraft paid back from this pack"),
+            _entry(session, org_id, "repayment", repaid, at, now,
+                   note=f"overdraft paid back from pack #{pack.id}"),
+        ]  # fmt: skip
+        debt -= repaid
+        if debt == 0:
+            break
+    session.flush()
     return booked
 
 
