@@ -168,6 +168,35 @@ def test_too_large_mail_goes_to_the_failed_folder_and_the_rest_goes_on(
     assert count(inst, Ticket) == 2
 
 
+def test_a_known_sender_of_too_large_mail_is_told_once_robots_and_strangers_never(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """Over SMTP the sender's own server tells them (our 552); over IMAP the
+    provider took the mail, so without a word from us they would wait for an
+    ack that never comes."""
+    big = "x" * 50_000
+    dovecot.append(mail(1, body=big))
+    dovecot.append(mail(2, body=big))  # the same person again the same day: told once
+    dovecot.append(make_mail(sender="Eve <eve@elsewhere.example>", message_id="imap-3@x.example",
+                             body=big).as_bytes())  # fmt: skip
+    dovecot.append(make_mail(message_id="imap-4@acme.example", body=big,
+                             headers={"Auto-Submitted": "auto-replied"}).as_bytes())  # fmt: skip
+    with Running(inst, settings_for(dovecot, idle=False, max_message_bytes=20_000)):
+        eventually(lambda: held(dovecot, FAILED) == 4)
+    assert count(inst, IngestRecord, IngestRecord.outcome == "quarantined") == 4
+    (notice,) = [m for m in inst.sent() if m["To"] is not None]
+    assert notice["To"] == "alice@acme.example"
+    assert notice["In-Reply-To"] == "<imap-1@acme.example>"
+    assert notice["Auto-Submitted"] == "auto-replied"
+    text = " ".join(notice.get_body(("plain",)).get_content().split())
+    assert "votre message dépasse la taille que notre service support peut recevoir" in text
+    assert "référent" not in text  # sending it again, smaller, is what to do
+    with inst.session() as s:
+        told = s.scalars(select(IngestRecord.message_id).where(
+            IngestRecord.reason.endswith("; the sender was told"))).all()  # fmt: skip
+    assert told == ["imap-1@acme.example"]
+
+
 def test_a_dovecot_restart_is_survived_with_nothing_lost_or_doubled(
     inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
 ) -> None:

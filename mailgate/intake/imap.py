@@ -253,7 +253,9 @@ class Mailbox:
         size = int(client.fetch([uid], ["RFC822.SIZE"]).get(uid, {}).get(b"RFC822.SIZE", 0))
         if size > s.max_message_bytes:
             why = f"{size} bytes, over intake.imap.max_message_bytes ({s.max_message_bytes})"
-            self._hold(client, uid, why)
+            # An SMTP sender hears of this from their own server (our 552); here
+            # the provider took the mail, so we tell a known sender ourselves.
+            self._hold(client, uid, why, notice="too_large")
             return
         if self._slow.get(uid, 0) >= FETCH_ATTEMPTS:
             why = (f"its fetch took over fetch_timeout_seconds ({s.fetch_timeout_seconds} s) "
@@ -269,7 +271,7 @@ class Mailbox:
             self.fault.reached("imap_after_commit", raw)
         self._file(client, uid, destination(s, result.outcome))
 
-    def _envelope(self, uid: int, held: str | None = None) -> Envelope:
+    def _envelope(self, uid: int, held: str | None = None, notice: str | None = None) -> Envelope:
         s = self.settings
         return Envelope(
             source="imap",
@@ -277,9 +279,12 @@ class Mailbox:
             trusted_authserv_ids=tuple(s.trusted_authserv_ids),
             mailbox_uid=f"{s.name}/{s.folder}/{self._uidvalidity}/{uid}",
             held=held,
+            held_notice=notice,
         )
 
-    def _hold(self, client: imapclient.IMAPClient, uid: int, why: str) -> None:
+    def _hold(
+        self, client: imapclient.IMAPClient, uid: int, why: str, notice: str | None = None
+    ) -> None:
         """A message not fetched whole goes to failed_folder, and is recorded as
         quarantined with its header, so an operator finds it where held mail is
         listed (`mailgate quarantine list`), as an SMTP sender would hear of it."""
@@ -291,7 +296,7 @@ class Mailbox:
             return  # expunged by someone else meanwhile
         header = next((bytes(v) for k, v in fetched.items() if k.startswith(b"BODY[HEADER]")), b"")
         stand_in = header.rstrip(b"\r\n") + f"\r\n\r\n[mailgate: {reason}]\r\n".encode()
-        process(self._app(), stand_in, self._envelope(uid, held=reason))
+        process(self._app(), stand_in, self._envelope(uid, held=reason, notice=notice))
         self._file(client, uid, s.failed_folder)
 
     def _fetch(self, client: imapclient.IMAPClient, uid: int) -> bytes | None:

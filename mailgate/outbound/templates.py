@@ -122,7 +122,7 @@ ALL_KEYS = frozenset().union(*CONTEXT_KEYS.values())
 
 # Reason codes the rejection templates translate; any other value gets a
 # generic sentence, so an internal detail can never leak into the mail.
-REJECTION_REASONS = ("unknown_sender", "not_admin", "no_contract", "no_credit")
+REJECTION_REASONS = ("unknown_sender", "not_admin", "no_contract", "no_credit", "too_large")
 
 _LANGUAGE = re.compile(r"[a-z]{2,8}(?:-[a-z0-9]{1,8})*")
 _KIND = re.compile(r"[a-z][a-z0-9_]*")

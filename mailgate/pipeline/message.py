@@ -28,6 +28,9 @@ class Envelope:
     # The source kept the message back and passes on a stand-in (IMAP: over
     # max_message_bytes, or too slow to fetch): quarantined, for this reason.
     held: str | None = None
+    # ...and, when the sender should hear of it, the rejection reason code they
+    # are told (too_large); never sent to automated mail or a stranger.
+    held_notice: str | None = None
 
 
 @dataclass(frozen=True)

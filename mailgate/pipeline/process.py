@@ -149,6 +149,8 @@ def process(
     except ParseError as exc:
         msg, screening = None, Screening("quarantined", f"not parsed: {exc}")
     if envelope.held:
+        if screening.outcome is not None:  # a robot's or a looping mail: never answered
+            envelope = replace(envelope, held_notice=None)
         screening = Screening("quarantined", envelope.held)
     elif msg and msg.sender and screening.outcome is None:
         screening = _authenticate(app, raw, msg, screening, envelope)
@@ -296,19 +298,21 @@ def _decide_and_apply(
         if screening.outcome == "bounce" and msg is not None:
             decision, record.ticket_id = apply_bounce(app, session, raw, msg, screening)
             return _record(session, record, decision, _ticket_number(session, record.ticket_id))
-        return _record(
-            session,
-            record,
-            decide(
-                screening,
-                None,
-                None,
-                now=now,
-                reopen_window=timedelta(0),
-                rejection_recently_sent=False,
-            ),
+        decision = decide(
+            screening,
             None,
+            None,
+            now=now,
+            reopen_window=timedelta(0),
+            rejection_recently_sent=False,
         )
+        if (
+            envelope.held_notice
+            and msg
+            and _tell_held_sender(app, session, msg, envelope.held_notice, now)
+        ):
+            decision = replace(decision, reason=f"{decision.reason}; the sender was told")
+        return _record(session, record, decision, None)
 
     assert sender is not None
     identity = identify(sender, repo.find_person(session, sender), now.date())
@@ -462,6 +466,32 @@ def _flag(ticket: Ticket, decision: Decision) -> None:
                          (NO_CREDIT_TAG, decision.no_credit)):  # fmt: skip
         if applies and tag not in ticket.tags:
             ticket.tags = [*ticket.tags, tag]
+
+
+def _tell_held_sender(
+    app: App, session: Session, msg: ParsedMessage, code: str, now: datetime
+) -> bool:
+    """Tell a person of the directory that their mail was held (`code`: a rejection
+    reason), at most once per reject_notice_hours, as a rejection is. Strangers are
+    not told: the address may be forged, and the mail is often spam."""
+    sender = msg.sender
+    person = repo.find_person(session, sender) if sender else None
+    if sender is None or person is None or not person.active:
+        return False
+    since = now - timedelta(hours=app.settings.tickets.reject_notice_hours)
+    if repo.recent_mail_to(session, sender, "rejection", since):
+        return False
+    queued = app.mailer.queue(
+        session,
+        kind="rejection",
+        to=[sender],
+        language=person.language,
+        context={"reason": code, "ticket": None, "requester_name": person.name},
+        now=now,
+        answers=msg.message_id,
+        references=msg.references,
+    )
+    return queued is not None
 
 
 def _queue_spoof_notice(app: App, session: Session, identity: Identity, now: datetime) -> None:
