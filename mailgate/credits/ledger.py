@@ -246,6 +246,8 @@ def _repay_overdraft(
     of entries (out of the pack, into the overdraft), dated when it became possible,
     the later of the pack's activation and the last overdraft, while the pack was
     valid. Booked once: an overdraft paid back is no longer owed."""
+    if not packs:  # never on credit (most organisations): nothing to ask the database
+        return []
     owed = session.execute(
         select(func.coalesce(func.sum(CreditEntry.credits), 0), func.max(CreditEntry.at)).where(
             CreditEntry.organisation_id == org_id,
