@@ -237,6 +237,43 @@ def test_a_changed_uidvalidity_doubles_nothing(
     assert len([r for r in caplog.records if "UIDVALIDITY" in r.getMessage()]) == 1
 
 
+def test_watching_another_folder_is_no_changed_uidvalidity(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with dovecot.session() as client:
+        client.create_folder("Support")
+        client.append("Support", mail(2))
+    dovecot.append(mail(1))
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, PROCESSED) == 1)
+    with Running(inst, settings_for(dovecot, idle=False, folder="Support")):
+        eventually(lambda: held(dovecot, PROCESSED) == 2)
+    assert count(inst, Ticket) == 2
+    assert [r.getMessage() for r in caplog.records if "UIDVALIDITY" in r.getMessage()] == []
+
+
+def test_held_mail_found_again_after_a_changed_uidvalidity_joins_the_held_mail(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """A crash between the commit and the move leaves a quarantined mail in the
+    folder; fetched again under a new UIDVALIDITY it is a duplicate, and was filed
+    as handled, away from the held mail an operator looks for."""
+    ambiguous = mail(1).replace(b"From: ", b"From: Mallory <mallory@x.example>\nFrom: ", 1)
+    dovecot.append(ambiguous)
+    dovecot.append(mail(2))
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, FAILED) == 1 and held(dovecot, PROCESSED) == 1)
+    dovecot.append(ambiguous)  # as if never moved
+    dovecot.append(mail(2))
+    dovecot.recreate_inbox()
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: dovecot.uids("INBOX") == [], what="re-filed")
+    assert (held(dovecot, FAILED), held(dovecot, PROCESSED)) == (2, 2)
+    assert all(b"mallory@x.example" in raw for raw in dovecot.fetch_all(FAILED).values())
+    assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 2
+
+
 def test_implicit_tls_and_starttls_with_the_operators_ca(
     inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,6 +347,7 @@ def test_quarantined_mail_is_filed_as_failed() -> None:
     assert destination(box, "quarantined") == box.failed_folder
     for outcome in ("created", "threaded", "duplicate", "ignored", "rejected", "bounce"):
         assert destination(box, outcome) == box.processed_folder
+    assert destination(box, "duplicate", held=True) == box.failed_folder
 
 
 # -- the daemon ---------------------------------------------------------------------------
@@ -481,6 +519,36 @@ def test_without_move_a_message_left_deleted_by_a_cut_is_expunged_at_the_next_se
             eventually(lambda: server.uids("INBOX") == [theirs], what="ours expunged")
         assert held(server, PROCESSED) == 1
         assert count(inst, Ticket) == 1
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def test_without_uidplus_no_uid_expunge_and_never_someone_elses_deleted_mail(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """UID EXPUNGE is UIDPLUS's: a server without it refuses the command. A plain
+    EXPUNGE removes every \\Deleted message, so it waits until all of them are ours."""
+    server = start_dovecot(tmp_path / "plain", without=("MOVE", "UIDPLUS"))
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    proxy = Proxy(server.port)
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    try:
+        theirs = server.append(mail(99), flags=[b"\\Deleted"])  # someone else's
+        ours = server.append(mail(1))
+        with Running(inst, settings_for(server, port=proxy.port, idle=False)):
+            eventually(lambda: held(server, PROCESSED) == 1, what="copied")
+            time.sleep(1.5)  # another drain or two: ours is not processed again
+            assert server.uids("INBOX") == [theirs, ours]
+            with server.session() as client:  # its owner expunges it, by UID
+                client.select_folder("INBOX")
+                client.expunge([theirs])
+            eventually(lambda: server.uids("INBOX") == [], what="ours expunged")
+        assert b"UID EXPUNGE" not in bytes(proxy.said).upper()
+        assert (held(server, PROCESSED), count(inst, IngestRecord)) == (1, 1)
+        [warning] = [r.getMessage() for r in caplog.records if "UIDPLUS" in r.getMessage()]
+        assert "1 message(s) another client deleted" in warning
     finally:
         proxy.close()
         server.stop()

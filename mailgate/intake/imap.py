@@ -60,8 +60,12 @@ def backoff(attempt: int, rng: random.Random) -> float:
     return rng.uniform(ceiling / 2, ceiling)  # jitter: mailboxes of one provider do not stampede
 
 
-def destination(settings: ImapIntake, outcome: str) -> str:
-    return settings.failed_folder if outcome in FAILED_OUTCOMES else settings.processed_folder
+def destination(settings: ImapIntake, outcome: str, *, held: bool = False) -> str:
+    """Where a message goes once stored: `held`, a copy of quarantined mail (fetched
+    again after a crash and a changed UIDVALIDITY, say) joins the held mail."""
+    if held or outcome in FAILED_OUTCOMES:
+        return settings.failed_folder
+    return settings.processed_folder
 
 
 class Mailbox:
@@ -203,7 +207,10 @@ class Mailbox:
                 client.noop()
 
     def _remember_uidvalidity(self, uidvalidity: int) -> None:
-        key = f"imap.{self.settings.name}.uidvalidity"
+        # Per folder: another `folder:` is another UID space, not a changed one.
+        # (Until 2026-12 the key had no folder; the first start after the upgrade
+        # just records the value, without a warning.)
+        key = f"imap.{self.settings.name}.{self.settings.folder}.uidvalidity"
         with self._app().sessions.begin() as session:
             known = get_state(session, key)
             if known is not None and known != str(uidvalidity):
@@ -239,7 +246,7 @@ class Mailbox:
         """Process every message in the folder, oldest first; how many were filed."""
         filed = 0
         if not client.has_capability("MOVE"):
-            _expunge_our_leftovers(client, self.settings.name)
+            self._expunge_our_leftovers(client)
         # Whatever the flags (\\Seen hides nothing), except mail someone else deleted.
         for uid in sorted(client.search(["NOT", "DELETED"])):
             if self._stop.is_set():
@@ -269,7 +276,7 @@ class Mailbox:
         result = process(self._app(), raw, self._envelope(uid))
         if self.fault is not None:
             self.fault.reached("imap_after_commit", raw)
-        self._file(client, uid, destination(s, result.outcome))
+        self._file(client, uid, destination(s, result.outcome, held=result.held))
 
     def _envelope(self, uid: int, held: str | None = None, notice: str | None = None) -> Envelope:
         s = self.settings
@@ -327,22 +334,40 @@ class Mailbox:
         if client.has_capability("MOVE"):
             client.move([uid], folder)
         else:
-            # Only our UID is expunged (UID EXPUNGE, UIDPLUS), never others' \\Deleted mail.
             client.copy([uid], folder)
             client.add_flags([uid], [imapclient.DELETED, FILED])
-            client.expunge([uid])
-        with self._app().sessions.begin() as session:
-            set_state(session, f"imap.{self.settings.name}.last_uid", str(uid))
+            self._expunge(client, [uid])
 
+    def _expunge_our_leftovers(self, client: imapclient.IMAPClient) -> None:
+        """Without MOVE, a link cut between our STORE \\Deleted and our EXPUNGE leaves a
+        message that is filed (copied) but still here, skipped by every search: ours
+        carry FILED, so they are told from mail someone else deleted, and expunged."""
+        leftovers = client.search(["DELETED", "KEYWORD", FILED.decode()])
+        if leftovers:
+            log.info("imap %s: expunging %s message(s) filed before", self.settings.name,
+                     len(leftovers))  # fmt: skip
+            self._expunge(client, leftovers)
 
-def _expunge_our_leftovers(client: imapclient.IMAPClient, name: str) -> None:
-    """Without MOVE, a link cut between our STORE \\Deleted and our EXPUNGE leaves a
-    message that is filed (copied) but still here, skipped by every search: ours
-    carry FILED, so they are told from mail someone else deleted, and expunged."""
-    leftovers = client.search(["DELETED", "KEYWORD", FILED.decode()])
-    if leftovers:
-        log.info("imap %s: expunging %s message(s) filed before a cut", name, len(leftovers))
-        client.expunge(leftovers)
+    def _expunge(self, client: imapclient.IMAPClient, uids: list[int]) -> None:
+        """Expunge our filed `uids`, never someone else's \\Deleted mail. UID EXPUNGE
+        (UIDPLUS) names them; a server without it only knows EXPUNGE, which removes
+        every \\Deleted message: sent only while all of them are ours. Otherwise ours
+        stay, flagged and skipped, until the next drain finds the folder clear."""
+        if client.has_capability("UIDPLUS"):
+            client.expunge(uids)
+            return
+        theirs = client.search(["DELETED", "NOT", "KEYWORD", FILED.decode()])
+        if not theirs:
+            client.expunge()
+            return
+        s = self.settings
+        self._report(
+            "filed mail left in the folder",
+            f"{s.folder} holds {len(theirs)} message(s) another client deleted and did not "
+            f"expunge, and {s.host} has no UIDPLUS, so an EXPUNGE would remove them too; "
+            f"ours stay flagged {FILED.decode()} until they are gone",
+            error=True,
+        )
 
 
 def _cut(client: imapclient.IMAPClient, cut: threading.Event) -> None:

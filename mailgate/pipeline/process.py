@@ -87,10 +87,13 @@ class Result:
     # A message fetched again after it was stored (IMAP, before its move): the
     # earlier decision, told again to the caller, not a new one to log or count.
     replayed: bool = False
+    # (A copy of) a mail held in the quarantine: an IMAP source files it with the
+    # held mail, where the quarantine's reason says the original is.
+    held: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         shown = asdict(self)
-        del shown["replayed"]
+        del shown["replayed"], shown["held"]
         return shown
 
 
@@ -261,12 +264,14 @@ def _unit_of_work(
             log.info("%s: already stored as ingest #%s", envelope.mailbox_uid, fetched.id)
             number = _ticket_number(session, fetched.ticket_id)
             return Result(fetched.outcome, fetched.reason, number, message_id,
-                          fetched.matched_by, sender, fetched.id, replayed=True)  # fmt: skip
+                          fetched.matched_by, sender, fetched.id, replayed=True,
+                          held=first.outcome == "quarantined")  # fmt: skip
     if first is not None:
         record.dedupe_key, record.duplicate_of_id = None, first.id
         record.ticket_id = first.ticket_id
         decision = Decision("duplicate", f"same message as ingest #{first.id} ({first.outcome})")
-        return _record(session, record, decision, _ticket_number(session, first.ticket_id))
+        result = _record(session, record, decision, _ticket_number(session, first.ticket_id))
+        return replace(result, held=first.outcome == "quarantined")
 
     # Same Message-ID, another body: not a duplicate (a broken client, or a
     # forgery); processed on its own, and the reason says so.
