@@ -306,6 +306,22 @@ def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clock
     assert left == ["e2@stranger.example"]
 
 
+def test_a_quarantined_mail_delivered_twice_goes_with_its_copy(
+    install: Any, clock: Clockwork
+) -> None:
+    """An MTA that lost our 250 delivers the held mail again: the copy is recorded
+    as a duplicate holding the same raw bytes, and must expire with the original."""
+    inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
+    assert inst.ingest(two_froms("q1@acme.example")).outcome == "quarantined"
+    assert inst.ingest(two_froms("q1@acme.example")).outcome == "duplicate"
+    assert retention.run(inst.app, NOW + timedelta(days=31), dry_run=True).records == 2
+    report = retention.run(inst.app, NOW + timedelta(days=31))
+    assert report.records == 2 and report.blobs == 1
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).select_from(IngestRecord)) == 0
+    assert traces(inst, "q1@acme.example") == []  # its bytes, anywhere
+
+
 # --- export ---------------------------------------------------------------------
 
 

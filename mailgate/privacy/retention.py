@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
@@ -86,10 +86,18 @@ def expired_records(
     app: App, session: Session, now: datetime, limit: int | None = None
 ) -> list[IngestRecord]:
     cutoff = now - timedelta(days=app.settings.retention.quarantine_days)
+    old_enough = (IngestRecord.ticket_id.is_(None), IngestRecord.received_at <= cutoff)
+    firsts = select(IngestRecord.id).where(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), *old_enough)
+    # A second delivery of the same mail (an MTA that lost our 250 sends it again)
+    # is a duplicate record holding the same raw bytes: it goes with its first
+    # delivery, or on its own once that one is gone (detached by delete_record).
+    # Kept, it kept the bytes too: the blob was still referenced.
+    copies = and_(
+        IngestRecord.outcome == "duplicate",
+        or_(IngestRecord.duplicate_of_id.is_(None), IngestRecord.duplicate_of_id.in_(firsts)),
+    )
     query = select(IngestRecord).where(
-        IngestRecord.outcome.in_(EXPIRED_OUTCOMES),
-        IngestRecord.ticket_id.is_(None),
-        IngestRecord.received_at <= cutoff,
+        or_(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), copies), *old_enough
     )
     return list(session.scalars(query.order_by(IngestRecord.id).limit(limit)))
 
