@@ -423,6 +423,19 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
     assert inst.cli("gdpr", "export", ALICE[0]) == 1  # nothing left to export
 
 
+def test_erase_reaches_every_copy_of_held_mail_that_names_the_person(
+    install: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held as "ambiguous sender" (no sender recorded), then delivered again by an
+    MTA that lost our 250: the copy is a duplicate record with the same bytes."""
+    inst = install()
+    assert inst.ingest(two_froms("q2@acme.example")).outcome == "quarantined"
+    assert inst.ingest(two_froms("q2@acme.example")).outcome == "duplicate"
+    assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
+    assert "2 received mail(s) rewritten or deleted" in capsys.readouterr().out
+    assert traces(inst, ALICE[0]) == []
+
+
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     import logging
 

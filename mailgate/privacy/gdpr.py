@@ -259,12 +259,15 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
 
 
 def _held_naming(app: App, session: Session, email: str) -> list[IngestRecord]:
-    """Quarantined mail whose raw bytes name the person, whoever the sender was
+    """Mail on no ticket whose raw bytes name the person, whoever the sender was
     (a mail held as "ambiguous sender", or too broken to parse, has none
-    recorded)."""
+    recorded). Any outcome: a second delivery of held mail is a duplicate with
+    the same bytes, a bounce of mail sent to them names them, and so does an
+    auto-reply quoting them; only quarantined mail was searched, so their
+    bytes stayed."""
     needle = email.encode()
-    held = select(IngestRecord).where(IngestRecord.outcome == "quarantined",
-                                      IngestRecord.ticket_id.is_(None))  # fmt: skip
+    held = select(IngestRecord).where(IngestRecord.ticket_id.is_(None),
+                                      IngestRecord.raw_sha256.is_not(None))  # fmt: skip
     found = []
     for record in session.scalars(held):
         if record.raw_sha256 is None:
