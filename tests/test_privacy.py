@@ -26,6 +26,7 @@ from sqlalchemy import func, select, text
 
 from mailgate.cli import main
 from mailgate.observability import TextFormatter, address_hasher, set_log_key, setup_logging
+from mailgate.outbound.mailer import alert_key
 from mailgate.privacy import retention
 from mailgate.privacy.pseudonyms import Pseudonyms
 from mailgate.sla.report import sla_report
@@ -37,6 +38,7 @@ from mailgate.store.models import (
     IngestRecord,
     OutboxMail,
     SlaClock,
+    State,
     Ticket,
     TicketEvent,
 )
@@ -434,6 +436,27 @@ def test_erase_reaches_every_copy_of_held_mail_that_names_the_person(
     assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
     assert "2 received mail(s) rewritten or deleted" in capsys.readouterr().out
     assert traces(inst, ALICE[0]) == []
+
+
+def test_erase_reaches_the_operator_alert_about_the_person(
+    install: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The circuit breaker tells staff about Alice: that mail is to staff, on no
+    ticket, and its bytes and the alert's once-a-day mark name her."""
+    loops = {"hygiene": {"loops": {"tickets_per_sender_per_hour": 1}}}
+    inst = install(settings=deep_update(loops, OUTSIDE))
+    assert inst.ingest(make_mail(message_id="b1@acme.example")).outcome == "created"
+    tripped = inst.ingest(make_mail(message_id="b2@acme.example", subject="Again"))
+    assert tripped.reason.startswith("circuit breaker")
+    inst.send_outbox()
+    with inst.session() as s:
+        alert = s.scalar(select(OutboxMail).where(OutboxMail.kind == "operator_alert"))
+        assert alert is not None and ALICE[0].encode() in alert.data
+    assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
+    assert traces(inst, ALICE[0]) == []
+    with inst.session() as s:
+        keys = list(s.scalars(select(State.key)))
+    assert alert_key(ALICE[0]) not in keys  # a plain hash of her address, reversible
 
 
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ class Mailer:
     def alert(self, session: Session, *, about: str, reason: str, now: datetime) -> None:
         """Tell operators, once a day per address (or ticket, or subject), that a
         loop defence tripped. Later trips are only logged."""
-        key = "alert." + hashlib.sha256(about.encode()).hexdigest()[:32]
+        key = alert_key(about)
         last = get_state(session, key)
         if last and now - datetime.fromisoformat(last) < ALERT_PERIOD:
             return
@@ -232,6 +232,12 @@ class Mailer:
                 now=now,
                 auto_submitted="auto-generated",
             )
+
+
+def alert_key(about: str) -> str:
+    """The state row that remembers when operators last heard about `about` (an
+    address, a ticket, a subject); erasure removes it with the address."""
+    return "alert." + hashlib.sha256(about.encode()).hexdigest()[:32]
 
 
 def ticket_context(ticket: Ticket) -> dict[str, Any]:

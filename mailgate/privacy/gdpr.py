@@ -25,13 +25,17 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import Text, cast, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
+from mailgate.outbound.mailer import alert_key
 from mailgate.privacy.forget import (
+    UNSENT,
     Forgotten,
     delete_record,
     forget_contact,
@@ -42,7 +46,15 @@ from mailgate.privacy.forget import (
 from mailgate.privacy.pseudonyms import Pseudonyms
 from mailgate.store.blobs import drop_unreferenced
 from mailgate.store.db import forget_old_pages
-from mailgate.store.models import Article, Contact, Erasure, IngestRecord, OutboxMail, Ticket
+from mailgate.store.models import (
+    Article,
+    Contact,
+    Erasure,
+    IngestRecord,
+    OutboxMail,
+    State,
+    Ticket,
+)
 
 SOMEONE_ELSE = "someone else"
 
@@ -241,6 +253,11 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
             if names.applies_to(mail.recipient) or email in mail.recipients:
                 forget_outbox(session, mail, names)
                 done.outbox += 1
+            elif mail.data is not None and _mentions(mail.data, email):
+                _forget_mail_about(session, mail)
+                done.outbox += 1
+        # The once-a-day mark of an operator alert about them: a plain hash of the address.
+        session.execute(delete(State).where(State.key == alert_key(email)))
         for record in _held_naming(app, session, email):
             if record.id not in gone:
                 delete_record(session, record, done)
@@ -256,6 +273,31 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
         session.commit()
     forget_old_pages(app.engine)
     return report
+
+
+def _mentions(data: bytes, email: str) -> bool:
+    """Do the bytes of a mail we wrote name the address, in its headers or, once
+    decoded (quoted-printable, base64), in a text part? Only our own mail is
+    decoded: it is small and well formed, unlike what the quarantine holds."""
+    needle = email.encode()
+    if needle in data.lower():
+        return True
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    for part in message.walk():
+        if part.get_content_maintype() == "text":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes) and needle in payload.lower():
+                return True
+    return False
+
+
+def _forget_mail_about(session: Session, mail: OutboxMail) -> None:
+    """A mail to others about the person (an operator alert naming them): sent,
+    it keeps its row without its bytes; not sent yet, it is not sent at all."""
+    if mail.status in UNSENT:
+        session.delete(mail)
+    else:
+        mail.data = None
 
 
 def _held_naming(app: App, session: Session, email: str) -> list[IngestRecord]:
