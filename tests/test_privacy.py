@@ -293,6 +293,43 @@ def test_an_organisation_may_keep_tickets_for_less_time_and_open_tickets_stay(
         assert still.anonymised_at is None and still.requester.email == "hank@globex.example"
 
 
+def test_tickets_reopened_while_retention_waits_for_them_are_left_alone(
+    tmp_path: Path, clock: Clockwork, postgres: Any
+) -> None:
+    """Two instances: retention lists the tickets due, then takes each one's row
+    lock. Staff change them in between (the rows locked by their transaction):
+    one reopened, one reopened and closed again today. Once it holds the locks,
+    retention must judge the tickets as they are, not as it listed them."""
+    import threading
+
+    inst = install_at(tmp_path, clock, {**OUTSIDE, "database_url": postgres.fresh_database()})
+    numbers = [inst.ingest(make_mail(message_id=f"reopen-{n}@acme.example",
+                                     subject=f"Old {n}")).ticket for n in range(2)]  # fmt: skip
+    for number in numbers:
+        close(inst, number)
+    clock.now = NOW + timedelta(days=400)
+    found: list[retention.RetentionReport] = []
+    with inst.session() as staff, staff.begin():
+        tickets = list(staff.scalars(select(Ticket).order_by(Ticket.id).with_for_update()))
+        run = threading.Thread(target=lambda: found.append(retention.run(inst.app, clock.now)))
+        run.start()
+        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        deadline = time.monotonic() + 20
+        while not staff.scalar(waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert staff.scalar(waiting), "retention never waited for a ticket's lock"
+        by_bob = {"now": clock.now, "actor_kind": "staff", "actor": "bob@support.example"}
+        set_status(staff, tickets[0], "open", reason="/status open", **by_bob)
+        set_status(staff, tickets[1], "open", reason="/status open", **by_bob)
+        set_status(staff, tickets[1], "closed", reason="/status closed", **by_bob)
+    run.join(30)
+    assert found and found[0].tickets == []
+    with inst.session() as s:
+        kept = list(s.scalars(select(Ticket).order_by(Ticket.id)))
+        assert [(t.status, t.anonymised_at) for t in kept] == [("open", None), ("closed", None)]
+        assert all(t.requester is not None and t.requester.email == ALICE[0] for t in kept)
+
+
 def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clockwork) -> None:
     inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
     stranger = make_mail(sender="Eve <eve@stranger.example>", message_id="e1@stranger.example")

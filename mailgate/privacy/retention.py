@@ -114,7 +114,7 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
     for ticket_id, number in due:
         with app.sessions() as session, session.begin():
             ticket = session.get_one(Ticket, ticket_id, with_for_update=True)
-            if ticket.anonymised_at is not None:  # another run got there first
+            if not _still_due(app, ticket, now):
                 continue
             report.blobs += _anonymise(app, session, ticket, now)
             report.tickets.append(number)
@@ -134,6 +134,16 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
         forget_old_pages(app.engine)
         log.info("retention: %s", report)
     return report
+
+
+def _still_due(app: App, ticket: Ticket, now: datetime) -> bool:
+    """The ticket as it is once its row is locked, not as it was listed: another
+    run may have anonymised it, and staff on another instance may have reopened
+    it (or reopened and closed it again) since the list was read."""
+    if ticket.anonymised_at is not None or ticket.status != "closed" or ticket.closed_at is None:
+        return False
+    return ticket.closed_at <= now - timedelta(days=app.settings.retention.closed_days_for(
+        ticket.organisation_id))  # fmt: skip
 
 
 def _former_contacts(session: Session) -> int:
