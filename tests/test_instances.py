@@ -10,9 +10,12 @@ instances"); each has its own settings folder, SMTP port and log.
 from __future__ import annotations
 
 import email.policy
+import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,9 +27,10 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from mailgate.intake.faults import FAULT_ENV
+from mailgate.store.db import HEAD_REVISION, current_revision, make_engine
 from mailgate.store.leadership import AdvisoryLock, FileLock
 from mailgate.store.models import IngestRecord, OutboxMail, SlaClock, Ticket
-from tests.conftest import NO_LOOP_LIMITS, Clockwork, deep_update, install_at, make_mail
+from tests.conftest import NO_LOOP_LIMITS, ROOT, Clockwork, deep_update, install_at, make_mail
 from tests.daemon import launch, start_daemon
 from tests.postgres import Cluster, start_postgres
 from tests.smtp_sink import Sink, free_port
@@ -48,6 +52,43 @@ def instance_settings(url: str, shared: Path, **more: Any) -> dict[str, Any]:
     """One instance of a deployment: the common database and token key."""
     common = {"database_url": url, "tickets": {"secret_file": str(shared / "secret.key")}}
     return deep_update(deep_update(common, LOAD), more)
+
+
+# --- migrations, by several instances at once ------------------------------------
+
+
+def empty_database(postgres: Cluster, name: str) -> str:
+    """A database with no schema at all (not the migrated template)."""
+    postgres.admin(f'CREATE DATABASE "{name}_{os.getpid()}"')
+    return postgres.url(f"{name}_{os.getpid()}")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("db", "upgrade"),  # configuration management runs it on every machine
+        ("tickets", "list"),  # any first start migrates an empty database (ensure_schema)
+    ],
+    ids=["db-upgrade", "first-start"],
+)
+def test_several_machines_migrating_one_database_at_once_all_succeed(
+    tmp_path: Path, postgres: Cluster, command: tuple[str, ...]
+) -> None:
+    url = empty_database(postgres, command[0])
+    rules = ROOT / "rules"
+    (tmp_path / "settings.yaml").write_text(
+        f"database_url: {url}\ndirectory: null\nrules_dir: {rules}\n"
+    )
+    argv = [sys.executable, "-m", "mailgate", "--config", "settings.yaml", *command]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+    assert [code for _, _, code in results] == [0, 0, 0, 0], results
+    engine = make_engine(url)
+    try:
+        assert current_revision(engine) == HEAD_REVISION
+    finally:
+        engine.dispose()
 
 
 # --- leadership, unit by unit -------------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,10 +215,36 @@ def current_revision(engine: Engine) -> str | None:
             return None
 
 
+# pg_advisory_lock's key while migrating: not the leader's (store/leadership.py).
+MIGRATION_LOCK_KEY = 0x6D67_6D69  # "mgmi"
+
+
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    """One migrating process at a time on PostgreSQL. Two machines upgrading at
+    once (configuration management runs `db upgrade` everywhere, or instances
+    first started together on an empty database) both read "empty" or "0009"
+    and both ran the same DDL: all but one failed with a duplicate key in
+    pg_type. Waiting here, the others then find the schema at head and do
+    nothing. On its own connection in autocommit: the lock outlives the
+    migration's transaction, and is dropped with the connection if we die.
+    SQLite needs none: BEGIN IMMEDIATE already makes migrations queue."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+
+
 def upgrade(engine: Engine) -> None:
     from alembic import command
 
-    command.upgrade(alembic_config(engine), "head")
+    with migration_lock(engine):
+        command.upgrade(alembic_config(engine), "head")
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -226,11 +253,21 @@ def ensure_schema(engine: Engine) -> None:
     Upgrading a database that holds data is an operator decision
     (`mailgate db upgrade`), taken after a backup.
     """
+    if current_revision(engine) == head_revision():
+        return  # every start but the first: no lock to wait for
+    with migration_lock(engine):
+        _migrate_if_empty(engine)
+
+
+def _migrate_if_empty(engine: Engine) -> None:
+    """Read again under the migration lock: another instance may have just migrated."""
     current = current_revision(engine)
     if current == head_revision():
         return
     if current is None and not _has_tables(engine):
-        upgrade(engine)
+        from alembic import command
+
+        command.upgrade(alembic_config(engine), "head")
         return
     raise SchemaError(
         f"database schema is at {current or 'an unknown version'}, this mailgate needs "
