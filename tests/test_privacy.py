@@ -361,6 +361,49 @@ def test_a_quarantined_mail_delivered_twice_goes_with_its_copy(
     assert traces(inst, "q1@acme.example") == []  # its bytes, anywhere
 
 
+def test_two_retention_runs_at_once_never_count_a_mail_twice(
+    tmp_path: Path, clock: Clockwork, postgres: Any
+) -> None:
+    """The leader's hourly run and an operator's `mailgate retention run`: while
+    one deletes a held mail (its row locked), the other must pass over it, not
+    wait and then count a row that is gone (SQLAlchemy's "expected to delete 1
+    row(s); 0 were matched")."""
+    import threading
+    import warnings
+
+    from mailgate.privacy.forget import Forgotten, delete_record
+
+    url = postgres.fresh_database()
+    inst = install_at(tmp_path, clock, {**OUTSIDE, "database_url": url})
+    for n in range(3):
+        assert inst.ingest(two_froms(f"held-{n}@acme.example")).outcome == "quarantined"
+    later = NOW + timedelta(days=31)
+    found: list[retention.RetentionReport] = []
+    caught: list[warnings.WarningMessage] = []
+
+    def other_run() -> None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            found.append(retention.run(inst.app, later))
+        caught.extend(seen)
+
+    with inst.session() as first, first.begin():
+        oldest = select(IngestRecord).order_by(IngestRecord.id).limit(1)
+        record = first.scalar(oldest.with_for_update())
+        run = threading.Thread(target=other_run)
+        run.start()
+        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        deadline = time.monotonic() + 5
+        while run.is_alive() and not first.scalar(waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        delete_record(first, record, Forgotten())  # the first run deletes it
+    run.join(30)
+    assert found and found[0].records == 2
+    assert [str(w.message) for w in caught] == []
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).select_from(IngestRecord)) == 0
+
+
 # --- export ---------------------------------------------------------------------
 
 

@@ -83,8 +83,12 @@ def due_tickets(app: App, session: Session, now: datetime) -> list[tuple[int, st
 
 
 def expired_records(
-    app: App, session: Session, now: datetime, limit: int | None = None
+    app: App, session: Session, now: datetime, limit: int | None = None, *, claim: bool = False
 ) -> list[IngestRecord]:
+    """`claim`: lock the rows, passing over those another run holds (PostgreSQL;
+    SQLite has one writer anyway). Without it, two runs at once (the leader's and
+    an operator's) both read a row, one deleted it, and the other waited, then
+    deleted nothing yet counted it, with a warning from SQLAlchemy."""
     cutoff = now - timedelta(days=app.settings.retention.quarantine_days)
     old_enough = (IngestRecord.ticket_id.is_(None), IngestRecord.received_at <= cutoff)
     firsts = select(IngestRecord.id).where(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), *old_enough)
@@ -99,7 +103,10 @@ def expired_records(
     query = select(IngestRecord).where(
         or_(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), copies), *old_enough
     )
-    return list(session.scalars(query.order_by(IngestRecord.id).limit(limit)))
+    query = query.order_by(IngestRecord.id).limit(limit)
+    if claim:
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
 
 
 def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
@@ -120,7 +127,7 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
             report.tickets.append(number)
     while True:
         with app.sessions() as session, session.begin():
-            records = expired_records(app, session, now, batch)
+            records = expired_records(app, session, now, batch, claim=True)
             done = Forgotten()
             for record in records:
                 delete_record(session, record, done)
