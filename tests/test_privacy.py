@@ -539,6 +539,39 @@ def test_erase_reaches_the_operator_alert_about_the_person(
     assert alert_key(ALICE[0]) not in keys  # a plain hash of her address, reversible
 
 
+def test_erase_keeps_a_change_staff_make_meanwhile_on_another_instance(
+    tmp_path: Path, clock: Clockwork, postgres: Any
+) -> None:
+    """Alice's ticket copies Carol. While Carol is being erased, staff copy Dave
+    on it (their transaction holds the row). The erasure must rewrite the ticket
+    as it is after that change, not write back the list it read before."""
+    import threading
+
+    inst = install_at(tmp_path, clock, {**OUTSIDE, "database_url": postgres.fresh_database()})
+    mail = make_mail(message_id="cc@acme.example", to="support@example.com, " + CAROL[0])
+    result = inst.ingest(mail)
+    assert result.outcome == "created", result.reason
+    number = result.ticket
+    done: list[int] = []
+    with inst.session() as staff, staff.begin():
+        ticket = staff.scalar(select(Ticket).where(Ticket.number == number).with_for_update())
+        assert ticket.cc == [CAROL[0]]
+        erase = threading.Thread(
+            target=lambda: done.append(inst.cli("gdpr", "erase", CAROL[0], "--yes"))
+        )
+        erase.start()
+        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        deadline = time.monotonic() + 20
+        while not staff.scalar(waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ticket.cc = [*ticket.cc, "dave@acme.example"]  # /cc dave@acme.example
+    erase.join(30)
+    assert done == [0]
+    with inst.session() as s:
+        cc = s.scalar(select(Ticket.cc).where(Ticket.number == number))
+    assert cc == ["person-1@anonymised.invalid", "dave@acme.example"]
+
+
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     import logging
 

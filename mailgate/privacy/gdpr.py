@@ -232,6 +232,7 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
         contact, tickets, records = stored_about(session, email)
         if email in keep_addresses(session, app.settings.support_address):
             raise UnknownPerson(f"{email} is staff: remove them from the directory instead")
+        tickets = _locked(session, tickets)
         report.contact = contact is not None
         report.tickets = [t.number for t in tickets]
         done = Forgotten()
@@ -273,6 +274,23 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
         session.commit()
     forget_old_pages(app.engine)
     return report
+
+
+def _locked(session: Session, tickets: list[Ticket]) -> list[Ticket]:
+    """The tickets locked and read again as they are now. Rewritten from the
+    unlocked read, a change staff made meanwhile on another instance (a /cc
+    added) was overwritten by the list read before it. PostgreSQL: FOR UPDATE
+    waits for their transaction; SQLite: BEGIN IMMEDIATE already excluded it."""
+    if not tickets:
+        return tickets
+    query = (
+        select(Ticket)
+        .where(Ticket.id.in_([t.id for t in tickets]))
+        .order_by(Ticket.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return list(session.scalars(query))
 
 
 def _mentions(data: bytes, email: str) -> bool:
