@@ -927,7 +927,8 @@ def cmd_retention_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"would anonymise {len(report.tickets)} ticket(s)"
               + (f": {', '.join(report.tickets)}" if report.tickets else "")
-              + f"; would delete {report.records} quarantined or rejected mail(s)")  # fmt: skip
+              + f"; would delete {report.records} received and {report.outbox} sent mail(s)"
+              " on no ticket")  # fmt: skip
     else:
         print(report)
     return EX_OK

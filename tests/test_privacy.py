@@ -404,6 +404,33 @@ def test_two_retention_runs_at_once_never_count_a_mail_twice(
         assert s.scalar(select(func.count()).select_from(IngestRecord)) == 0
 
 
+def test_mail_on_no_ticket_and_notices_to_strangers_expire_too(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checklist 42 for what never became part of a ticket: Alice's out-of-office
+    answer to her acknowledgement (ignored, on no ticket) and the rejection
+    notice sent to a stranger. After `quarantine_days`, neither the mail nor
+    the notice may still hold an address, a phone number or bytes."""
+    inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
+    first = make_mail()
+    number = inst.ingest(first).ticket
+    inst.send_outbox()
+    ack = next(m for m in inst.sent() if ALICE[0] in str(m["To"]))
+    away = reply_to(ack, sender="Alice Martin <alice@acme.example>", message_id="away@acme.example",
+                    body="Out of the office until Monday; mobile +33 6 12 34 56 78\n")  # fmt: skip
+    away["Auto-Submitted"] = "auto-replied"
+    assert inst.ingest(away).outcome == "ignored"
+    stranger = make_mail(sender="Eve <eve@stranger.example>", message_id="e1@stranger.example")
+    assert inst.ingest(stranger).outcome == "rejected"
+    inst.send_outbox()
+    close(inst, number)
+    clock.now = NOW + timedelta(days=366)
+    everyone_but_dave_leaves_acme(inst)
+    assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
+    assert "1 ticket(s) anonymised" in capsys.readouterr().out
+    assert traces(inst, ALICE[0], "+33 6 12", "eve@stranger.example") == []
+
+
 # --- export ---------------------------------------------------------------------
 
 

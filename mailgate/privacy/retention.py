@@ -9,8 +9,10 @@ Two rules, run hourly by the leader and by `mailgate retention run`:
    time and credit ledger rows, staff. The ticket is marked `anonymised_at`.
    A contact removed from the directory (inactive) whose tickets are all
    anonymised loses its address and name too.
-2. Quarantined mail, and rejected mail (from senders who may not open
-   tickets), `retention.quarantine_days` old is deleted with its raw bytes.
+2. Mail that never became part of a ticket (quarantined, rejected, ignored
+   auto-replies, later deliveries of those) and the mail we sent on no ticket
+   (rejection notices to strangers, operator alerts) is deleted, with its raw
+   bytes, `retention.quarantine_days` after it was received or queued.
 
 One transaction per ticket (its row locked), on a live system: a run that is killed leaves
 every ticket either done (marked) or untouched, and the next run does the
@@ -24,7 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
@@ -39,25 +41,26 @@ from mailgate.privacy.forget import (
 )
 from mailgate.store.blobs import drop_unreferenced
 from mailgate.store.db import forget_old_pages
-from mailgate.store.models import Contact, IngestRecord, Ticket, TicketEvent
+from mailgate.store.models import Contact, IngestRecord, OutboxMail, Ticket, TicketEvent
 
 log = logging.getLogger("mailgate.retention")
 
-EXPIRED_OUTCOMES = ("quarantined", "rejected")
+FINISHED = ("sent", "failed", "dead")  # outbound mail nothing will send again
 
 
 @dataclass
 class RetentionReport:
     tickets: list[str] = field(default_factory=list)  # tracking numbers anonymised
-    records: int = 0  # quarantined and rejected mails deleted
+    records: int = 0  # received mails on no ticket deleted
+    outbox: int = 0  # mails sent on no ticket deleted
     blobs: int = 0  # raw mails and attachments deleted
     contacts: int = 0  # former contacts whose record no longer names them
 
     def __str__(self) -> str:
         return (
-            f"{len(self.tickets)} ticket(s) anonymised, {self.records} quarantined or "
-            f"rejected mail(s) deleted, {self.blobs} stored file(s) removed, "
-            f"{self.contacts} former contact(s) anonymised"
+            f"{len(self.tickets)} ticket(s) anonymised, {self.records} received and "
+            f"{self.outbox} sent mail(s) on no ticket deleted, {self.blobs} stored file(s) "
+            f"removed, {self.contacts} former contact(s) anonymised"
         )
 
 
@@ -85,25 +88,45 @@ def due_tickets(app: App, session: Session, now: datetime) -> list[tuple[int, st
 def expired_records(
     app: App, session: Session, now: datetime, limit: int | None = None, *, claim: bool = False
 ) -> list[IngestRecord]:
-    """`claim`: lock the rows, passing over those another run holds (PostgreSQL;
+    """Received mail on no ticket, `quarantine_days` old, whatever was decided
+    about it. Only quarantined and rejected mail went: an ignored auto-reply (an
+    out-of-office naming its author, a phone number) and a second delivery of
+    held mail (a duplicate holding the same bytes) were kept for ever.
+
+    `claim`: lock the rows, passing over those another run holds (PostgreSQL;
     SQLite has one writer anyway). Without it, two runs at once (the leader's and
     an operator's) both read a row, one deleted it, and the other waited, then
     deleted nothing yet counted it, with a warning from SQLAlchemy."""
     cutoff = now - timedelta(days=app.settings.retention.quarantine_days)
-    old_enough = (IngestRecord.ticket_id.is_(None), IngestRecord.received_at <= cutoff)
-    firsts = select(IngestRecord.id).where(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), *old_enough)
-    # A second delivery of the same mail (an MTA that lost our 250 sends it again)
-    # is a duplicate record holding the same raw bytes: it goes with its first
-    # delivery, or on its own once that one is gone (detached by delete_record).
-    # Kept, it kept the bytes too: the blob was still referenced.
-    copies = and_(
-        IngestRecord.outcome == "duplicate",
-        or_(IngestRecord.duplicate_of_id.is_(None), IngestRecord.duplicate_of_id.in_(firsts)),
+    query = (
+        select(IngestRecord)
+        .where(IngestRecord.ticket_id.is_(None), IngestRecord.received_at <= cutoff)
+        .order_by(IngestRecord.id)
+        .limit(limit)
     )
-    query = select(IngestRecord).where(
-        or_(IngestRecord.outcome.in_(EXPIRED_OUTCOMES), copies), *old_enough
+    if claim:
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def expired_outbox(
+    app: App, session: Session, now: datetime, limit: int | None = None, *, claim: bool = False
+) -> list[OutboxMail]:
+    """Mail we sent on no ticket (a rejection notice to a stranger, an operator
+    alert naming a sender), `quarantine_days` old and done with: it named a
+    person for ever while the mail it answered was deleted. Rate limits and
+    bounce matching look back a day or two, never this far."""
+    cutoff = now - timedelta(days=app.settings.retention.quarantine_days)
+    query = (
+        select(OutboxMail)
+        .where(
+            OutboxMail.ticket_id.is_(None),
+            OutboxMail.status.in_(FINISHED),
+            OutboxMail.created_at <= cutoff,
+        )
+        .order_by(OutboxMail.id)
+        .limit(limit)
     )
-    query = query.order_by(IngestRecord.id).limit(limit)
     if claim:
         query = query.with_for_update(skip_locked=True)
     return list(session.scalars(query))
@@ -117,6 +140,7 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
         if dry_run:
             report.tickets = [number for _, number in due]
             report.records = len(expired_records(app, session, now))
+            report.outbox = len(expired_outbox(app, session, now))
             return report
     for ticket_id, number in due:
         with app.sessions() as session, session.begin():
@@ -135,9 +159,17 @@ def run(app: App, now: datetime, *, dry_run: bool = False) -> RetentionReport:
             report.records += len(records)
         if len(records) < batch:
             break
+    while True:
+        with app.sessions() as session, session.begin():
+            sent = expired_outbox(app, session, now, batch, claim=True)
+            for mail in sent:
+                session.delete(mail)
+            report.outbox += len(sent)
+        if len(sent) < batch:
+            break
     with app.sessions() as session, session.begin():
         report.contacts = _former_contacts(session)
-    if report.tickets or report.records or report.contacts:
+    if report.tickets or report.records or report.outbox or report.contacts:
         forget_old_pages(app.engine)
         log.info("retention: %s", report)
     return report
