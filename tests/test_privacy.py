@@ -330,6 +330,53 @@ def test_tickets_reopened_while_retention_waits_for_them_are_left_alone(
         assert all(t.requester is not None and t.requester.email == ALICE[0] for t in kept)
 
 
+LOGO = b"\x89PNG ACME logo, in every signature"
+
+
+def with_logo(**kwargs: Any) -> EmailMessage:
+    mail = make_mail(**kwargs)
+    mail.add_attachment(LOGO, maintype="image", subtype="png", filename="logo.png")
+    return mail
+
+
+def test_retention_never_deletes_an_attachment_a_mail_in_progress_stores_again(
+    tmp_path: Path, clock: Clockwork, postgres: Any
+) -> None:
+    """Attachments are stored by content, so the logo in everyone's signature is
+    one blob. Retention anonymises an old ticket that holds it while another
+    instance stores a reply carrying the same logo: the reply's blob was
+    written (already there), its row not yet committed. Retention saw no row
+    and deleted the bytes, and the reply was answered 250 without them."""
+    import hashlib
+    import threading
+
+    inst = install_at(tmp_path, clock, {**OUTSIDE, "database_url": postgres.fresh_database()})
+    old = inst.ingest(with_logo(message_id="old@acme.example", subject="Old")).ticket
+    close(inst, old)
+    clock.now = NOW + timedelta(days=400)
+    current = make_mail(message_id="current@acme.example", subject="Current")
+    number = inst.ingest(current).ticket
+    reply = reply_to(current, sender="Alice Martin <alice@acme.example>",
+                     message_id="reply@acme.example")  # fmt: skip
+    reply.add_attachment(LOGO, maintype="image", subtype="png", filename="logo.png")
+    stored: list[str] = []
+    with inst.session() as staff, staff.begin():
+        # Staff hold the current ticket: the reply waits with its logo written
+        # and its rows not committed, as a slow unit of work on another instance.
+        staff.scalar(select(Ticket).where(Ticket.number == number).with_for_update())
+        intake = threading.Thread(target=lambda: stored.append(inst.ingest(reply).outcome))
+        intake.start()
+        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        deadline = time.monotonic() + 20
+        while not staff.scalar(waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert staff.scalar(waiting), "the reply never waited"
+        assert retention.run(inst.app, clock.now).tickets == [old]
+    intake.join(30)
+    assert stored == ["threaded"]
+    assert inst.app.blobs.get(hashlib.sha256(LOGO).hexdigest()) == LOGO
+
+
 def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clockwork) -> None:
     inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
     stranger = make_mail(sender="Eve <eve@stranger.example>", message_id="e1@stranger.example")

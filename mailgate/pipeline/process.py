@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -44,8 +45,10 @@ from mailgate.pipeline.screen import ScreenContext, Screening, screen
 from mailgate.pipeline.staff import handle_staff_mail
 from mailgate.pipeline.thread import find_ticket_for
 from mailgate.sla.clocks import track
+from mailgate.store.blobs import keep_stored
 from mailgate.store.db import unavailable
 from mailgate.store.models import (
+    AttachmentRow,
     Contact,
     IngestRecord,
     Organisation,
@@ -166,6 +169,8 @@ def process(
                 result = _unit_of_work(
                     app, session, raw, raw_sha, msg, screening, envelope, key, dry_run
                 )
+                if raw_sha is not None:
+                    keep_stored(session, app.blobs, _stored_payloads(session, raw, raw_sha, msg))
                 if held is not None:
                     held.reason = f"released as ingest #{result.ingest_id}; was: {held.reason}"
                 if dry_run:
@@ -195,6 +200,22 @@ def process(
     if not dry_run:  # most outcomes queue mail (a quarantine may too: notices, alerts)
         app.notify_outbox()
     return result
+
+
+def _stored_payloads(
+    session: Session, raw: bytes, raw_sha: str, msg: ParsedMessage | None
+) -> dict[str, bytes]:
+    """The bytes this unit of work refers to, by digest: the raw mail (its ingest
+    record always does) and those of the mail's attachments that rows refer to."""
+    payloads = {raw_sha: raw}
+    parts = {
+        hashlib.sha256(p.payload).hexdigest(): p.payload for p in (msg.attachments if msg else ())
+    }
+    if parts:
+        session.flush()
+        query = select(AttachmentRow.sha256).where(AttachmentRow.sha256.in_(parts)).distinct()
+        payloads |= {sha: parts[sha] for sha in session.scalars(query)}
+    return payloads
 
 
 def _take_from_quarantine(session: Session, record_id: int) -> IngestRecord:

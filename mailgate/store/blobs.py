@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,20 +44,55 @@ def referenced(session: Session, sha: str) -> bool:
     return False
 
 
+# pg_advisory_xact_lock's first key for "this blob": the second is the digest's
+# first 28 bits. A collision only makes two unrelated blobs wait for each other.
+BLOB_LOCK_SPACE = 0x6D67_626C  # "mgbl"
+
+
+def _lock(session: Session, sha: str, *, shared: bool) -> None:
+    """Serialise deleting a blob with storing a new reference to it, until the
+    session's transaction ends. SQLite needs none: its writers take turns."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    key = {"space": BLOB_LOCK_SPACE, "key": int(_checked(sha)[:7], 16)}
+    session.execute(text(f"SELECT {function}(:space, :key)"), key)
+
+
 def drop_unreferenced(
     session: Session, blobs: Blobs, shas: Iterable[str], *, dry_run: bool = False
 ) -> int:
     """Delete the bytes no row refers to any more, after flushing the session's
     changes; before its commit, so a crash leaves rows to redo, not orphan bytes.
-    `dry_run`: count them only (the caller rolls back)."""
+    `dry_run`: count them only (the caller rolls back).
+
+    Each blob is locked before its references are counted, and stays locked
+    until the commit: a unit of work storing the same bytes on another instance
+    (`keep_stored`) either committed its rows before the count sees them, or
+    finds the bytes gone after our commit and writes them again."""
     session.flush()
     dropped = 0
     for sha in sorted(set(shas)):
+        _lock(session, sha, shared=False)
         if not referenced(session, sha):
             if not dry_run:
                 blobs.delete(sha)
             dropped += 1
     return dropped
+
+
+def keep_stored(session: Session, blobs: Blobs, payloads: Mapping[str, bytes]) -> None:
+    """Called by a unit of work that refers to these blobs, just before its commit:
+    they must still exist when it commits. Each was written before the unit of
+    work began (`put`, already there when the content was known), so retention
+    or an erasure may have deleted it since, having seen no row refer to it yet:
+    a mail answered 250 lost its attachment (the logo in every signature is one
+    blob). Under the blob's lock (see drop_unreferenced), what is missing now is
+    written again."""
+    for sha in sorted(payloads):
+        _lock(session, sha, shared=True)
+        if blobs.size(sha) is None:
+            blobs.put(payloads[sha])
 
 
 def _checked(sha256: str) -> str:
