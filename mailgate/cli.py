@@ -938,7 +938,7 @@ def cmd_gdpr_export(args: argparse.Namespace) -> int:
     from mailgate.privacy.gdpr import UnknownPerson, export, export_zip
 
     try:
-        data, files = export(load_app(args, sync_directory=False), args.email)
+        data, files = export(load_app(args, sync_directory=False), _person(args.email))
     except UnknownPerson as exc:
         raise CommandError(str(exc)) from None
     if args.format == "zip":
@@ -964,7 +964,7 @@ def cmd_gdpr_erase(args: argparse.Namespace) -> int:
 
     app = load_app(args, sync_directory=False)
     try:
-        report = erase(app, args.email, app.clock(), dry_run=not args.yes)
+        report = erase(app, _person(args.email), app.clock(), dry_run=not args.yes)
     except UnknownPerson as exc:
         raise CommandError(str(exc)) from None
     if not args.yes:
@@ -983,10 +983,21 @@ def cmd_gdpr_erase(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _person(email: str) -> str:
+    """The address as the directory and intake store it (lower case, an
+    internationalised domain in IDNA), whichever way the operator typed it."""
+    from mailgate.config import valid_address
+
+    try:
+        return valid_address(email)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_gdpr_log_hash(args: argparse.Namespace) -> int:
     from mailgate.observability import address_hasher
 
-    print(address_hasher(load_app(args, sync_directory=False).log_key)(args.email))
+    print(address_hasher(load_app(args, sync_directory=False).log_key)(_person(args.email)))
     return EX_OK
 
 

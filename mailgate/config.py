@@ -46,13 +46,18 @@ class ConfigError(Exception):
 
 
 def valid_address(value: str) -> str:
-    """The address as stored (lower-cased), or ValueError saying what is wrong."""
+    """The address as stored (lower-cased), or ValueError saying what is wrong.
+
+    An internationalised domain in its ASCII form (IDNA A-labels), as intake
+    compares senders (pipeline/parse/addresses.normalise_address) and as MTAs
+    carry it: kept in Unicode, a contact at bücher.example never matched their
+    own mail, rejected as "not in the directory"."""
     try:
         # Deliverability needs DNS; we only check the syntax here.
         result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"{value!r} is not a valid email address ({exc})") from None
-    return result.normalized.lower()
+    return (result.ascii_email or result.normalized).lower()
 
 
 Address = Annotated[str, AfterValidator(valid_address)]

@@ -646,6 +646,28 @@ def test_erase_keeps_a_change_staff_make_meanwhile_on_another_instance(
     assert cc == ["person-1@anonymised.invalid", "dave@acme.example"]
 
 
+def test_a_contact_at_an_internationalised_domain_is_found_and_erased(
+    tmp_path: Path, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The directory lists jurgen@bücher.example; his mail arrives from
+    jurgen@xn--bcher-kva.example (IDNA, what MTAs carry). The directory kept the
+    Unicode form and intake compares the ASCII one: his mail was rejected as
+    "not in the directory", and `gdpr erase` with the address as listed left
+    that mail behind."""
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"].append(
+        {"email": "jurgen@bücher.example", "name": "Jürgen Koch", "role": "admin"}
+    )
+    inst = install_at(tmp_path, clock, OUTSIDE, directory)
+    mail = make_mail(sender="Jurgen Koch <jurgen@xn--bcher-kva.example>", message_id="j@x.example")
+    result = inst.ingest(mail)
+    assert result.outcome == "created", result.reason
+    capsys.readouterr()
+    assert inst.cli("gdpr", "erase", "jurgen@bücher.example", "--yes") == 0
+    assert "erased: 1 ticket(s)" in capsys.readouterr().out
+    assert traces(inst, "xn--bcher-kva", "bücher") == []
+
+
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     import logging
 
