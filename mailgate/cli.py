@@ -277,6 +277,12 @@ def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
     return app
 
 
+# Changed whenever the same directory file is stored differently, so that the
+# first start of the new version syncs it again: "2", addresses at
+# internationalised domains in IDNA (A-labels), as intake compares senders.
+DIRECTORY_READING = b"2\n"
+
+
 def sync_directory_if_changed(app: App) -> str | None:
     """Sync the settings' directory file when its content changed since the last sync."""
     from mailgate.directory import load_directory, refuse_mass_deactivation, sync_directory
@@ -290,7 +296,7 @@ def sync_directory_if_changed(app: App) -> str | None:
         raise ConfigError([f"{app.settings.source}: directory: {path} not found"])
     import hashlib
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(DIRECTORY_READING + path.read_bytes()).hexdigest()
     with app.sessions.begin() as session:
         if get_state(session, "directory.sha256") == digest:
             return None

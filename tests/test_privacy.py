@@ -668,6 +668,34 @@ def test_a_contact_at_an_internationalised_domain_is_found_and_erased(
     assert traces(inst, "xn--bcher-kva", "bücher") == []
 
 
+def test_the_first_start_after_the_upgrade_stores_an_idn_contact_as_intake_reads_it(
+    tmp_path: Path, clock: Clockwork
+) -> None:
+    """A directory synced by an earlier version kept jurgen@bücher.example in
+    Unicode; the file did not change, yet the new version must sync it again, or
+    his mail stays rejected until an operator thinks of `directory sync`."""
+    import hashlib
+
+    from mailgate.cli import sync_directory_if_changed
+    from mailgate.store.state import set_state
+
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"].append(
+        {"email": "jurgen@bücher.example", "name": "Jürgen Koch", "role": "admin"}
+    )
+    inst = install_at(tmp_path, clock, OUTSIDE, directory)
+    path = inst.app.settings.path(inst.app.settings.directory)
+    with inst.session() as s, s.begin():  # as the earlier version left it
+        s.scalar(select(Contact).where(Contact.email == "jurgen@xn--bcher-kva.example")).email = (
+            "jurgen@bücher.example"
+        )
+        set_state(s, "directory.sha256", hashlib.sha256(path.read_bytes()).hexdigest())
+    assert sync_directory_if_changed(inst.app) is not None  # the start after the upgrade
+    mail = make_mail(sender="Jurgen Koch <jurgen@xn--bcher-kva.example>", message_id="j@x.example")
+    assert inst.ingest(mail).outcome == "created"
+    assert sync_directory_if_changed(inst.app) is None  # and only once
+
+
 def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     import logging
 
