@@ -686,9 +686,9 @@ def test_the_first_start_after_the_upgrade_stores_an_idn_contact_as_intake_reads
     inst = install_at(tmp_path, clock, OUTSIDE, directory)
     path = inst.app.settings.path(inst.app.settings.directory)
     with inst.session() as s, s.begin():  # as the earlier version left it
-        s.scalar(select(Contact).where(Contact.email == "jurgen@xn--bcher-kva.example")).email = (
-            "jurgen@bücher.example"
-        )
+        s.scalar(
+            select(Contact).where(Contact.email == "jurgen@xn--bcher-kva.example")
+        ).email = "jurgen@bücher.example"
         set_state(s, "directory.sha256", hashlib.sha256(path.read_bytes()).hexdigest())
     assert sync_directory_if_changed(inst.app) is not None  # the start after the upgrade
     mail = make_mail(sender="Jurgen Koch <jurgen@xn--bcher-kva.example>", message_id="j@x.example")
