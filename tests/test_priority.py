@@ -14,6 +14,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from mailgate.cli import EX_CONFIG
 from mailgate.store.models import IngestRecord, Ticket, TicketEvent
 from tests.conftest import ROOT, Installation, make_mail
 from tests.daemon import RunningDaemon, start_daemon
@@ -232,7 +233,7 @@ def test_a_missing_rules_dir_refuses_a_reload_and_a_start(tmp_path: Path, sink: 
         capture_output=True, text=True, cwd=ROOT, timeout=30,
     )  # fmt: skip
     assert "Traceback" not in started.stderr
-    assert (started.returncode, started.stderr.splitlines()) == (1, [f"error: {problem}"])
+    assert (started.returncode, started.stderr.splitlines()) == (EX_CONFIG, [f"error: {problem}"])
 
 
 def test_the_shipped_rules_classify_mail_in_the_pipeline(inst: Installation) -> None:
