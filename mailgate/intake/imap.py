@@ -343,23 +343,28 @@ class Mailbox:
         message that is filed (copied) but still here, skipped by every search: ours
         carry FILED, so they are told from mail someone else deleted, and expunged."""
         leftovers = client.search(["DELETED", "KEYWORD", FILED.decode()])
-        if leftovers:
-            log.info("imap %s: expunging %s message(s) filed before", self.settings.name,
-                     len(leftovers))  # fmt: skip
-            self._expunge(client, leftovers)
+        # Said only once they are gone: while another client's \\Deleted mail holds
+        # them back, every drain finds them again, and the warning said why already.
+        # A state of its own, so that the next such wait is a change, warned again.
+        if leftovers and self._expunge(client, leftovers):
+            self._report("filed mail expunged", f"{len(leftovers)} message(s) left in "
+                         f"{self.settings.folder} after they were filed")  # fmt: skip
 
-    def _expunge(self, client: imapclient.IMAPClient, uids: list[int]) -> None:
-        """Expunge our filed `uids`, never someone else's \\Deleted mail. UID EXPUNGE
-        (UIDPLUS) names them; a server without it only knows EXPUNGE, which removes
-        every \\Deleted message: sent only while all of them are ours. Otherwise ours
-        stay, flagged and skipped, until the next drain finds the folder clear."""
+    def _expunge(self, client: imapclient.IMAPClient, uids: list[int]) -> bool:
+        """Expunge our filed `uids`, never someone else's \\Deleted mail; False when
+        they have to wait. UID EXPUNGE (UIDPLUS) names them; a server without it
+        only knows EXPUNGE, which removes every \\Deleted message: sent only while
+        all of them are ours. Otherwise ours stay, flagged and skipped, until a
+        later drain finds the folder clear."""
         if client.has_capability("UIDPLUS"):
             client.expunge(uids)
-            return
+            return True
         theirs = client.search(["DELETED", "NOT", "KEYWORD", FILED.decode()])
         if not theirs:
+            # A message flagged \\Deleted by someone else between this search and
+            # the EXPUNGE goes too: without UIDPLUS, IMAP offers nothing narrower.
             client.expunge()
-            return
+            return True
         s = self.settings
         self._report(
             "filed mail left in the folder",
@@ -368,6 +373,7 @@ class Mailbox:
             f"ours stay flagged {FILED.decode()} until they are gone",
             error=True,
         )
+        return False
 
 
 def _cut(client: imapclient.IMAPClient, cut: threading.Event) -> None:
