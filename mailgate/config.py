@@ -159,7 +159,7 @@ class ImapIntake(Strict):
         # A message moved into the folder it was read from gets a new UID there:
         # it would be read, recorded as a duplicate and moved again, for ever.
         for key in ("processed_folder", "failed_folder"):
-            if _mailbox_name(getattr(self, key)) == _mailbox_name(self.folder):
+            if mailbox_name(getattr(self, key)) == mailbox_name(self.folder):
                 raise ValueError(
                     f"{key} is the folder mailgate reads ({self.folder}); "
                     "give it a folder of its own, e.g. mailgate/processed"
@@ -167,7 +167,7 @@ class ImapIntake(Strict):
         return self
 
 
-def _mailbox_name(name: str) -> str:
+def mailbox_name(name: str) -> str:
     """As an IMAP server compares them: INBOX in any case is INBOX (RFC 3501 5.1)."""
     return "INBOX" if name.upper() == "INBOX" else name
 

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from mailgate.config import ImapIntake
 from mailgate.intake.imap import Mailbox, backoff, destination
 from mailgate.store.models import Article, IngestRecord, OutboxMail, Ticket
+from mailgate.store.state import set_state
 from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at, make_mail
 from tests.daemon import launch
 from tests.dovecot import Dovecot, start_dovecot
@@ -246,6 +247,11 @@ def test_a_changed_uidvalidity_doubles_nothing(
 def test_watching_another_folder_is_no_changed_uidvalidity(
     inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """UIDVALIDITY is remembered per folder: changing `folder:` (or upgrading from
+    a version that remembered one value per mailbox) is no change; a folder that
+    really was recreated still is, though another folder was watched meanwhile."""
+    with inst.app.sessions.begin() as session:  # left by a version without the folder
+        set_state(session, "imap.imap.uidvalidity", "4242")
     with dovecot.session() as client:
         client.create_folder("Support")
         client.append("Support", mail(2))
@@ -256,7 +262,32 @@ def test_watching_another_folder_is_no_changed_uidvalidity(
     with Running(inst, settings_for(dovecot, idle=False, folder="Support")):
         eventually(lambda: held(dovecot, PROCESSED) == 2)
     assert count(inst, Ticket) == 2
-    assert [r.getMessage() for r in caplog.records if "UIDVALIDITY" in r.getMessage()] == []
+    assert imap_log(caplog) == []
+    dovecot.append(mail(3))
+    old = dovecot.uidvalidity()
+    dovecot.recreate_inbox()  # the old UIDVALIDITY + 1
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, PROCESSED) == 3)
+    assert imap_log(caplog) == [
+        f"imap imap: UIDVALIDITY of INBOX changed ({old} -> {old + 1}): every message in it is "
+        "checked again; those already stored are recognised as duplicates"
+    ]
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_folder_with_a_long_name_is_watched_on_postgresql(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The UIDVALIDITY remembered for a folder of 196 characters (a deep hierarchy)
+    once made PostgreSQL refuse the state key (varchar 200): 'unexpected error' on
+    every reconnect, and not one message ingested."""
+    folder = ("Support/" + "Kundenanfragen-Oesterreich/" * 7).rstrip("/")
+    dovecot.append(mail(1), folder=folder)
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    with Running(inst, settings_for(dovecot, idle=False, folder=folder)):
+        eventually(lambda: held(dovecot, PROCESSED) == 1, what="filed")
+    assert count(inst, Ticket) == 1
+    assert imap_log(caplog) == []
 
 
 def test_held_mail_found_again_after_a_changed_uidvalidity_joins_the_held_mail(

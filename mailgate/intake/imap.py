@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import logging
 import random
 import re
@@ -35,7 +36,7 @@ import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from mailgate.app import App
-from mailgate.config import ConfigError, ImapIntake, is_loopback, read_secret
+from mailgate.config import ConfigError, ImapIntake, is_loopback, mailbox_name, read_secret
 from mailgate.intake.faults import Fault
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import TemporaryFailure, process
@@ -58,6 +59,15 @@ def backoff(attempt: int, rng: random.Random) -> float:
     """Seconds before reconnect attempt `attempt` (0-based): doubling, capped, with jitter."""
     ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
     return rng.uniform(ceiling / 2, ceiling)  # jitter: mailboxes of one provider do not stampede
+
+
+def uidvalidity_key(name: str, folder: str) -> str:
+    """The state key remembering the UIDVALIDITY of `folder` in mailbox `name`. The
+    folder goes in as a digest: a folder name has no length limit and the key column holds
+    200 characters (PostgreSQL refuses more, and the mailbox never started), and
+    dots, allowed in both, must not make two mailboxes' folders one key."""
+    digest = hashlib.sha256(mailbox_name(folder).encode()).hexdigest()
+    return f"imap.{name}.uidvalidity.{digest}"
 
 
 def destination(settings: ImapIntake, outcome: str, *, held: bool = False) -> str:
@@ -208,9 +218,13 @@ class Mailbox:
 
     def _remember_uidvalidity(self, uidvalidity: int) -> None:
         # Per folder: another `folder:` is another UID space, not a changed one.
-        # (Until 2026-12 the key had no folder; the first start after the upgrade
-        # just records the value, without a warning.)
-        key = f"imap.{self.settings.name}.{self.settings.folder}.uidvalidity"
+        # The keys of earlier versions (imap.<name>.uidvalidity, of whichever folder
+        # was watched then; imap.<name>.<folder>.uidvalidity) are not read: a key
+        # not seen yet is recorded without a warning, so an upgrade says nothing.
+        # Reading the folderless one could only warn wrongly when the folder changed
+        # with the upgrade, for a warning that changes nothing: stored mail is
+        # recognised by its content whatever the UIDs.
+        key = uidvalidity_key(self.settings.name, self.settings.folder)
         with self._app().sessions.begin() as session:
             known = get_state(session, key)
             if known is not None and known != str(uidvalidity):
