@@ -89,6 +89,11 @@ def mail(n: int, body: str = "") -> bytes:
                      body=body or f"The export fails ({n}).\n").as_bytes()  # fmt: skip
 
 
+def quarantined_mail() -> bytes:
+    """Mail the pipeline holds: two From fields, so nobody can tell who sent it."""
+    return mail(1).replace(b"From: ", b"From: Mallory <mallory@x.example>\nFrom: ", 1)
+
+
 class Running:
     """A Mailbox thread on the test installation, stopped at the end."""
 
@@ -296,7 +301,7 @@ def test_held_mail_found_again_after_a_changed_uidvalidity_joins_the_held_mail(
     """A crash between the commit and the move leaves a quarantined mail in the
     folder; fetched again under a new UIDVALIDITY it is a duplicate, and was filed
     as handled, away from the held mail an operator looks for."""
-    ambiguous = mail(1).replace(b"From: ", b"From: Mallory <mallory@x.example>\nFrom: ", 1)
+    ambiguous = quarantined_mail()
     dovecot.append(ambiguous)
     dovecot.append(mail(2))
     with Running(inst, settings_for(dovecot, idle=False)):
@@ -309,6 +314,30 @@ def test_held_mail_found_again_after_a_changed_uidvalidity_joins_the_held_mail(
     assert (held(dovecot, FAILED), held(dovecot, PROCESSED)) == (2, 2)
     assert all(b"mallory@x.example" in raw for raw in dovecot.fetch_all(FAILED).values())
     assert count(inst, IngestRecord, IngestRecord.outcome == "duplicate") == 2
+
+
+def test_a_second_copy_of_held_mail_cut_off_before_its_move_joins_the_held_mail(
+    inst: Installation, dovecot: Dovecot, password: None
+) -> None:
+    """The same held mail delivered twice: the second copy is stored as a duplicate
+    of it, then the link is cut on its MOVE. Fetched again (the same UID: only
+    the move is left to do), it goes to failed_folder too, as it would have."""
+    dovecot.append(quarantined_mail())
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, FAILED) == 1, what="the first copy held")
+    dovecot.append(quarantined_mail())
+    proxy = Proxy(dovecot.port)
+    proxy.cut_on = b"UID MOVE"
+    try:
+        with Running(inst, settings_for(dovecot, port=proxy.port, idle=False)):
+            eventually(lambda: proxy.cut_on is None, what="the cut")
+            eventually(lambda: dovecot.uids("INBOX") == [], what="moved after the cut")
+    finally:
+        proxy.close()
+    assert (held(dovecot, FAILED), held(dovecot, PROCESSED)) == (2, 0)
+    with inst.session() as s:
+        outcomes = s.scalars(select(IngestRecord.outcome).order_by(IngestRecord.id)).all()
+    assert outcomes == ["quarantined", "duplicate"]  # the refetch only moved it
 
 
 def test_implicit_tls_and_starttls_with_the_operators_ca(
