@@ -151,6 +151,27 @@ def test_without_move_only_our_message_is_expunged(
         server.stop()
 
 
+def test_a_bug_met_at_every_reconnect_logs_its_traceback_once(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An internal error (a bug: nothing outside can cause one on purpose, hence the
+    patched drain) is met again after each backoff: one traceback, not one per retry."""
+    tries: list[int] = []
+
+    def broken(self: Mailbox, client: Any) -> int:
+        tries.append(1)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Mailbox, "drain", broken)
+    monkeypatch.setattr("mailgate.intake.imap.backoff", lambda attempt, rng: 0.05)
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: len(tries) >= 4, what="four tries")
+    logged = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
 def test_too_large_mail_goes_to_the_failed_folder_and_the_rest_goes_on(
     inst: Installation, dovecot: Dovecot, password: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

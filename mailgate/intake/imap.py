@@ -90,6 +90,7 @@ class Mailbox:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"imap-{settings.name}")
         self._state = ""
+        self._bug = ""  # the last unexpected error, until a drain gets through
         self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
         self._uidvalidity = 0  # of the folder, once selected
         self._rng = random.Random()
@@ -118,9 +119,13 @@ class Mailbox:
                 self._report("cannot log in", "; ".join(exc.problems), error=True)
             except (OSError, IMAPClientError, TemporaryFailure) as exc:
                 self._report("disconnected", error_text(exc), error=True)
-            except Exception:  # noqa: BLE001 - the thread must survive to reconnect
-                log.exception("imap %s: unexpected error", self.settings.name)
-                self._state = "unexpected error"
+            except Exception as exc:  # noqa: BLE001 - the thread must survive to reconnect
+                # Its traceback once: a bug met at each reconnect would otherwise
+                # write one per backoff, for as long as it lasts.
+                bug = f"{type(exc).__name__}: {exc}"
+                if bug != self._bug:
+                    log.exception("imap %s: unexpected error", self.settings.name)
+                self._bug, self._state = bug, "unexpected error"
             if self._stop.wait(backoff(attempt, self._rng)):
                 break
             attempt += 1
@@ -209,6 +214,7 @@ class Mailbox:
             # our FETCHes, not again in IDLE: drain until a search finds nothing.
             while self.drain(client) and not self._stop.is_set():
                 pass
+            self._bug = ""
             if idle:
                 self._idle(client)
             elif self._stop.wait(s.poll_seconds):
