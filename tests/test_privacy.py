@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from mailgate.cli import main
 from mailgate.observability import TextFormatter, address_hasher, set_log_key, setup_logging
@@ -293,6 +295,17 @@ def test_an_organisation_may_keep_tickets_for_less_time_and_open_tickets_stay(
         assert still.anonymised_at is None and still.requester.email == "hank@globex.example"
 
 
+def someone_waits(
+    session: Session, seconds: float = 20, unless: Callable[[], bool] = lambda: False
+) -> bool:
+    """Wait until another PostgreSQL session waits for a lock this one holds."""
+    waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+    deadline = time.monotonic() + seconds
+    while not session.scalar(waiting) and not unless() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(session.scalar(waiting))
+
+
 def test_tickets_reopened_while_retention_waits_for_them_are_left_alone(
     tmp_path: Path, clock: Clockwork, postgres: Any
 ) -> None:
@@ -313,11 +326,7 @@ def test_tickets_reopened_while_retention_waits_for_them_are_left_alone(
         tickets = list(staff.scalars(select(Ticket).order_by(Ticket.id).with_for_update()))
         run = threading.Thread(target=lambda: found.append(retention.run(inst.app, clock.now)))
         run.start()
-        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        deadline = time.monotonic() + 20
-        while not staff.scalar(waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert staff.scalar(waiting), "retention never waited for a ticket's lock"
+        assert someone_waits(staff), "retention never waited for a ticket's lock"
         by_bob = {"now": clock.now, "actor_kind": "staff", "actor": "bob@support.example"}
         set_status(staff, tickets[0], "open", reason="/status open", **by_bob)
         set_status(staff, tickets[1], "open", reason="/status open", **by_bob)
@@ -366,11 +375,7 @@ def test_retention_never_deletes_an_attachment_a_mail_in_progress_stores_again(
         staff.scalar(select(Ticket).where(Ticket.number == number).with_for_update())
         intake = threading.Thread(target=lambda: stored.append(inst.ingest(reply).outcome))
         intake.start()
-        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        deadline = time.monotonic() + 20
-        while not staff.scalar(waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert staff.scalar(waiting), "the reply never waited"
+        assert someone_waits(staff), "the reply never waited"
         assert retention.run(inst.app, clock.now).tickets == [old]
     intake.join(30)
     assert stored == ["threaded"]
@@ -439,10 +444,7 @@ def test_two_retention_runs_at_once_never_count_a_mail_twice(
         record = first.scalar(oldest.with_for_update())
         run = threading.Thread(target=other_run)
         run.start()
-        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        deadline = time.monotonic() + 5
-        while run.is_alive() and not first.scalar(waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        someone_waits(first, seconds=5, unless=lambda: not run.is_alive())
         delete_record(first, record, Forgotten())  # the first run deletes it
     run.join(30)
     assert found and found[0].records == 2
@@ -634,10 +636,7 @@ def test_erase_keeps_a_change_staff_make_meanwhile_on_another_instance(
             target=lambda: done.append(inst.cli("gdpr", "erase", CAROL[0], "--yes"))
         )
         erase.start()
-        waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        deadline = time.monotonic() + 20
-        while not staff.scalar(waiting) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        someone_waits(staff)
         ticket.cc = [*ticket.cc, "dave@acme.example"]  # /cc dave@acme.example
     erase.join(30)
     assert done == [0]
