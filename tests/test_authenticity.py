@@ -239,6 +239,25 @@ def test_a_forged_staff_reply_never_reaches_the_customer_under_prefer(install, k
     assert [m["To"] for m in inst.sent()[before + 1 :]] == ["alice@acme.example"]
 
 
+def test_a_refusal_for_authentication_names_the_mail_not_a_line(install, keys) -> None:
+    """The whole mail failed authentication: no "line 0: ``" in the reason or in
+    the refusal Bob gets; a bad command line in the same mail is still named."""
+    inst = installed(install, keys, {"hygiene": {"authentication": {"staff_policy": "prefer"}}})
+    inst.ingest(make_mail())
+    before = len(inst.sent())
+    result = inst.ingest(staff_reply(inst, "/priority P9\nLooking into it.\n"))
+    assert result.reason.startswith(
+        "commands refused, nothing applied or relayed: the mail failed sender "
+        "authentication (DKIM/DMARC); line 1: /priority does not accept 'P9'"
+    )
+    (refusal,) = inst.sent()[before:]
+    for kind in ("plain", "html"):
+        body = refusal.get_body((kind,)).get_content()
+        assert "line 0" not in body
+        assert "the whole mail" in body and "failed sender authentication" in body
+        assert "line 1" in body and "/priority P9" in body
+
+
 def test_unsigned_staff_mail_under_require_is_held_and_staff_told(install, keys) -> None:
     inst = installed(install, keys, {"hygiene": {"authentication": {"staff_policy": "require"}}})
     inst.ingest(make_mail())

@@ -67,7 +67,8 @@ def handle_staff_mail(
         problems += _credit_problem(app, session, ticket, mail, plan, bug, now)
     if problems:
         _refuse(app, session, ticket, msg, problems, now)
-        listed = "; ".join(f"line {p.line}: {p.reason}" for p in problems)
+        # Line 0 is the whole mail (its authentication), not a line of it.
+        listed = "; ".join(f"line {p.line}: {p.reason}" if p.line else p.reason for p in problems)
         return StaffOutcome(
             "command", f"commands refused, nothing applied or relayed: {listed}", None
         )
