@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from mailgate.store.db import head_revision
 from mailgate.store.models import Ticket
 from tests.conftest import Installation, make_mail
 
@@ -90,3 +91,19 @@ def test_a_retention_dry_run_may_look_ahead(inst: Installation, capsys: Capsys) 
     later = (inst.clock() + timedelta(days=4000)).isoformat()
     assert inst.cli("retention", "run", "--dry-run", "--now", later) == 0
     assert "would anonymise" in capsys.readouterr().out
+
+
+def test_a_schema_newer_than_this_version_is_named_so(inst: Installation, capsys: Capsys) -> None:
+    """An old version on a database a newer one upgraded (a rolling upgrade, a
+    rollback): told to install the newer version, not to run `db upgrade`, which
+    knows no way there and used to end in an Alembic traceback."""
+    with inst.app.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    inst.app.engine.dispose()
+    newer = f"database schema is at 0099, newer than this mailgate ({head_revision()})"
+    for command in (("db", "upgrade"), ("tickets", "list")):
+        assert inst.cli(*command) == 1, command
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.startswith(f"error: {newer}"), err
+        assert "db upgrade" not in err

@@ -244,7 +244,20 @@ def upgrade(engine: Engine) -> None:
     from alembic import command
 
     with migration_lock(engine):
+        _refuse_newer(current_revision(engine))
         command.upgrade(alembic_config(engine), "head")
+
+
+def _refuse_newer(current: str | None) -> None:
+    """A revision this version does not ship: a newer mailgate migrated the
+    database. No upgrade leads from there, and Alembic's "Can't locate
+    revision" would be a traceback; say what to install instead."""
+    known = {path.name.split("_", 1)[0] for path in (MIGRATIONS / "versions").glob("*.py")}
+    if current is not None and current not in known:
+        raise SchemaError(
+            f"database schema is at {current}, newer than this mailgate ({head_revision()}):"
+            " a newer version upgraded it; install that version here too"
+        )
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -269,6 +282,7 @@ def _migrate_if_empty(engine: Engine) -> None:
 
         command.upgrade(alembic_config(engine), "head")
         return
+    _refuse_newer(current)
     raise SchemaError(
         f"database schema is at {current or 'an unknown version'}, this mailgate needs "
         f"{head_revision()}: back it up, then run 'mailgate db upgrade'"
