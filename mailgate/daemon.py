@@ -344,7 +344,7 @@ def _start_metrics(settings: Settings) -> Metrics | None:
     host, port = settings.metrics.host, settings.metrics.port
     try:
         port = metrics.start(host, port)
-    except OSError as exc:  # the port taken: one line and exit 1, as for a bad setting
+    except OSError as exc:  # the port taken: one line and exit 78, as for a bad setting
         problem = listen_problem(settings.source, "metrics.port", host, port, exc)
         raise ConfigError([problem]) from None
     logging.getLogger("mailgate").addHandler(metrics.log_handler())
