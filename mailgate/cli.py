@@ -375,6 +375,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                                                   "ticket": None, "message_id": None})  # fmt: skip
                 continue
             _print_outcome(args, item.label, result.as_dict())
+    except BrokenPipeError:  # `ingest --mbox big.mbox | head`: what follows was not read
+        raise CommandError("output closed (broken pipe): stopped, the rest of the input "
+                           "was not processed") from None  # fmt: skip
     except OSError as exc:
         raise CommandError(f"cannot read {exc.filename or 'input'}: {exc.strerror}") from None
     except NotAMailbox as exc:

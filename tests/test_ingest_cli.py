@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mailbox
+import os
 import re
 import resource
 import shutil
@@ -59,6 +60,30 @@ def test_an_empty_mbox_is_nothing_to_do(inst: Installation, tmp_path: Path) -> N
     (tmp_path / "empty.mbox").write_bytes(b"")
     assert inst.cli("ingest", "--mbox", str(tmp_path / "empty.mbox")) == 0
     assert inst.ingest_records() == 0
+
+
+def test_output_closed_early_says_so_and_the_rest_is_left_for_later(
+    inst: Installation, tmp_path: Path
+) -> None:
+    """`ingest --mbox big.mbox | head -1`: the mail after the break was not read, so
+    75 stays right, but the line blamed the input ("cannot read input")."""
+    box = mailbox.mbox(tmp_path / "big.mbox")
+    for n in range(200):
+        box.add(make_mail(message_id=f"pipe-{n}@acme.example", subject=f"Export {n}").as_bytes())
+    box.flush()
+    reader, writer = os.pipe()
+    os.close(reader)  # the consumer is gone before the first line
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "ingest",
+         "--no-send", "--mbox", str(tmp_path / "big.mbox")],
+        cwd=ROOT, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+    )  # fmt: skip
+    os.close(writer)
+    assert proc.returncode == 75
+    assert proc.stderr.strip().splitlines() == [
+        "error: output closed (broken pipe): stopped, the rest of the input was not processed"
+    ]
+    assert inst.ingest_records() == 1  # the one decided before its line could not be written
 
 
 @pytest.mark.parametrize(
