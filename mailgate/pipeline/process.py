@@ -37,7 +37,7 @@ from mailgate.pipeline.authenticity import (
 from mailgate.pipeline.breaker import subject_key, tripped
 from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.delivery_failures import apply_bounce
-from mailgate.pipeline.identify import Identity, describe, identify
+from mailgate.pipeline.identify import Identity, Person, describe, identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.pipeline.rules import Classification, Facts, classify, customer_importance, evaluate
@@ -52,6 +52,7 @@ from mailgate.store.models import (
     Contact,
     IngestRecord,
     Organisation,
+    OutboxMail,
     SlaClock,
     Ticket,
     TicketEvent,
@@ -360,7 +361,7 @@ def _apply_for_sender(
     dry_run: bool,
 ) -> Result:
     """A mail that passed the screen, from a sender the directory was asked about."""
-    sender, message_id = identity.address, record.message_id
+    sender = identity.address
     match = find_ticket_for(
         msg,
         identity,
@@ -432,25 +433,34 @@ def _apply_for_sender(
         _after_customer_reply(app, session, ticket, msg, decision, article.id, now)
         return _record(session, record, decision, ticket.number, decision.matched_by)
     if decision.outcome == "rejected" and decision.send_rejection:
-        language = identity.person.language if identity.person else "en"
-        app.mailer.queue(
-            session,
-            kind="rejection",
-            to=[sender],
-            language=language,
-            context={
-                "reason": decision.refusal_code or _public_reason(identity.refusal),
-                "ticket": None,
-                # The directory's name or none: the display name is the
-                # sender's to choose, and the address may be forged, so it
-                # would carry a stranger's words (a phishing line) to a victim.
-                "requester_name": identity.person.name if identity.person else None,
-            },
-            now=now,
-            answers=message_id,
-            references=msg.references,
-        )
+        reason = decision.refusal_code or _public_reason(identity.refusal)
+        _queue_rejection(app, session, msg, identity.person, reason, now)
     return _record(session, record, decision, None)
+
+
+def _queue_rejection(
+    app: App, session: Session, msg: ParsedMessage, person: Person | None, reason: str,
+    now: datetime,
+) -> OutboxMail | None:  # fmt: skip
+    """The rejection template to the sender, `reason` one of its codes."""
+    assert msg.sender is not None
+    return app.mailer.queue(
+        session,
+        kind="rejection",
+        to=[msg.sender],
+        language=person.language if person else "en",
+        context={
+            "reason": reason,
+            "ticket": None,
+            # The directory's name or none: the display name is the sender's
+            # to choose, and the address may be forged, so it would carry a
+            # stranger's words (a phishing line) to a victim.
+            "requester_name": person.name if person else None,
+        },
+        now=now,
+        answers=msg.message_id,
+        references=msg.references,
+    )
 
 
 def _circuit_breaker(
@@ -507,17 +517,7 @@ def _tell_held_sender(
     since = now - timedelta(hours=app.settings.tickets.reject_notice_hours)
     if repo.recent_mail_to(session, sender, "rejection", since):
         return False
-    queued = app.mailer.queue(
-        session,
-        kind="rejection",
-        to=[sender],
-        language=person.language,
-        context={"reason": code, "ticket": None, "requester_name": person.name},
-        now=now,
-        answers=msg.message_id,
-        references=msg.references,
-    )
-    return queued is not None
+    return _queue_rejection(app, session, msg, person, code, now) is not None
 
 
 def _queue_spoof_notice(app: App, session: Session, identity: Identity, now: datetime) -> None:

@@ -241,11 +241,16 @@ def migration_lock(engine: Engine) -> Iterator[None]:
 
 
 def upgrade(engine: Engine) -> None:
-    from alembic import command
-
     with migration_lock(engine):
         _refuse_newer(current_revision(engine))
-        command.upgrade(alembic_config(engine), "head")
+        _to_head(engine)
+
+
+def _to_head(engine: Engine) -> None:
+    """Alembic's upgrade; callers hold the migration lock."""
+    from alembic import command
+
+    command.upgrade(alembic_config(engine), "head")
 
 
 def _refuse_newer(current: str | None) -> None:
@@ -278,9 +283,7 @@ def _migrate_if_empty(engine: Engine) -> None:
     if current == head_revision():
         return
     if current is None and not _has_tables(engine):
-        from alembic import command
-
-        command.upgrade(alembic_config(engine), "head")
+        _to_head(engine)
         return
     _refuse_newer(current)
     raise SchemaError(
