@@ -615,6 +615,29 @@ def test_erase_reaches_the_operator_alert_about_the_person(
     assert alert_key(ALICE[0]) not in keys  # a plain hash of her address, reversible
 
 
+def test_mail_still_queued_that_names_the_person_is_not_sent_after_the_erasure(
+    install: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bob's answer to Alice, copying Carol, waits in the outbox (a relay down)
+    when Alice is erased: it must not reach her, nor carry her to Carol."""
+    inst = install(settings=OUTSIDE)
+    first = make_mail(to="support@example.com, Carol Petit <carol@acme.example>")
+    number = inst.ingest(first).ticket
+    delivered = len(inst.sent())  # the ack and the staff notice, before the erasure
+    inst.ingest(staff_answer(inst, "Hello Alice Martin, fixed.\n", "bob-2@support.example"))
+    with inst.session() as s:
+        queued = s.scalar(select(OutboxMail).where(OutboxMail.status == "queued"))
+        assert queued is not None and ALICE[0] in queued.recipients, "nothing would be tested"
+        assert CAROL[0] in queued.recipients and number in queued.data.decode()
+    assert inst.cli("gdpr", "erase", ALICE[0], "--yes") == 0
+    assert "erased: 1 ticket(s)" in capsys.readouterr().out
+    after = inst.sent()[delivered:]
+    assert [m for m in after if "alice" in m.as_string().lower()] == []
+    with inst.session() as s:
+        assert s.scalar(select(func.count()).where(OutboxMail.status == "queued")) == 0
+    assert traces(inst, ALICE[0], "Martin") == []
+
+
 def test_erase_keeps_a_change_staff_make_meanwhile_on_another_instance(
     tmp_path: Path, clock: Clockwork, postgres: Any
 ) -> None:

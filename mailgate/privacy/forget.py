@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
 from sqlalchemy import select, update
@@ -128,16 +130,34 @@ def forget_record(record: IngestRecord, names: Pseudonyms, done: Forgotten) -> N
 
 
 def forget_outbox(session: Session, mail: OutboxMail, names: Pseudonyms) -> None:
-    """Sent mail loses its bytes; unsent mail to a forgotten person is not sent."""
+    """Sent mail loses its bytes; unsent mail to or about a forgotten person is
+    not sent at all. Sending it to the others only would still carry the person
+    (in To, in the quoted text) to them after the erasure, and the bytes cannot
+    be rewritten: the ticket's history says what was answered."""
     if mail.status in UNSENT:
-        if all(names.applies_to(r) for r in mail.recipients):
+        if any(names.applies_to(r) for r in mail.recipients) or mentions(mail.data, names):
             session.delete(mail)
-        return  # still to be sent to others: its bytes go out as they are
+        return  # to others, naming nobody forgotten: it goes out as it is
     mail.data = None
     mail.recipients = [names.address(r) if names.applies_to(r) else r for r in mail.recipients]
     if names.applies_to(mail.recipient):
         mail.recipient = names.address(mail.recipient)
     mail.last_error = names.text(mail.last_error)
+
+
+def mentions(data: bytes | None, names: Pseudonyms) -> bool:
+    """Do the bytes of a mail we wrote name someone forgotten, in a header or,
+    once decoded (quoted-printable, base64), in a text part? Only our own mail
+    is parsed: it is small and well formed, unlike what the quarantine holds."""
+    if not data:
+        return False
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    texts = [str(value) for value in message.values()]
+    for part in message.walk():
+        payload = part.get_payload(decode=True) if part.get_content_maintype() == "text" else None
+        if isinstance(payload, bytes):
+            texts.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
+    return any(names.text(text) != text for text in texts)
 
 
 def _json_text(value: Any, names: Pseudonyms) -> Any:

@@ -14,8 +14,8 @@ them with a per-ticket pseudonym. It removes the person's contact record,
 their attachments and HTML, the raw mail and outbound bytes of the tickets
 they are on (the headers of every message on the thread carry their
 address), their quarantined, rejected or ignored mail, and mail still
-waiting to be sent to them alone. What it changed is recorded in
-`erasures`, without the address.
+waiting to be sent that is to them or names them (not sent to anyone, then).
+What it changed is recorded in `erasures`, without the address.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
-from email import policy
-from email.parser import BytesParser
 from typing import Any
 
 from sqlalchemy import Text, cast, delete, func, or_, select
@@ -35,13 +33,13 @@ from sqlalchemy.orm import Session
 from mailgate.app import App
 from mailgate.outbound.mailer import alert_key
 from mailgate.privacy.forget import (
-    UNSENT,
     Forgotten,
     delete_record,
     forget_contact,
     forget_outbox,
     forget_ticket,
     keep_addresses,
+    mentions,
 )
 from mailgate.privacy.pseudonyms import Pseudonyms
 from mailgate.store.blobs import drop_unreferenced
@@ -250,12 +248,11 @@ def erase(app: App, email: str, now: datetime, *, dry_run: bool = False) -> Eras
             if record.ticket_id is None:  # those on a ticket were rewritten with it
                 gone.add(record.id)
                 delete_record(session, record, done)
+        # Mail on no ticket to them (a rejection notice) or about them (an operator
+        # alert naming them, to staff).
         for mail in session.scalars(select(OutboxMail).where(OutboxMail.ticket_id.is_(None))):
-            if names.applies_to(mail.recipient) or email in mail.recipients:
+            if any(names.applies_to(r) for r in mail.recipients) or mentions(mail.data, names):
                 forget_outbox(session, mail, names)
-                done.outbox += 1
-            elif mail.data is not None and _mentions(mail.data, email):
-                _forget_mail_about(session, mail)
                 done.outbox += 1
         # The once-a-day mark of an operator alert about them: a plain hash of the address.
         session.execute(delete(State).where(State.key == alert_key(email)))
@@ -291,31 +288,6 @@ def _locked(session: Session, tickets: list[Ticket]) -> list[Ticket]:
         .execution_options(populate_existing=True)
     )
     return list(session.scalars(query))
-
-
-def _mentions(data: bytes, email: str) -> bool:
-    """Do the bytes of a mail we wrote name the address, in its headers or, once
-    decoded (quoted-printable, base64), in a text part? Only our own mail is
-    decoded: it is small and well formed, unlike what the quarantine holds."""
-    needle = email.encode()
-    if needle in data.lower():
-        return True
-    message = BytesParser(policy=policy.default).parsebytes(data)
-    for part in message.walk():
-        if part.get_content_maintype() == "text":
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes) and needle in payload.lower():
-                return True
-    return False
-
-
-def _forget_mail_about(session: Session, mail: OutboxMail) -> None:
-    """A mail to others about the person (an operator alert naming them): sent,
-    it keeps its row without its bytes; not sent yet, it is not sent at all."""
-    if mail.status in UNSENT:
-        session.delete(mail)
-    else:
-        mail.data = None
 
 
 def _held_naming(app: App, session: Session, email: str) -> list[IngestRecord]:
