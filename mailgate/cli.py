@@ -728,6 +728,7 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
 
 
 def cmd_credits_add(args: argparse.Namespace) -> int:
+    from mailgate.credits.billing import first_valid_day, last_valid_day
     from mailgate.credits.ledger import CreditError, add_pack
 
     app = load_app(args)
@@ -738,8 +739,11 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
             activated = _activation(args.activated, org.timezone) or now
             row = add_pack(session, app.settings.credits, args.org, args.pack,
                            activated=activated, reference=args.reference, now=now)  # fmt: skip
-            summary = f"{args.org}: pack {row.pack} (+{row.credits} credits), valid until "
-            summary += f"{row.expires_at.isoformat()} (pack #{row.id})"
+            # The days `credits balance` and the customer's mails give (the
+            # organisation's zone), not the expiry instant in UTC.
+            summary = (f"{args.org}: pack {row.pack} (+{row.credits} credits), valid from "
+                       f"{first_valid_day(row.activated_at, org.timezone)} until "
+                       f"{last_valid_day(row.expires_at, org.timezone)} (pack #{row.id})")  # fmt: skip
     except CreditError as exc:
         raise CommandError(str(exc)) from None
     print(summary)

@@ -248,9 +248,14 @@ def test_balance_gives_the_last_valid_day_the_mails_give(
 ) -> None:
     # At 23:30 UTC it is already 5 December in Brussels: valid through 5 December 2027.
     at(clock, "2026-12-04T23:30:00+00:00")
-    assert inst.cli("credits", "add", ORG, "light") == 0
+    added = printed(inst, capsys, "credits", "add", ORG, "light")
+    assert (
+        added
+        == "acme: pack light (+20 credits), valid from 2026-12-05 until 2027-12-05 (pack #1)\n"
+    )
     # Globex is in London: from its midnight on 10 January (00:00 UTC), through 9 January 2027.
-    assert inst.cli("credits", "add", "globex", "light", "--activated", "2026-01-10") == 0
+    added = printed(inst, capsys, "credits", "add", "globex", "light", "--activated", "2026-01-10")
+    assert "valid from 2026-01-10 until 2027-01-09 (pack #2)" in added
     open_ticket(inst)
     inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>", subject="Export question",
                           message_id="g1@globex.example", body="How do I export?\n"))  # fmt: skip
