@@ -662,6 +662,20 @@ def test_explain_shows_who_wrote_and_what_the_rules_set(
     assert re.search(r"^rules +-$", out, re.M), out
 
 
+def test_explain_on_a_staff_answer_names_staff_and_not_a_refusal(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Staff never open tickets; their answer threads. The identity line said
+    "may not open tickets: staff mail that answers no ticket" of an answer."""
+    number = inst.ingest(make_mail()).ticket
+    answer = tmp_path / "answer.eml"
+    answer.write_bytes(staff_answer(inst, "On it.\n", "bob-9@support.example").as_bytes())
+    capsys.readouterr()
+    assert inst.cli("explain", "--json", str(answer)) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["ticket"], shown["identity"]) == (number, "bob@support.example: staff")
+
+
 def test_explain_on_a_fresh_install_knows_the_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

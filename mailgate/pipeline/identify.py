@@ -74,7 +74,9 @@ def describe(identity: Identity) -> str:
     if person is None:
         who = f"{identity.address}: unknown"
     elif person.kind == "staff":
-        who = f"{identity.address}: staff" + ("" if person.active else " (inactive)")
+        # Staff answer tickets and never open one: whether this mail answers one
+        # is the outcome's business (the refusal would be wrong for an answer).
+        return f"{identity.address}: staff" + ("" if person.active else " (inactive)")
     else:
         inactive = "" if person.active else " (inactive)"
         who = f"{identity.address}: {person.role} of {person.organisation_id}{inactive}"
