@@ -24,7 +24,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -160,18 +160,7 @@ class Daemon:
         )
         scheduler.add_job(self._shielded, "interval", args=(self.check_leadership,),
                           id="leadership", seconds=LEADERSHIP_SECONDS)  # fmt: skip
-        # The leader's jobs: each runs at start (what fell due while we were down),
-        # then on its interval; a slow run is never run twice at once.
-        for job, enabled, seconds, run in (
-            ("lifecycle", True, LIFECYCLE_SECONDS, sweep),
-            ("credits", settings.credits.enabled, CREDITS_SECONDS, credits_sweep),
-            ("retention", settings.retention.enabled, RETENTION_SECONDS, retention_run),
-            ("sla", settings.sla.enabled, settings.sla.sweep_seconds, sla_sweep),
-        ):
-            if enabled:
-                scheduler.add_job(self._shielded, "interval", args=(self._sweep, job, run), id=job,
-                                  seconds=seconds, next_run_time=datetime.now(UTC),
-                                  max_instances=1, coalesce=True)  # fmt: skip
+        self._schedule_sweeps(settings)
         scheduler.start()
         if (interval := systemd_notify.watchdog_interval()) is not None:
             tasks.append(asyncio.create_task(_watchdog(interval), name="watchdog"))
@@ -226,7 +215,38 @@ class Daemon:
                 log.warning("intake.%s changed: it keeps its settings until a restart", part)
         self.app = app
         log.info("reloaded settings, directory and templates")
+        if changed := self._schedule_sweeps(app.settings):
+            log.info("sweeps: %s", ", ".join(changed))
         systemd_notify.ready("serving")
+
+    def _schedule_sweeps(self, settings: Settings) -> list[str]:
+        """Add, reschedule or remove the leader's jobs as `settings` say (at start
+        and on reload); what changed. Read once at start, `retention.enabled:
+        false` needed a restart: the hourly run went on deleting after a reload.
+        A job added runs at once (at start: what fell due while we were down),
+        then on its interval; a slow run is never run twice at once."""
+        assert self.scheduler is not None
+        changed = []
+        for job, enabled, seconds, run in (
+            ("lifecycle", True, LIFECYCLE_SECONDS, sweep),
+            ("credits", settings.credits.enabled, CREDITS_SECONDS, credits_sweep),
+            ("retention", settings.retention.enabled, RETENTION_SECONDS, retention_run),
+            ("sla", settings.sla.enabled, settings.sla.sweep_seconds, sla_sweep),
+        ):
+            current = self.scheduler.get_job(job)
+            if not enabled:
+                if current is not None:
+                    current.remove()  # a run in progress finishes
+                    changed.append(f"{job} off")
+            elif current is None:
+                self.scheduler.add_job(self._shielded, "interval", args=(self._sweep, job, run),
+                                       id=job, seconds=seconds, next_run_time=datetime.now(UTC),
+                                       max_instances=1, coalesce=True)  # fmt: skip
+                changed.append(f"{job} every {seconds} s")
+            elif current.trigger.interval != timedelta(seconds=seconds):
+                current.reschedule("interval", seconds=seconds)
+                changed.append(f"{job} every {seconds} s")
+        return changed
 
     async def check_leadership(self) -> None:
         """Take the lead when it is free, or notice that we lost it."""

@@ -221,3 +221,44 @@ def test_sighup_keeps_the_checked_templates_until_a_good_edit(tmp_path: Path, si
         assert "Merci de votre mail." in acknowledgement("third")
     finally:
         daemon.stop()
+
+
+def test_a_reload_turns_the_retention_sweep_on_and_off(tmp_path: Path, sink: Sink) -> None:
+    """The sweeps follow the settings at a reload. `retention.enabled` was read
+    once at start: an operator who set it to false (a legal hold) and reloaded
+    still had the hourly run deleting, until a restart."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select
+
+    from mailgate.store.models import IngestRecord
+
+    daemon = start_daemon(tmp_path, sink, {"retention": {"enabled": False}})
+    settings_file = daemon.inst.settings_file
+    try:
+        # A stranger's mail rejected 40 days ago: past retention.quarantine_days (30).
+        daemon.inst.clock.now = datetime.now(UTC) - timedelta(days=40)
+        stranger = make_mail(sender="Mallory <mallory@evil.example>", message_id="m@evil.example")
+        assert daemon.inst.ingest(stranger).outcome == "rejected"
+
+        def records() -> int:
+            with daemon.inst.session() as s:
+                return s.scalar(select(func.count()).select_from(IngestRecord)) or 0
+
+        assert records() == 1
+        settings = yaml.safe_load(settings_file.read_text())
+        settings["retention"]["enabled"] = True
+        settings_file.write_text(yaml.safe_dump(settings))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("sweeps: retention every 3600 s")
+        deadline = time.monotonic() + 15
+        while records() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert records() == 0  # the run a reload turned on, at once
+
+        settings["retention"]["enabled"] = False
+        settings_file.write_text(yaml.safe_dump(settings))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("sweeps: retention off")
+    finally:
+        daemon.stop()
