@@ -20,7 +20,7 @@ import yaml
 from sqlalchemy import select
 
 from mailgate.cli import sync_directory_if_changed
-from mailgate.store.models import Article, OutboxMail, Ticket, TicketEvent, TimeEntry
+from mailgate.store.models import Article, OutboxMail, SlaClock, Ticket, TicketEvent, TimeEntry
 from tests.conftest import ROOT, Installation, make_mail, reply_to, smtp_listener
 from tests.smtp_sink import Received, Sink
 
@@ -415,3 +415,36 @@ def test_tickets_show_lists_history_and_time_and_sweep_runs_by_hand(
     assert desk.inst.cli("tickets", "sweep") == 0
     assert capsys.readouterr().out.startswith("0 reminded, 0 resolved, 1 closed")
     assert desk.ticket().status == "closed"
+
+
+# Every mail client quotes the mail it answers; under a commands-only reply, that
+# quote is our own staff notice (organisation, priority, the request's first lines).
+NOTICE_QUOTED = {
+    "attribution": (
+        "\n\nOn Mon, 23 Nov 2026 at 09:30, Support <support@example.com> wrote:\n"
+        "> New ticket SUP-2026-000001\n>   Organisation: ACME Corp\n>   Priority: P1\n"
+    ),
+    "outlook": (
+        "\n\n________________________________\nFrom: Support <support@example.com>\n"
+        "Sent: Monday, November 23, 2026 10:30\nTo: Bob Durand <bob@support.example>\n"
+        "Subject: [SUP-2026-000001] New P1 ticket\n\nNew ticket SUP-2026-000001\n"
+    ),
+    "signature": "\n\n-- \nBob Durand | Tier 2 support | +33 1 23 45 67 89\n",
+}
+
+
+@pytest.mark.parametrize("below", NOTICE_QUOTED.values(), ids=NOTICE_QUOTED.keys())
+def test_commands_above_a_quote_relay_nothing_to_the_customer(desk: Desk, below: str) -> None:
+    """A reply holding only commands is commands only, whatever the client quoted
+    or signed under them: nothing reaches the customer, no first response."""
+    open_ticket(desk)
+    to_alice = len(desk.mails_to("alice@acme.example"))
+    desk.send(staff_answer(desk, "/status waiting" + below, "bob-1@support.example"))
+    assert len(desk.mails_to("alice@acme.example")) == to_alice
+    assert desk.rows(OutboxMail, kind="staff_reply") == []
+    assert desk.ticket().status == "waiting_customer"
+    (note,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert (note.visibility, note.text) == ("internal", "/status waiting")
+    with desk.inst.session() as session:
+        clock = session.scalars(select(SlaClock).filter_by(kind="first_response")).one()
+        assert clock.stopped_at is None

@@ -76,8 +76,14 @@ def handle_staff_mail(
     settings = app.settings.tickets
     body = mail.body
     if settings.trim_quoted:
+        # Below commands, a mail client's quote (of our staff notice) or a
+        # signature is all that is left of a commands-only mail: the staff
+        # member's words are the commands, and the customer must get nothing.
         body = trim_reply(
-            body, extra_markers=settings.reply_markers, strip_signature=settings.strip_signature
+            body,
+            extra_markers=settings.reply_markers,
+            strip_signature=settings.strip_signature,
+            whole_if_empty=not mail.commands,
         )
     only_commands = not body.strip()
     internal = mail.internal or _sent_to_internal(msg, envelope, app.settings.support_address)

@@ -177,7 +177,11 @@ _MAX_FOOTERS = 2
 
 
 def trim_reply(
-    text: str, *, extra_markers: Sequence[str] = (), strip_signature: bool = True
+    text: str,
+    *,
+    extra_markers: Sequence[str] = (),
+    strip_signature: bool = True,
+    whole_if_empty: bool = True,
 ) -> str:
     """The new part of a reply: text above the first quote marker, without the signature.
 
@@ -191,7 +195,9 @@ def trim_reply(
 
     A forward ("---------- Forwarded message ---------") ends the part trimmed,
     and is kept. Line endings become "\\n" and trailing whitespace is removed. If
-    nothing would be left, the whole (normalised) input is returned instead.
+    nothing would be left, the whole (normalised) input is returned instead, or
+    "" without `whole_if_empty` (the author's words are elsewhere: the staff
+    /commands above the quote).
     Raises ValueError if an extra marker is not a valid regex.
     """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -209,7 +215,7 @@ def trim_reply(
         result = _tidy(own)
     # Only whitespace left means a heuristic misfired (the mail is all quote, or
     # starts with an attribution): relay everything rather than nothing.
-    return result or _tidy(lines)
+    return result or (_tidy(lines) if whole_if_empty else "")
 
 
 def _find_history(probes: list[str], extra: list[regex.Pattern[str]]) -> tuple[int, bool]:
