@@ -448,3 +448,26 @@ def test_commands_above_a_quote_relay_nothing_to_the_customer(desk: Desk, below:
     with desk.inst.session() as session:
         clock = session.scalars(select(SlaClock).filter_by(kind="first_response")).one()
         assert clock.stopped_at is None
+
+
+def test_a_reply_nobody_would_receive_is_refused(desk: Desk) -> None:
+    """The requester left the directory and nobody is copied: the reply would reach
+    nobody, so it is refused as a whole rather than counted as the first response."""
+    open_ticket(desk)
+    path = desk.inst.root / "directory.yaml"
+    directory = yaml.safe_load(path.read_text())
+    acme = directory["organisations"][0]
+    acme["contacts"] = [c for c in acme["contacts"] if c["email"] != "alice@acme.example"]
+    path.write_text(yaml.safe_dump(directory))
+    sync_directory_if_changed(desk.inst.app)
+    desk.send(staff_answer(desk, "/priority P2\nHere is the fix.\n", "bob-1@support.example"))
+    assert desk.rows(OutboxMail, kind="staff_reply") == []
+    ticket = desk.ticket()
+    assert (ticket.status, ticket.priority) == ("new", "P1")  # nothing applied
+    refusal = staff_notice(desk)
+    assert refusal["In-Reply-To"] == "<bob-1@support.example>"
+    assert "nobody" in refusal.get_body(("plain",)).get_content()
+    # Copying a current contact in the same mail gives the reply someone to go to.
+    desk.send(staff_answer(desk, f"/cc {CAROL}\nHere is the fix.\n", "bob-2@support.example"))
+    (relayed,) = desk.received_by(CAROL)
+    assert "Here is the fix." in relayed.message.get_body(("plain",)).get_content()

@@ -57,22 +57,6 @@ def handle_staff_mail(
     sender = msg.sender or ""
     mail = read_commands(msg.text)
     plan = _plan(session, ticket, mail, sender)
-    problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
-    if screening.sender_authenticated is False:
-        # Not only its commands: a forged reply would reach the customer from
-        # our address (a phishing link, an attachment) and stop the SLA clock.
-        problems.insert(0, Problem(0, "", "the mail failed sender authentication (DKIM/DMARC)"))
-    bug = any(c.name == "bug" for c in mail.commands)
-    if not problems and plan.spent_minutes:
-        problems += _credit_problem(app, session, ticket, mail, plan, bug, now)
-    if problems:
-        _refuse(app, session, ticket, msg, problems, now)
-        # Line 0 is the whole mail (its authentication), not a line of it.
-        listed = "; ".join(f"line {p.line}: {p.reason}" if p.line else p.reason for p in problems)
-        return StaffOutcome(
-            "command", f"commands refused, nothing applied or relayed: {listed}", None
-        )
-
     settings = app.settings.tickets
     body = mail.body
     if settings.trim_quoted:
@@ -88,6 +72,24 @@ def handle_staff_mail(
     only_commands = not body.strip()
     internal = mail.internal or _sent_to_internal(msg, envelope, app.settings.support_address)
     public = not (internal or only_commands)
+    problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
+    if screening.sender_authenticated is False:
+        # Not only its commands: a forged reply would reach the customer from
+        # our address (a phishing link, an attachment) and stop the SLA clock.
+        problems.insert(0, Problem(0, "", "the mail failed sender authentication (DKIM/DMARC)"))
+    if public and not problems and not _customers(session, ticket, plan):
+        problems.append(Problem(0, "", _NOBODY_TO_ANSWER))
+    bug = any(c.name == "bug" for c in mail.commands)
+    if not problems and plan.spent_minutes:
+        problems += _credit_problem(app, session, ticket, mail, plan, bug, now)
+    if problems:
+        _refuse(app, session, ticket, msg, problems, now)
+        # Line 0 is the whole mail (its authentication, nobody to send it to), not a line of it.
+        listed = "; ".join(f"line {p.line}: {p.reason}" if p.line else p.reason for p in problems)
+        return StaffOutcome(
+            "command", f"commands refused, nothing applied or relayed: {listed}", None
+        )
+
     article = store_inbound(
         session,
         None if dry_run else app.blobs,
@@ -139,6 +141,19 @@ def _plan(session: Session, ticket: Ticket, mail: StaffMail, sender: str) -> Pla
         staff={s.email for s in repo.active_staff(session)},
         contacts={c.email for c in repo.contacts_of(session, ticket.organisation_id, copied)},
     )
+
+
+# A reply that reaches nobody must not count as the customer's answer (SLA first
+# response, status open), and its author must know it was not sent.
+_NOBODY_TO_ANSWER = (
+    "nobody would receive this reply: the requester and the copied contacts are no longer "
+    "active contacts of the organisation; /cc a current contact, or send it as /internal"
+)
+
+
+def _customers(session: Session, ticket: Ticket, plan: Plan) -> list[str]:
+    """Who the reply would go to, with the contacts this mail's /cc adds."""
+    return repo.ticket_customers(session, ticket, cc=plan.state.cc)
 
 
 def _credit_problem(

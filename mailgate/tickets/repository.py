@@ -151,13 +151,16 @@ def contacts_of(session: Session, organisation_id: str, addresses: Sequence[str]
     )
 
 
-def ticket_customers(session: Session, ticket: Ticket) -> list[str]:
+def ticket_customers(
+    session: Session, ticket: Ticket, *, cc: Sequence[str] | None = None
+) -> list[str]:
     """Who on the customer's side hears from a ticket: its requester and copied
-    contacts that are still active contacts of its organisation. Checked when
-    the mail is written, not when they were copied: the directory may since
-    have deactivated someone or moved them to another organisation."""
+    contacts (`cc`: the ticket's, or those it is about to have) that are still
+    active contacts of its organisation. Checked when the mail is written, not
+    when they were copied: the directory may since have deactivated someone or
+    moved them to another organisation."""
     wanted = [ticket.requester.email] if ticket.requester else []
-    wanted += [a for a in ticket.cc if a not in wanted]
+    wanted += [a for a in (ticket.cc if cc is None else cc) if a not in wanted]
     allowed = {c.email for c in contacts_of(session, ticket.organisation_id, wanted)}
     return [a for a in wanted if a in allowed]
 
