@@ -471,3 +471,19 @@ def test_a_reply_nobody_would_receive_is_refused(desk: Desk) -> None:
     desk.send(staff_answer(desk, f"/cc {CAROL}\nHere is the fix.\n", "bob-2@support.example"))
     (relayed,) = desk.received_by(CAROL)
     assert "Here is the fix." in relayed.message.get_body(("plain",)).get_content()
+
+
+@pytest.mark.parametrize("body", ["", "/status waiting\n"], ids=["no text", "a command"])
+def test_a_file_sent_without_text_reaches_the_customer(desk: Desk, body: str) -> None:
+    """An attachment is something to send: a mail with no words of its own but a
+    file is relayed, not filed away as a commands-only note."""
+    open_ticket(desk)
+    answer = staff_answer(desk, body, "bob-1@support.example")
+    answer.add_attachment(b"%PDF-1.4 fix", maintype="application", subtype="pdf",
+                          filename="fix.pdf")  # fmt: skip
+    desk.send(answer)
+    (relayed,) = desk.received_by("alice@acme.example")[1:]  # after the acknowledgement
+    assert [a.get_filename() for a in relayed.message.iter_attachments()] == ["fix.pdf"]
+    (article,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert article.visibility == "public"
+    assert desk.ticket().status == ("waiting_customer" if body else "open")

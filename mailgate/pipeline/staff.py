@@ -69,7 +69,10 @@ def handle_staff_mail(
             strip_signature=settings.strip_signature,
             whole_if_empty=not mail.commands,
         )
-    only_commands = not body.strip()
+    # A file is something to send too, even without a word around it; inline
+    # parts are the HTML's own pictures (a signature's logo), not files.
+    sends_files = any(not a.inline for a in msg.attachments)
+    only_commands = not body.strip() and not sends_files
     internal = mail.internal or _sent_to_internal(msg, envelope, app.settings.support_address)
     public = not (internal or only_commands)
     problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
@@ -98,7 +101,7 @@ def handle_staff_mail(
         raw_sha,
         author_kind="staff",
         now=now,
-        text=body if body.strip() else _command_lines(msg.text, mail),
+        text=body if public or body.strip() else _command_lines(msg.text, mail),
         visibility="public" if public else "internal",
         authentication=screening.authentication,
     )
