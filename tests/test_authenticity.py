@@ -256,6 +256,16 @@ def test_a_refusal_for_authentication_names_the_mail_not_a_line(install, keys) -
         assert "line 0" not in body
         assert "the whole mail" in body and "failed sender authentication" in body
         assert "line 1" in body and "/priority P9" in body
+        assert "Accepted commands" in body  # a line is at fault: how to write one
+
+    # Nothing wrong with its lines: the command list would send Bob the wrong way.
+    before = len(inst.sent())
+    inst.ingest(staff_answer(inst, "/resolve\nDone.\n", "bob-3@support.example"))
+    (refusal,) = inst.sent()[before:]
+    for kind in ("plain", "html"):
+        body = refusal.get_body((kind,)).get_content()
+        assert "Accepted commands" not in body and "Commands go at the very top" not in body
+        assert "send it again once the cause above is fixed" in body
 
 
 def test_unsigned_staff_mail_under_require_is_held_and_staff_told(install, keys) -> None:
