@@ -7,6 +7,7 @@ and staff see is read from the sink.
 
 from __future__ import annotations
 
+import html
 import json
 import smtplib
 import subprocess
@@ -487,3 +488,25 @@ def test_a_file_sent_without_text_reaches_the_customer(desk: Desk, body: str) ->
     (article,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
     assert article.visibility == "public"
     assert desk.ticket().status == ("waiting_customer" if body else "open")
+
+
+def test_an_html_only_answer_keeps_its_links_for_the_customer(desk: Desk) -> None:
+    """A mail client that sends HTML alone: the customer gets text made from it,
+    where "click here" lost the address it pointed to. A script's link is no address."""
+    open_ticket(desk)
+    answer = staff_answer(desk, "unused", "bob-1@support.example")
+    answer.set_content(
+        '<p>Please <a href="https://status.example.com/reset?user=alice&amp;step=2">click '
+        '<b>here</b></a>, or see <a href="https://docs.example.com/">https://docs.example.com/</a>'
+        ' and <a href="javascript:steal()">this</a>.</p>',
+        subtype="html",
+    )
+    desk.send(answer)
+    (relayed,) = desk.mails_to("alice@acme.example")[1:]  # after the acknowledgement
+    for kind in ("plain", "html"):
+        text = relayed.get_body((kind,)).get_content()
+        if kind == "html":
+            text = html.unescape(text)
+        assert "click here <https://status.example.com/reset?user=alice&step=2>" in text
+        assert "https://docs.example.com/ and this." in text  # no address written twice
+        assert "javascript" not in text
