@@ -213,6 +213,30 @@ def test_waiting_on_the_customer_pauses_the_clock_and_extends_the_deadline(
     assert resolution.due_at == utc(24, 15, 30)
 
 
+def test_a_target_added_while_waiting_on_the_customer_counts_the_whole_pause(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """P3 has no workaround target; raised to P1 while the ticket waits on the
+    customer, the new workaround clock is paused since the wait began, not since
+    the priority changed, so the customer's answer brings no breach with it."""
+    original = make_mail(subject="Export question", body="How do I export?\n")
+    number = inst.ingest(original).ticket
+    clock.now = utc(23, 10, 0)  # 11:00 Brussels: 30 min of business time used
+    bob_says(inst, "/status waiting\n", "b1@support.example")
+    clock.now = utc(23, 12, 0)
+    bob_says(inst, "/priority P1\n", "b2@support.example")
+    clock.now = utc(23, 14, 0)  # 15:00: the customer answers after 4 h of waiting
+    answer = reply_to(original, sender="Alice Martin <alice@acme.example>", message_id="a2@acme")
+    answer.replace_header("To", "support@example.com")
+    answer.replace_header("Subject", f"Re: [{number}] Export question")
+    assert inst.ingest(answer).outcome == "threaded"
+    workaround = clocks(inst, number)["workaround"]
+    assert workaround.paused_seconds == clocks(inst, number)["resolution"].paused_seconds
+    assert workaround.due_at == utc(23, 15, 30)  # 09:30 + 2 h + the 4 h waited
+    assert sweep(inst.app, clock.now).breaches == 0
+    assert sla_mail(inst, "sla_breach") == []
+
+
 def test_resolution_stops_at_resolved_and_a_reopening_resumes_it(
     inst: Installation, clock: Clockwork
 ) -> None:

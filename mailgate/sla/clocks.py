@@ -91,7 +91,9 @@ def _start(
     session: Session, ticket: Ticket, target: Target, resolution: SlaClock | None
 ) -> SlaClock:
     # A clock added later (a priority with a workaround target) counts from the
-    # ticket's creation, with the pauses the resolution clock has seen.
+    # ticket's creation, with the pauses the resolution clock has seen, and the
+    # one it is in: added while the ticket waits on the customer, it is paused
+    # since the wait began, not since it was added (as in `_resume`).
     clock = SlaClock(
         ticket_id=ticket.id,
         kind=target.kind,
@@ -100,6 +102,7 @@ def _start(
         started_at=ticket.created_at,
         due_at=ticket.created_at,
         paused_seconds=resolution.paused_seconds if resolution else 0,
+        paused_at=resolution.paused_at if resolution else None,
         alerts_sent=0,
     )
     session.add(clock)
