@@ -358,6 +358,28 @@ def test_an_overdraft_is_paid_back_from_the_next_pack_once(
     assert balance(inst, capsys)["balance"] == 96
 
 
+def test_a_reversed_overdraft_already_paid_back_returns_to_the_pack_that_paid(
+    install: Callable[..., Installation], capsys
+) -> None:
+    """The overdraft was a mistake, but the next pack had already paid it back: the
+    credits go back into that pack, where they can be spent and where they expire."""
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 24 credits: 4 beyond the 20
+    assert inst.cli("credits", "add", ORG, "maxi") == 0  # pays the 4 back: 96 left
+    with inst.session() as session:
+        overdrawn = select(CreditEntry.id).where(CreditEntry.kind == "overdraft")
+        (overdraft,) = session.scalars(overdrawn)
+    assert inst.cli("credits", "reverse", str(overdraft), "--note", "logged twice") == 0
+    found = balance(inst, capsys)
+    assert (found["balance"], [(p["pack"], p["remaining"]) for p in found["packs"]]) == (
+        100, [("maxi", 100)],
+    )  # fmt: skip
+    assert statement(inst, capsys)["closing"] == 100
+
+
 def test_an_overdraft_run_up_before_a_later_pack_starts_is_paid_back_on_its_day(
     install: Callable[..., Installation], capsys
 ) -> None:

@@ -278,6 +278,52 @@ def _repay_overdraft(
     return booked
 
 
+def _give_back_repayments(session: Session, org_id: str, now: datetime) -> list[CreditEntry]:
+    """After an overdraft is reversed: what packs already paid back for it goes back
+    into them, newest repayment first, as a pair of entries like the repayment.
+
+    Without this, the reversal's credits sat outside every pack: counted in the
+    balance the customer is told, yet never spendable, and never expiring."""
+    surplus = int(
+        session.scalar(
+            select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
+                CreditEntry.organisation_id == org_id,
+                CreditEntry.pack_id.is_(None),
+                CreditEntry.at <= now,
+            )
+        )
+        or 0
+    )
+    booked: list[CreditEntry] = []
+    if surplus <= 0:  # still owed, or even: every pack keeps what it paid
+        return booked
+    paid = session.execute(
+        select(CreditEntry.pack_id, func.sum(CreditEntry.credits))
+        .where(
+            CreditEntry.organisation_id == org_id,
+            CreditEntry.kind == "repayment",
+            CreditEntry.pack_id.is_not(None),
+        )
+        .group_by(CreditEntry.pack_id)
+        .order_by(func.max(CreditEntry.id).desc())
+    )
+    for pack_id, net in paid:  # net: what the pack paid, less what it got back
+        amount = min(surplus, -int(net or 0))
+        if amount <= 0:
+            continue
+        booked += [
+            _entry(session, org_id, "repayment", amount, now, now, pack_id=pack_id,
+                   note="overdraft reversed: given back to this pack"),
+            _entry(session, org_id, "repayment", -amount, now, now,
+                   note=f"overdraft reversed: given back to pack #{pack_id}"),
+        ]  # fmt: skip
+        surplus -= amount
+        if surplus == 0:
+            break
+    session.flush()
+    return booked
+
+
 def _rollover_target(packs: Sequence[CreditPackRow], ending: CreditPackRow) -> CreditPackRow | None:
     """The newest pack activated before `ending` ends and still valid after it."""
     candidates = [
@@ -335,6 +381,7 @@ def reverse_entry(session: Session, entry_id: int, now: datetime, why: str) -> C
                       pack_id=entry.pack_id, ticket_id=entry.ticket_id, reverses_id=entry.id,
                       note=f"{why} (reverses #{entry.id})"[:300])  # fmt: skip
     session.flush()
+    _give_back_repayments(session, entry.organisation_id, now)
     return reversal
 
 
@@ -357,7 +404,7 @@ def reverse_ticket(session: Session, ticket: Ticket, now: datetime, why: str) ->
         for spend in spends
     ]  # fmt: skip
     session.flush()
-    return booked
+    return booked + _give_back_repayments(session, ticket.organisation_id, now)
 
 
 def statement(
