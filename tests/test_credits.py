@@ -183,6 +183,28 @@ def test_unused_credits_expire_at_the_end_of_validity(inst: Installation, clock,
         assert (expiry.credits, expiry.at) == (-20, datetime(2026, 11, 30, 23, tzinfo=UTC))
 
 
+def test_a_pack_bought_during_the_day_is_valid_through_the_last_day_it_names(
+    inst: Installation, clock, capsys
+) -> None:
+    """Bought at 16:03 in Brussels without --activated: balance, ack and notices say
+    "valid until 4 December 2027", so the credits last until that day's midnight
+    there, not until 16:03."""
+    at(clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light") == 0
+    assert [p["valid_until"] for p in balance(inst, capsys)["packs"]] == ["2027-12-04"]
+    ticket = open_ticket(inst)
+    at(clock, "2027-12-04T17:00:00+01:00")  # the last valid day, in the afternoon
+    assert balance(inst, capsys)["balance"] == 20
+    assert spend(inst, capsys, ticket, "15m")[0] == 0
+    at(clock, "2027-12-05T00:00:00+01:00")
+    assert inst.cli("credits", "sweep") == 0
+    assert balance(inst, capsys)["balance"] == 0
+    expiry = statement(inst, capsys)["entries"][-1]
+    assert (expiry["kind"], expiry["credits"], expiry["at"]) == (
+        "expiry", -19, "2027-12-04T23:00:00+00:00",  # midnight in Brussels
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("rollover", [True, False], ids=["rollover", "no-rollover"])
 def test_credits_roll_over_into_a_pack_bought_before_they_expire(
     install: Callable[..., Installation], capsys, rollover: bool
@@ -427,11 +449,11 @@ def test_a_pretend_time_books_nothing(inst: Installation, clock: Clockwork, caps
     assert balance(inst, capsys)["balance"] == 20
     assert entries(statement(inst, capsys)) == [("purchase", 20)]
     assert [m["To"] for m in inst.sent() if "alice" in str(m["To"])] == ["alice@acme.example"]
-    # Its day comes: it expires for good, at its end.
-    at(clock, "2027-12-04T15:03:00+00:00")
+    # Its day comes: it expires for good, at its end (that day's midnight in Brussels).
+    at(clock, "2027-12-05T00:00:00+01:00")
     assert inst.cli("credits", "sweep") == 0
     assert balance(inst, capsys)["balance"] == 0
-    assert statement(inst, capsys)["entries"][-1]["at"] == "2027-12-04T15:03:00+00:00"
+    assert statement(inst, capsys)["entries"][-1]["at"] == "2027-12-04T23:00:00+00:00"
 
 
 # -- concurrency --------------------------------------------------------------------

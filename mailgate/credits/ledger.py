@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgate.config import Credits
-from mailgate.credits.rules import add_months, allocate, cost
+from mailgate.credits.rules import allocate, cost, pack_end
 from mailgate.store.models import CreditEntry, CreditPackRow, Organisation, Ticket, TimeEntry
 
 
@@ -170,7 +171,7 @@ def add_pack(
     if pack is None:
         known = ", ".join(sorted(settings.packs)) or "none"
         raise CreditError(f"no pack {pack_name!r} in settings credits.packs (known: {known})")
-    _lock(session, org_id)
+    org = _lock(session, org_id)
     # What ended before a backdated activation is settled first; what ends after
     # it stays for the sweep, so it can roll over into this pack. Never beyond
     # now: a pack starting next year ends nothing today.
@@ -180,7 +181,7 @@ def add_pack(
         pack=pack_name,
         credits=pack.size,
         activated_at=activated,
-        expires_at=add_months(activated, pack.validity_months),
+        expires_at=pack_end(activated, pack.validity_months, ZoneInfo(org.timezone or "UTC")),
         reference=reference[:200],
         created_at=now,
     )

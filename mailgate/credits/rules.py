@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, time, timedelta, tzinfo
 
 PERIOD_MINUTES = 15
 
@@ -30,6 +30,18 @@ def add_months(moment: datetime, months: int) -> datetime:
     year, month = moment.year + index // 12, index % 12 + 1
     day = min(moment.day, calendar.monthrange(year, month)[1])
     return moment.replace(year=year, month=month, day=day)
+
+
+def pack_end(activated: datetime, months: int, zone: tzinfo) -> datetime:
+    """When a pack activated at `activated` ends: `months` later where the organisation
+    is, at the midnight that closes that day. Balances and mails name the last valid
+    day, so a pack bought at 16:03 must not end at 16:03 on it; one activated at a
+    midnight (`--activated DATE`) ends at a midnight as it is."""
+    local = add_months(activated.astimezone(zone), months)
+    midnight = datetime.combine(local.date(), time(), tzinfo=zone)
+    if local == midnight:
+        return midnight
+    return datetime.combine(local.date() + timedelta(days=1), time(), tzinfo=zone)
 
 
 def allocate(
