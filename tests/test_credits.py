@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -487,6 +488,33 @@ def test_two_concurrent_spends_on_the_last_credit(
         assert codes == [0, 1], [r.stderr for r in results]
         assert "1 credit(s) needed, 0 left" in next(r.stderr for r in results if r.returncode)
         assert balance(inst, capsys)["balance"] == 0
+
+
+def test_two_settlements_at_once_book_an_expiry_once_on_postgresql(
+    install: Callable[..., Installation], postgres, capsys
+) -> None:
+    """The first mails after a pack's end, arriving together on two instances (or
+    with the hourly sweep, or a `credits balance`): each settles the ledger in its
+    own transaction. The second waits for the first and finds the expiry booked."""
+    from mailgate.credits.billing import balance_now
+
+    inst = install(settings={"database_url": postgres.fresh_database()})
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01") == 0  # ended
+    now = inst.clock.now
+
+    def settle_in_another_transaction() -> None:
+        with inst.app.sessions.begin() as other:
+            balance_now(inst.app, other, ORG, now)
+
+    with inst.app.sessions.begin() as first:
+        assert balance_now(inst.app, first, ORG, now).total == 0
+        second = threading.Thread(target=settle_in_another_transaction)
+        second.start()
+        second.join(1)  # without a lock it books its own expiry meanwhile
+    second.join(30)
+    assert entries(statement(inst, capsys)) == [("purchase", 20), ("expiry", -20)]
+    assert balance(inst, capsys)["balance"] == 0
 
 
 # -- what the customer is told ----------------------------------------------------------

@@ -197,7 +197,7 @@ def add_pack(
 
 def settled_balance(session: Session, settings: Credits, org_id: str, now: datetime) -> Balance:
     """The balance at `now`, after booking the expiries and rollovers due by then."""
-    packs = _packs(session, org_id)  # settling books entries; the packs stay the same
+    packs = _locked_packs(session, org_id)  # settling books entries; the packs stay the same
     _settle(session, settings, org_id, now, packs)
     return _balance(session, org_id, now, packs)
 
@@ -209,7 +209,21 @@ def settle(session: Session, settings: Credits, org_id: str, now: datetime) -> l
 
     `now` is the real clock: what this books stays (the ledger is append-only), so
     a later time would end packs that are still valid."""
-    return _settle(session, settings, org_id, now, _packs(session, org_id))
+    return _settle(session, settings, org_id, now, _locked_packs(session, org_id))
+
+
+def _locked_packs(session: Session, org_id: str) -> list[CreditPackRow]:
+    """The organisation's packs, read under its lock when it has any, for settling.
+
+    Two settlements at once (the first mails after a pack's end arriving on two
+    instances, the hourly sweep and a `credits balance`) would each book the same
+    expiry on PostgreSQL; locked, the second waits and finds it booked. Without
+    packs there is nothing to book, so most organisations' mail takes no lock."""
+    packs = _packs(session, org_id)
+    if packs:
+        _lock(session, org_id)
+        packs = _packs(session, org_id)  # one added meanwhile can take a rollover
+    return packs
 
 
 def _settle(
