@@ -789,8 +789,15 @@ def cmd_credits_statement(args: argparse.Namespace) -> int:
 
     from mailgate.credits.ledger import statement
 
-    start, end = parse_day(args.start, "--from"), parse_day(args.end, "--to")
-    found = _settled(args, lambda session, now: statement(session, args.org, start, end, now))
+    def read(session: Session, now: datetime) -> Any:
+        # Days as --activated takes them, the organisation's: November's statement
+        # holds the pack activated on 1 November, not the time spent on 1 December.
+        zone = _known_org(session, args.org).timezone
+        start = _activation(args.start, zone, "--from")
+        end = _activation(args.end, zone, "--to")
+        return statement(session, args.org, start, end, now)
+
+    found = _settled(args, read)
     if args.json:
         print_json({"organisation": found.organisation_id, "opening": found.opening,
                     "entries": found.entries, "closing": found.closing,
@@ -904,15 +911,16 @@ def _known_org(session: Session, org_id: str) -> Any:
     return org
 
 
-def _activation(value: str | None, timezone: str) -> datetime | None:
-    """A date is midnight where the organisation is: its pack ends at its midnight too."""
+def _activation(value: str | None, timezone: str, option: str = "--activated") -> datetime | None:
+    """A date is midnight where the organisation is: its pack ends at its midnight too,
+    and its statement's days are its own."""
     if value is not None and len(value) == 10:
         try:
             day = date.fromisoformat(value)
         except ValueError:
-            raise CommandError(f"--activated {value}: not an ISO date, e.g. 2026-11-01") from None
+            raise CommandError(f"{option} {value}: not an ISO date, e.g. 2026-11-01") from None
         return datetime.combine(day, time(), tzinfo=ZoneInfo(timezone))
-    return parse_now(value, "--activated")
+    return parse_now(value, option)
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:

@@ -266,6 +266,27 @@ def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> No
 # -- days as the customer is told them ---------------------------------------------
 
 
+def test_a_statement_s_days_are_the_organisation_s(inst: Installation, clock, capsys) -> None:
+    """November in Brussels: the pack activated on 1 November is in it, the time
+    spent at 00:30 on 1 December is not."""
+    at(clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    at(clock, "2026-12-01T00:30:00+01:00")
+    assert spend(inst, capsys, ticket, "15m")[0] == 0
+    at(clock, AUDIT_DAY)
+    november = json.loads(printed(inst, capsys, "credits", "statement", ORG, "--json",
+                                  "--from", "2026-11-01", "--to", "2026-12-01"))  # fmt: skip
+    assert (november["opening"], entries(november), november["closing"]) == (
+        0, [("purchase", 20)], 20,
+    )  # fmt: skip
+    december = json.loads(printed(inst, capsys, "credits", "statement", ORG, "--json",
+                                  "--from", "2026-12-01", "--to", "2027-01-01"))  # fmt: skip
+    assert (december["opening"], entries(december), december["closing"]) == (
+        20, [("spend", -1)], 19,
+    )  # fmt: skip
+
+
 def test_balance_gives_the_last_valid_day_the_mails_give(
     inst: Installation, clock: Clockwork, capsys
 ) -> None:
