@@ -22,7 +22,8 @@ from sqlalchemy import select
 
 from mailgate.cli import sync_directory_if_changed
 from mailgate.store.models import Article, OutboxMail, SlaClock, Ticket, TicketEvent, TimeEntry
-from tests.conftest import ROOT, Installation, make_mail, reply_to, smtp_listener
+from mailgate.tickets.changes import set_status
+from tests.conftest import NOW, ROOT, Installation, make_mail, reply_to, smtp_listener
 from tests.smtp_sink import Received, Sink
 
 SUPPORT = "support@example.com"
@@ -315,6 +316,33 @@ def test_waiting_ticket_reminds_then_resolves_in_business_days(desk: Desk) -> No
     desk.sweep()
     assert desk.ticket().status == "resolved"
     assert len(desk.mails_to("alice@acme.example")) == count + 2
+
+
+def test_a_ticket_waiting_longer_is_reminded_whatever_its_number(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep read the first waiting tickets by number (2000 of them): with
+    more waiting, a later ticket that was due never got its reminder. The batch
+    is made 1 here (4 tickets read) instead of opening 2001 tickets."""
+    from mailgate.tickets import sweep
+
+    monkeypatch.setattr(sweep, "BATCH", 1)
+    numbers = [desk.inst.ingest(make_mail(sender=ALICE, message_id=f"w{i}@acme.example",
+                                          subject=f"Question {i}")).ticket
+               for i in range(5)]  # fmt: skip
+    with desk.inst.session() as s, s.begin():
+        for number in numbers:
+            ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+            # The last one waits since Monday; the others only since Saturday.
+            at = NOW if number == numbers[-1] else NOW + timedelta(days=5)
+            set_status(s, ticket, "waiting_customer", now=at, actor_kind="staff",
+                       actor="bob@support.example", reason="asked for logs")  # fmt: skip
+    desk.later(timedelta(days=5, hours=1))  # Saturday: Monday's is 3 business days old
+    desk.sweep()
+    ids = {m.ticket_id for m in desk.rows(OutboxMail, kind="waiting_reminder")}
+    assert [t.number for t in desk.rows(Ticket) if t.id in ids] == [numbers[-1]]
+    assert any(numbers[-1] in m["Subject"] and m["Auto-Submitted"] == "auto-generated"
+               for m in desk.mails_to("alice@acme.example"))  # fmt: skip
 
 
 def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:

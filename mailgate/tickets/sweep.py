@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
@@ -60,25 +60,39 @@ def _close_resolved(app: App, session: Session, now: datetime) -> int:
 
 
 def _waiting(app: App, session: Session, now: datetime) -> tuple[int, int]:
+    """Remind the customer, then resolve, `waiting_reminder_days` and then
+    `waiting_resolve_days` business days after the ticket began to wait.
+
+    Only tickets past the same number of calendar days are read (business days
+    are never shorter), oldest first: reading the first tickets by number, a
+    desk with more than a batch waiting on customers never reached the later
+    ones, and their reminders were never sent."""
     settings = app.settings.tickets
     remind, resolve = settings.waiting_reminder_days, settings.waiting_resolve_days
+    waiting = select(Ticket).where(Ticket.status == "waiting_customer")
+    since = func.coalesce(Ticket.waiting_since, Ticket.updated_at)
     reminded = resolved = 0
-    waiting = select(Ticket).where(Ticket.status == "waiting_customer").order_by(Ticket.id)
-    for ticket in session.scalars(waiting.limit(BATCH * 4)):
-        since = ticket.waiting_since or ticket.updated_at
-        zone = ticket.organisation.timezone
-        if remind and ticket.reminded_at is None:
-            if add_business_days(since, remind, zone) <= now:
+    if remind:
+        due = waiting.where(Ticket.reminded_at.is_(None), since <= now - timedelta(days=remind))
+        for ticket in session.scalars(due.order_by(since, Ticket.id).limit(BATCH)):
+            zone = ticket.organisation.timezone
+            if add_business_days(ticket.waiting_since or ticket.updated_at, remind, zone) <= now:
                 queue_waiting_reminder(app, session, ticket, now)
                 ticket.reminded_at = now
                 reminded += 1
-            continue
-        start = ticket.reminded_at or since
-        if resolve and add_business_days(start, resolve, zone) <= now:
-            why = f"no answer from the customer for {remind + resolve} business days"
-            set_status(session, ticket, "resolved", now=now, actor_kind="system", actor=None,
-                       reason=why)  # fmt: skip
-            track(app.sla, session, ticket, now)
-            queue_resolution_notice(app, session, ticket, now, auto_resolved=True)
-            resolved += 1
+    if resolve:
+        # Reminded first, unless there are no reminders.
+        start = func.coalesce(Ticket.reminded_at, since)
+        due = waiting.where(start <= now - timedelta(days=resolve))
+        if remind:
+            due = due.where(Ticket.reminded_at.is_not(None))
+        for ticket in session.scalars(due.order_by(start, Ticket.id).limit(BATCH)):
+            began = ticket.reminded_at or ticket.waiting_since or ticket.updated_at
+            if add_business_days(began, resolve, ticket.organisation.timezone) <= now:
+                why = f"no answer from the customer for {remind + resolve} business days"
+                set_status(session, ticket, "resolved", now=now, actor_kind="system", actor=None,
+                           reason=why)  # fmt: skip
+                track(app.sla, session, ticket, now)
+                queue_resolution_notice(app, session, ticket, now, auto_resolved=True)
+                resolved += 1
     return reminded, resolved
