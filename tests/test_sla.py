@@ -139,6 +139,10 @@ def test_reminders_at_50_and_80_percent_then_breach_and_escalation(
     assert number in str(breach["Subject"])
     assert breach["Auto-Submitted"] == "auto-generated"
     assert LEAD in str(breach["To"]), "the escalation list is told"
+    # In the ticket's thread in staff's mail client, as the new-ticket notice is.
+    for notice in reminders:
+        assert notice["In-Reply-To"] == "<req-1@acme.example>"
+        assert "<req-1@acme.example>" in notice["References"]
     assert ticket(inst, number).level == "L2"
     with inst.session() as s:
         event = s.scalar(select(TicketEvent).where(TicketEvent.field == "level"))

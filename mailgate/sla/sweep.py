@@ -24,6 +24,7 @@ from mailgate.store.models import SlaClock, Ticket
 from mailgate.tickets import repository as repo
 from mailgate.tickets.changes import apply_changes
 from mailgate.tickets.lifecycle import Change
+from mailgate.tickets.notices import latest_customer_message_id, public_thread
 
 log = logging.getLogger("mailgate.sla")
 
@@ -139,5 +140,9 @@ def _notify(
         },
         now=now,
         ticket=ticket,
+        # In the ticket's thread in staff's mail client, under the customer's
+        # mail as the new-ticket notice is.
+        answers=latest_customer_message_id(ticket),
+        references=public_thread(ticket),
         auto_submitted="auto-generated",
     )
