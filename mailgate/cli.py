@@ -741,9 +741,10 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
                            activated=activated, reference=args.reference, now=now)  # fmt: skip
             # The days `credits balance` and the customer's mails give (the
             # organisation's zone), not the expiry instant in UTC.
-            summary = (f"{args.org}: pack {row.pack} (+{row.credits} credits), valid from "
-                       f"{first_valid_day(row.activated_at, org.timezone)} until "
-                       f"{last_valid_day(row.expires_at, org.timezone)} (pack #{row.id})")  # fmt: skip
+            first = first_valid_day(row.activated_at, org.timezone)
+            last = last_valid_day(row.expires_at, org.timezone)
+            summary = (f"{args.org}: pack {row.pack} (+{row.credits} credits), "
+                       f"valid from {first} until {last} (pack #{row.id})")  # fmt: skip
     except CreditError as exc:
         raise CommandError(str(exc)) from None
     print(summary)

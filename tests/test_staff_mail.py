@@ -538,3 +538,24 @@ def test_an_html_only_answer_keeps_its_links_for_the_customer(desk: Desk) -> Non
         assert "click here <https://status.example.com/reset?user=alice&step=2>" in text
         assert "https://docs.example.com/ and this." in text  # no address written twice
         assert "javascript" not in text
+
+
+def test_a_reply_bob_wrote_to_the_customer_himself_is_not_sent_to_them_again(
+    desk: Desk,
+) -> None:
+    """Bob answers Alice from his own mail client, support in Cc: Alice has his
+    mail; relayed too, she got it twice. Carol, copied on the ticket but not
+    on Bob's mail, still gets it from the support address."""
+    original = make_mail(sender=ALICE, message_id="req-1@acme.example",
+                         to=f"{SUPPORT}, {CAROL}")  # fmt: skip
+    desk.send(original)
+    direct = reply_to(original, sender=BOB, to=ALICE, body="Fixed on our side.\n",
+                      message_id="bob-1@support.example")  # fmt: skip
+    direct["Cc"] = SUPPORT
+    before = len(desk.mails_to("alice@acme.example"))
+    desk.send(direct)
+    assert len(desk.mails_to("alice@acme.example")) == before
+    (relayed,) = [m for m in desk.mails_to(CAROL) if "Fixed on our side." in m.as_string()]
+    assert relayed["From"] == f"Bob Durand <{SUPPORT}>" and relayed["To"] == CAROL
+    (article,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert article.visibility == "public"

@@ -223,8 +223,11 @@ def _refuse(
 def _relay(
     app: App, session: Session, ticket: Ticket, msg: ParsedMessage, body: str, now: datetime
 ) -> None:
-    """The staff member's words to the requester and copied contacts, from the support address."""
-    recipients = repo.ticket_customers(session, ticket)
+    """The staff member's words to the requester and copied contacts, from the
+    support address; not to those the staff member wrote to directly (support
+    in Cc): they have the mail already, and relayed too they got it twice."""
+    already = {a.lower() for a in (*msg.to, *msg.cc)}
+    recipients = [r for r in repo.ticket_customers(session, ticket) if r.lower() not in already]
     if not recipients:
         return
     staff_name = repo.staff_name(session, msg.sender or "") or (msg.sender or "")
