@@ -21,6 +21,7 @@ import yaml
 from sqlalchemy import select
 
 from mailgate.cli import sync_directory_if_changed
+from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, OutboxMail, SlaClock, Ticket, TicketEvent, TimeEntry
 from mailgate.tickets.changes import set_status
 from tests.conftest import NOW, ROOT, Installation, make_mail, reply_to, smtp_listener
@@ -559,3 +560,19 @@ def test_a_reply_bob_wrote_to_the_customer_himself_is_not_sent_to_them_again(
     assert relayed["From"] == f"Bob Durand <{SUPPORT}>" and relayed["To"] == CAROL
     (article,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
     assert article.visibility == "public"
+
+
+@pytest.mark.parametrize("header", ["Delivered-To", "X-Original-To"])
+def test_a_note_bcc_to_internal_fetched_by_imap_stays_internal(desk: Desk, header: str) -> None:
+    """Over IMAP there is no envelope: a Bcc to support+internal@ shows only in the
+    header the provider's delivery added. The note was relayed to the customer."""
+    open_ticket(desk)
+    note = staff_answer(desk, "Customer is on the legacy SSO.\n", "bob-1@support.example")
+    note[header] = "support+internal@example.com"
+    before = len(desk.mails_to("alice@acme.example"))
+    imap = Envelope(source="imap", rcpt_to=(SUPPORT,), mailbox_uid="support/INBOX/1/7")
+    assert desk.inst.ingest(note, imap).outcome == "threaded"
+    desk.inst.send_outbox()
+    assert len(desk.mails_to("alice@acme.example")) == before
+    (stored,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert stored.visibility == "internal"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import getaddresses
 
 from sqlalchemy.orm import Session
 
@@ -184,10 +185,17 @@ def _describe(plan: Plan, public: bool, internal: bool) -> str:
     return "; ".join(parts)
 
 
+# Where the receiving MTA or the mailbox provider writes the envelope recipient.
+# Over IMAP they are all there is of a Bcc to support+internal@; trusting them
+# can only keep a mail from the customer, never send one to them.
+DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
+
+
 def _sent_to_internal(msg: ParsedMessage, envelope: Envelope, support: str) -> bool:
     local, domain = support.split("@", 1)
     internal = f"{local}+{INTERNAL_TAG}@{domain}".lower()
-    return internal in {a.lower() for a in (*envelope.rcpt_to, *msg.to, *msg.cc)}
+    delivered = [a for name in DELIVERY_HEADERS for _, a in getaddresses(msg.headers.get(name, ()))]
+    return internal in {a.lower() for a in (*envelope.rcpt_to, *msg.to, *msg.cc, *delivered)}
 
 
 def _command_lines(text: str, mail: StaffMail) -> str:
