@@ -181,6 +181,21 @@ def test_prefer_accepts_unsigned_admin_mail_and_flags_the_ticket(install, keys) 
     assert [m["To"] for m in inst.sent() if "[SUP-" in str(m["Subject"])][0]  # ack still sent
 
 
+def test_the_ack_greets_the_person_the_directory_names_not_the_display_name(
+    install, keys
+) -> None:
+    """Anyone can write Alice's address with any display name; unsigned, it still
+    opens a ticket under prefer, and the ack to the real Alice greeted her with
+    the forger's text, from our address: a phishing line in a mail she trusts."""
+    inst = installed(install, keys, {"hygiene": {"authentication": {"policy": "prefer"}}})
+    lure = "Urgent - reset your password at http://evil.example/reset"
+    assert inst.ingest(make_mail(sender=f'"{lure}" <alice@acme.example>')).outcome == "created"
+    (ack,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    for kind in ("plain", "html"):
+        body = ack.get_body((kind,)).get_content()
+        assert "evil.example" not in body and "Alice Martin" in body
+
+
 def test_off_checks_nothing(install, keys) -> None:
     inst = installed(install, keys, {"hygiene": {"authentication": {"policy": "off"}}})
     result = inst.ingest(make_mail())

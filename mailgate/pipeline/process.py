@@ -699,9 +699,13 @@ def _queue_created_mail(
     credit: Balance | None,
     now: datetime,
 ) -> None:
+    # The directory's name for the person: the display name is whatever the
+    # sender wrote (unsigned mail under `prefer` too), and greeting Alice with a
+    # forger's "reset your password at http://…" puts it in mail from us.
+    known = ticket.requester.name if ticket.requester else ""
     context = {
         "ticket": ticket_context(ticket),
-        "requester_name": msg.from_name,
+        "requester_name": known or msg.from_name,  # staff see what was written
         "text": msg.text[:2000],
         "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
     }
@@ -717,6 +721,7 @@ def _queue_created_mail(
             language=ticket.language,
             context={
                 **context,
+                "requester_name": known or None,
                 "targets": deadlines,
                 "credit": credit_context(credit, ticket.organisation, flagged=decision.no_credit),
             },
