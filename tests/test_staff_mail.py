@@ -576,3 +576,18 @@ def test_a_note_bcc_to_internal_fetched_by_imap_stays_internal(desk: Desk, heade
     assert len(desk.mails_to("alice@acme.example")) == before
     (stored,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
     assert stored.visibility == "internal"
+
+
+def test_a_long_thread_stores_the_references_the_mail_carried(desk: Desk) -> None:
+    """The headers keep the root and the last ten; the article stored with each
+    outbound mail kept the whole thread, so a thread's rows grew with its square."""
+    original = open_ticket(desk)
+    for n in range(12):
+        desk.inst.ingest(reply_to(original, sender=ALICE, body=f"Detail {n}.\n",
+                                  message_id=f"more-{n}@acme.example"))  # fmt: skip
+    desk.send(staff_answer(desk, "Here is the fix.\n", "bob-1@support.example"))
+    (relayed,) = [m for m in desk.mails_to("alice@acme.example") if "the fix" in m.as_string()]
+    sent = [r.strip("<>") for r in relayed["References"].split()]
+    assert len(sent) == 11 and sent[0] == "req-1@acme.example"
+    (article,) = desk.rows(Article, direction="out", author_kind="staff")
+    assert [r.strip("<>") for r in article.references] == sent

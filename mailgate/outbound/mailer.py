@@ -22,6 +22,7 @@ from mailgate.outbound.caps import CAUSED_BY_INBOUND, over_cap
 from mailgate.outbound.compose import (
     Attachment,
     build_message,
+    cap_references,
     check_envelope_address,
     format_address,
 )
@@ -143,7 +144,7 @@ class Mailer:
                 visibility="internal" if kind in STAFF_ONLY else "public",
                 message_id=message_id,
                 in_reply_to=answers,
-                references=refs,
+                references=cap_references(refs),  # as the mail carries them
                 subject=rendered.subject,
                 text=rendered.text,
                 html=None,
