@@ -242,6 +242,36 @@ def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, caps
     assert kinds == ["purchase", "spend", "reversal"]  # nothing rewritten
 
 
+def test_a_correction_after_the_pack_ended_leaves_the_past_statements_alone(
+    inst: Installation, clock: Clockwork, capsys
+) -> None:
+    """A spend reversed after its pack ended gives the credits back to that pack,
+    where they end at once: that expiry was dated at the pack's end, in a month
+    whose statement had been sent, and changed it."""
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "1h")
+    with inst.session() as session:
+        (spent,) = session.scalars(select(CreditEntry.id).where(CreditEntry.kind == "spend"))
+    at(clock, "2026-12-02T10:00:00+01:00")
+    assert inst.cli("credits", "sweep") == 0
+
+    def period(*dates: str) -> dict:
+        return json.loads(printed(inst, capsys, "credits", "statement", ORG, "--json", *dates))
+
+    sent_on_1_december = ("--from", "2026-11-01", "--to", "2026-12-02")
+    sent = period(*sent_on_1_december)
+    assert entries(sent)[-1] == ("expiry", -16)
+    assert inst.cli("credits", "reverse", str(spent), "--note", "wrong ticket") == 0
+    assert balance(inst, capsys)["balance"] == 0
+    assert period(*sent_on_1_december) == sent
+    later = period("--from", "2026-12-02")["entries"]
+    assert [(e["kind"], e["credits"], e["at"]) for e in later] == [
+        ("reversal", 4, "2026-12-02T09:00:00+00:00"),
+        ("expiry", -4, "2026-12-02T09:00:00+00:00"),
+    ]
+
+
 def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> None:
     inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
     inst.cli("credits", "add", ORG, "10h", "--activated", "2026-11-01")

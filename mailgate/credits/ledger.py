@@ -240,18 +240,26 @@ def _settle(
         if left <= 0:
             continue
         into = _rollover_target(packs, pack) if settings.rollover else None
+        # At its end; or, for credits given back after it (a spend reversed
+        # later), when they came back: dated at the end, they changed a
+        # statement already sent.
+        ended = max(pack.expires_at, _last_entry_at(session, pack.id))
         if into is None:
-            booked.append(_entry(session, org_id, "expiry", -left, pack.expires_at, now,
+            booked.append(_entry(session, org_id, "expiry", -left, ended, now,
                                  pack_id=pack.id, note=f"pack #{pack.id} ended"))  # fmt: skip
         else:
             booked += [
-                _entry(session, org_id, "rollover_out", -left, pack.expires_at, now,
+                _entry(session, org_id, "rollover_out", -left, ended, now,
                        pack_id=pack.id, note=f"carried over into pack #{into.id}"),
-                _entry(session, org_id, "rollover_in", left, pack.expires_at, now,
+                _entry(session, org_id, "rollover_in", left, ended, now,
                        pack_id=into.id, note=f"carried over from pack #{pack.id}"),
             ]  # fmt: skip
         session.flush()
     return booked
+
+
+def _last_entry_at(session: Session, pack_id: int) -> datetime:
+    return session.scalar(select(func.max(CreditEntry.at)).where(CreditEntry.pack_id == pack_id))
 
 
 def _repay_overdraft(
