@@ -372,7 +372,8 @@ def test_automated_reply_on_open_ticket_adds_nothing(inst: Installation) -> None
     assert len(ticket(inst, created.ticket).articles) == 3
 
 
-@pytest.mark.parametrize("value", ["All", "OOF, AutoReply"])
+# Each token alone, then in a list as Exchange writes it (MS-OXCMAIL 2.1.3.2.20).
+@pytest.mark.parametrize("value", ["All", "OOF", "AutoReply", "DR, NDR, OOF"])
 def test_auto_response_suppress_only_suppresses_the_ack(inst: Installation, value: str) -> None:
     result = inst.ingest(make_mail(headers={"X-Auto-Response-Suppress": value}))
     assert result.outcome == "created"
