@@ -398,6 +398,16 @@ def test_forged_loop_marker_still_creates_a_ticket(inst: Installation, signature
     assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []  # no ack, though
 
 
+def test_a_message_id_shaped_like_ours_without_our_hmac_is_a_persons_mail(
+    inst: Installation,
+) -> None:
+    """Checklist 6 for the Message-ID: only our signature makes it ours, not its shape."""
+    forged = make_mail(message_id="mg.1.0123456789abcdef.0000000000000000@example.com")
+    result = inst.ingest(forged)
+    assert result.outcome == "created"
+    assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 1
+
+
 def test_a_file_starting_with_a_byte_order_mark_keeps_its_headers(inst: Installation) -> None:
     result = inst.ingest(b"\xef\xbb\xbf" + make_mail().as_bytes())
     assert (result.outcome, result.sender) == ("created", "alice@acme.example")
