@@ -196,6 +196,26 @@ def test_forged_token_is_refused(inst: Installation) -> None:
     assert result.matched_by is None
 
 
+@pytest.mark.parametrize("forged_key", ["reply-token", "signed-message-id"])
+def test_forged_key_of_a_ticket_in_ones_own_organisation_does_not_thread(
+    inst: Installation, forged_key: str
+) -> None:
+    """Carol, a member of ACME but no party of Alice's ticket, cannot guess her way onto
+    it: the id in a key counts only with our signature (a subject tag needs a party)."""
+    acme = inst.ingest(make_mail())
+    t = ticket(inst, acme.ticket)
+    if forged_key == "reply-token":
+        to, headers = f"support+t{t.id}-deadbeefdeadbeef@example.com", {}
+    else:
+        forged_mid = f"mg.{t.id}.0123456789abcdef.0000000000000000@example.com"
+        to, headers = "support@example.com", {"In-Reply-To": f"<{forged_mid}>"}
+    guess = make_mail(sender="carol@acme.example", to=to, message_id="c1@acme.example",
+                      headers=headers)  # fmt: skip
+    result = inst.ingest(guess)
+    assert (result.outcome, result.ticket, result.matched_by) == ("rejected", None, None)
+    assert len(ticket(inst, acme.ticket).articles) == 3  # Alice's mail, the ack, the notice
+
+
 def test_duplicate_delivery_gives_one_article_and_one_ack(inst: Installation) -> None:
     mail = make_mail()
     first = inst.ingest(mail)
