@@ -102,6 +102,23 @@ def test_the_daily_cap_holds_acks_that_the_hourly_cap_lets_through(install) -> N
     assert len([m for m in inst.sent() if m["To"] == "alice@acme.example"]) == 10
 
 
+def test_the_hourly_cap_holds_the_sixth_ack_when_the_breaker_lets_tickets_through(
+    install,
+) -> None:
+    """Layer 2 on its own: with the breaker lifted, eight tickets in ten minutes get
+    five acks (hygiene.loops.auto_mail_per_address_per_hour) and one alert."""
+    inst = install(settings={"hygiene": {"loops": {"tickets_per_sender_per_hour": 100}}})
+    for n in range(8):
+        mail = make_mail(subject=f"Issue {n}", message_id=f"hour-{n}@acme.example")
+        assert inst.ingest(mail).outcome == "created"
+        inst.clock.now += timedelta(seconds=75)  # type: ignore[attr-defined]
+    sent = inst.sent()
+    assert len([m for m in sent if m["To"] == "alice@acme.example"]) == 5
+    alerts = [m for m in sent if "loop defence" in str(m["Subject"])]
+    assert len(alerts) == 1
+    assert "5 automatic mails to" in alerts[0].get_body(("plain",)).get_content()
+
+
 def test_one_subject_from_one_organisation_trips_the_breaker(install) -> None:
     inst = install(settings={"hygiene": {"loops": {"tickets_per_subject_per_hour": 3}}})
     senders = ["alice@acme.example"] * 3
