@@ -325,8 +325,19 @@ def test_imap_trusted_provider_dmarc_pass_is_accepted(install, keys) -> None:
         (f"{PROVIDER}; dmarc=pass header.from=evil.example",),
         # below an untrusted hop: written before that hop, so possibly by the sender
         ("relay.evil.example; none", f"{PROVIDER}; dmarc=pass header.from=acme.example"),
+        # the provider saw a failure, or a valid signature of a domain not aligned with From
+        (f"{PROVIDER}; dmarc=fail header.from=acme.example",),
+        (f"{PROVIDER}; dkim=fail header.d=acme.example header.s=s1",),
+        (f"{PROVIDER}; dkim=pass header.d=evil.example header.s=s1",),
     ],
-    ids=["other-authserv-id", "other-from-domain", "below-untrusted-hop"],
+    ids=[
+        "other-authserv-id",
+        "other-from-domain",
+        "below-untrusted-hop",
+        "dmarc-fail",
+        "dkim-fail",
+        "dkim-pass-not-aligned",
+    ],
 )
 def test_imap_untrusted_results_are_ignored(install, keys, fields: tuple[str, ...]) -> None:
     inst = installed(install, keys, REQUIRE_ACME)
