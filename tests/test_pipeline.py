@@ -438,15 +438,18 @@ def test_mail_from_our_own_address_is_ignored(inst: Installation) -> None:
     assert result.outcome == "ignored"
 
 
-def test_two_from_headers_are_quarantined(inst: Installation) -> None:
-    raw = make_mail().as_bytes().replace(b"From: ", b"From: mallory@evil.example\nFrom: ", 1)
+# The same address twice is no clearer: RFC 5322 allows one From of one mailbox here.
+@pytest.mark.parametrize("other", [b"mallory@evil.example", b"alice@acme.example"])
+def test_two_from_headers_are_quarantined(inst: Installation, other: bytes) -> None:
+    raw = make_mail().as_bytes().replace(b"From: ", b"From: " + other + b"\nFrom: ", 1)
     result = inst.ingest(raw)
     assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
     assert count(inst, OutboxMail) == 0
 
 
-def test_two_addresses_in_from_are_quarantined(inst: Installation) -> None:
-    result = inst.ingest(make_mail(sender="alice@acme.example, mallory@evil.example"))
+@pytest.mark.parametrize("other", ["mallory@evil.example", "alice@acme.example"])
+def test_two_addresses_in_from_are_quarantined(inst: Installation, other: str) -> None:
+    result = inst.ingest(make_mail(sender=f"alice@acme.example, {other}"))
     assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
 
 
