@@ -254,7 +254,11 @@ def test_one_mail_to_two_of_our_addresses_is_one_ticket(inst: Installation) -> N
 def test_no_message_id_fetched_three_times_is_one_ticket(inst: Installation) -> None:
     mail = make_mail(message_id=None)
     results = [inst.ingest(mail).outcome for _ in range(3)]
-    assert results == ["created", "duplicate", "duplicate"]
+    # ...and a copy that came by another route: other trace headers, the same mail
+    mail["Received"] = "from relay.example by mx.example; Mon, 23 Nov 2026 09:16:00 +0100"
+    results.append(inst.ingest(mail).outcome)
+    assert results == ["created", "duplicate", "duplicate", "duplicate"]
+    assert count(inst, Ticket) == 1
 
 
 def test_two_different_mails_with_nothing_to_tell_them_apart_are_both_held(
