@@ -65,6 +65,13 @@ def held(server: Dovecot, folder: str) -> int:
     return len(server.uids(folder)) if exists(server, folder) else 0
 
 
+def seen(server: Dovecot, folder: str) -> int:
+    """Messages in `folder` flagged \\Seen: what a person reading the mailbox sees as read."""
+    with server.session() as client:
+        client.select_folder(folder, readonly=True)
+        return len(client.search(["SEEN"]))
+
+
 def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -117,6 +124,7 @@ def test_polling_files_every_message_and_creates_the_folders(
     with Running(inst, settings_for(dovecot, idle=False)):
         eventually(lambda: held(dovecot, PROCESSED) == 3, what="3 messages filed")
     assert dovecot.uids("INBOX") == []
+    assert seen(dovecot, PROCESSED) == 1  # read by a person before; ours fetched unread
     assert exists(dovecot, FAILED)
     assert count(inst, Ticket) == 3
     with inst.session() as s:
