@@ -147,6 +147,18 @@ def test_tempfail_backs_off_then_delivers_once(
     assert rows(inst, NOTICE) == []  # a delivery that only took time is nobody's problem
 
 
+def test_mails_refused_together_do_not_retry_in_step(
+    created: Callable[..., Installation], sink: Sink
+) -> None:
+    """The jitter: after a relay outage the queued mail does not come back all at once."""
+    inst = created()
+    sink.mode = "tempfail"
+    assert send(inst) == 2
+    ack, notice = row(inst, "ack"), row(inst, "staff_new_ticket")
+    assert (ack.attempts, notice.attempts) == (1, 1)
+    assert ack.next_attempt_at != notice.next_attempt_at
+
+
 def test_the_default_retries_span_about_five_days() -> None:
     """RFC 5321 4.5.4.1 gives up after 4-5 days; so does Postfix. Not after 7 h:
     a relay down for a weekend must not leave acknowledgements dead."""
