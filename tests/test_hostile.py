@@ -349,6 +349,7 @@ def test_traversal_and_device_names_in_every_encoding_stay_inside_data_dir(
         "N4": b'filename="CON"; name="CON.txt"',
         "N5": b"filename*=utf-8''" + b"%C3%A9" * 600 + b".pdf",
         "N6": b'filename="/abs/path\x00.sh"',
+        "N7": b"filename*=utf-8''invoice%E2%80%AEfdp.exe",  # shown as "invoiceexe.pdf"
     }
     for placeholder in names:
         mail.add_attachment(placeholder.encode(), maintype="application",
@@ -362,7 +363,7 @@ def test_traversal_and_device_names_in_every_encoding_stay_inside_data_dir(
     rows = inbound_article(inst).attachments
     assert len(rows) == len(names)
     for row in rows:
-        assert not set(row.filename) & set("/\\\0") and len(row.filename.encode()) <= 255
+        assert not set(row.filename) & set("/\\\0\u202e") and len(row.filename.encode()) <= 255
         assert row.filename.split(".")[0].upper() not in ("CON", "NUL", "")
         path = inst.app.blobs.path_for(row.sha256)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name == row.sha256
