@@ -266,6 +266,10 @@ def encoded_word_with_injections(prefix: str) -> str:
     return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
 
 
+# C0 (CR and LF among them), DEL and C1: no header value we send carries one.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def assert_nothing_injected(mails: list[EmailMessage]) -> None:
     assert mails
     for mail in mails:
@@ -273,13 +277,17 @@ def assert_nothing_injected(mails: list[EmailMessage]) -> None:
         assert not [n for n in names if n.startswith("x-injected") or n == "bcc"], names
         for part in mail.walk():
             for name, value in part.items():
-                assert not set(str(value)) & {"\r", "\n"}, (name, value)
+                assert not CONTROLS.search(str(value)), (name, value)
 
 
 INJECTIONS = {
     "subject, encoded word": lambda raw: raw.replace(
         b"Subject: Cannot log in",
         b"Subject: " + encoded_word_with_injections("Help").encode(),
+    ),
+    # NUL, a terminal escape, DEL and C1 NEL: printed by whoever reads our subject line
+    "subject, encoded controls": lambda raw: raw.replace(
+        b"Subject: Cannot log in", b"Subject: =?utf-8?q?Help=00me=1B[31m_now=7F=C2=85?="
     ),
     "subject, bare CR": lambda raw: raw.replace(
         b"Subject: Cannot log in", b"Subject: Help\rBcc: victim@evil.example"
