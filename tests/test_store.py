@@ -116,13 +116,17 @@ def test_raw_mail_is_stored_content_addressed(inst: Installation) -> None:
 def test_a_blob_fsyncs_every_folder_that_gained_an_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fan-out folder made for a blob is an entry of its parent: unsynced, a
-    crash could lose the folder, and the blob in it, after the commit."""
+    """The blob's bytes are fsynced, and so is each folder that gained an entry: a
+    fan-out folder made for a blob is an entry of its parent. Unsynced, a crash
+    could lose the blob, or the folder and the blob in it, after the commit."""
     synced: list[str] = []
+    synced_bytes: list[bytes] = []  # what the files held when they were fsynced
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if Path(synced[-1]).is_file():
+            synced_bytes.append(Path(synced[-1]).read_bytes())
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -130,6 +134,7 @@ def test_a_blob_fsyncs_every_folder_that_gained_an_entry(
     store = BlobStore(root)
     first = store.path_for(store.put(b"first mail"))
     assert first.read_bytes() == b"first mail"
+    assert synced_bytes == [b"first mail"]  # the bytes themselves, before the rename
     fan_out = [first.parent, first.parent.parent, root]
     for folder in fan_out:  # each new folder's parent, so each folder's entry is durable
         assert str(folder.parent) in synced, folder
