@@ -130,13 +130,15 @@ def everyone_but_dave_leaves_acme(inst: Installation) -> None:
 
 
 def a_year_of_support(inst: Installation, clock: Clockwork) -> str:
-    """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers
-    and spends time; the ticket is closed. Returns its tracking number."""
+    """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers,
+    spends time and waits on the customer; Carol's reply opens it again (an event
+    naming her); the ticket is closed. Returns its tracking number."""
     assert inst.cli("credits", "add", "acme", "10h", "--activated", "2026-11-01") == 0
     first = with_attachment(to="support@example.com, Carol Petit <carol@acme.example>")
     number = inst.ingest(first).ticket
     clock.now += timedelta(minutes=30)
-    inst.ingest(staff_answer(inst, "/spend 45m\nHello Alice, fixed.\n", "bob-1@support.example"))
+    answer = "/spend 45m\n/status waiting\nHello Alice, fixed.\n"
+    inst.ingest(staff_answer(inst, answer, "bob-1@support.example"))
     carol = reply_to(first, sender="Carol Petit <carol@acme.example>", body="Thanks Alice!\n",
                      message_id="carol-1@acme.example")  # fmt: skip
     assert inst.ingest(carol).ticket == number
