@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailgate.privacy.pseudonyms import Pseudonyms
+from mailgate.privacy.pseudonyms import ADDRESS, Pseudonyms
 from mailgate.store.models import (
     Contact,
     IngestRecord,
@@ -146,9 +146,10 @@ def forget_outbox(session: Session, mail: OutboxMail, names: Pseudonyms) -> None
 
 
 def mentions(data: bytes | None, names: Pseudonyms) -> bool:
-    """Do the bytes of a mail we wrote name someone forgotten, in a header or,
-    once decoded (quoted-printable, base64), in a text part? Only our own mail
-    is parsed: it is small and well formed, unlike what the quarantine holds."""
+    """Do the bytes of a mail we wrote give the address of someone forgotten, in a
+    header or, once decoded (quoted-printable, base64), in a text part? Addresses
+    only: a name part ("Martin") also matches other people's mail. Only our own
+    mail is parsed: it is small and well formed, unlike what the quarantine holds."""
     if not data:
         return False
     message = BytesParser(policy=policy.default).parsebytes(data)
@@ -157,7 +158,7 @@ def mentions(data: bytes | None, names: Pseudonyms) -> bool:
         payload = part.get_payload(decode=True) if part.get_content_maintype() == "text" else None
         if isinstance(payload, bytes):
             texts.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
-    return any(names.text(text) != text for text in texts)
+    return any(names.applies_to(found) for text in texts for found in ADDRESS.findall(text))
 
 
 def _json_text(value: Any, names: Pseudonyms) -> Any:
