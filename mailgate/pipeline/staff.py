@@ -81,7 +81,8 @@ def handle_staff_mail(
         # Not only its commands: a forged reply would reach the customer from
         # our address (a phishing link, an attachment) and stop the SLA clock.
         problems.insert(0, Problem(0, "", "the mail failed sender authentication (DKIM/DMARC)"))
-    if public and not problems and not _customers(session, ticket, plan):
+    # Who it would go to, with the contacts this mail's /cc adds.
+    if public and not problems and not repo.ticket_customers(session, ticket, cc=plan.state.cc):
         problems.append(Problem(0, "", _NOBODY_TO_ANSWER))
     bug = any(c.name == "bug" for c in mail.commands)
     if not problems and plan.spent_minutes:
@@ -153,11 +154,6 @@ _NOBODY_TO_ANSWER = (
     "nobody would receive this reply: the requester and the copied contacts are no longer "
     "active contacts of the organisation; /cc a current contact, or send it as /internal"
 )
-
-
-def _customers(session: Session, ticket: Ticket, plan: Plan) -> list[str]:
-    """Who the reply would go to, with the contacts this mail's /cc adds."""
-    return repo.ticket_customers(session, ticket, cc=plan.state.cc)
 
 
 def _credit_problem(
