@@ -25,8 +25,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 
-from mailgate.store.models import IngestRecord, OutboxMail, Ticket
-from tests.conftest import Installation, make_mail
+from mailgate.store.models import IngestRecord, OutboxMail, SlaClock, Ticket
+from tests.conftest import Installation, make_mail, reply_to
 from tests.daemon import RunningDaemon, start_daemon
 from tests.smtp_sink import free_port
 
@@ -203,6 +203,34 @@ def test_released_spoof_is_accepted_and_flagged(install) -> None:
     assert "sender not authenticated" in result.reason
     with inst.session() as session:
         assert "unauthenticated-sender" in session.scalars(select(Ticket)).one().tags
+
+
+# -- autoresponders that mark nothing: only their subject says what they are -----------------
+
+
+def test_a_staff_autoreply_without_headers_is_kept_from_the_customer(inst: Installation) -> None:
+    """Bob's Outlook rule answers our new-ticket notice, Auto-Submitted and all
+    else missing: the customer must not get "I am out of the office" from our
+    address, and the ticket is still unanswered."""
+    created = inst.ingest(make_mail())
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    away = reply_to(notice, sender="Bob Durand <bob@support.example>",
+                    body="I am out of the office until Monday.\n",
+                    message_id="away@support.example",
+                    subject=f"Automatic reply: {notice['Subject']}")  # fmt: skip
+    mails_before = len(inst.sent())
+
+    result = inst.ingest(away)
+
+    assert result.outcome == "threaded"
+    assert "internal note" in result.reason and "automatic reply" in result.reason
+    assert len(inst.sent()) == mails_before  # nothing to Alice, nothing to anyone
+    with inst.session() as session:
+        ticket = session.scalars(select(Ticket).filter_by(number=created.ticket)).one()
+        assert ticket.status == "new"
+        assert [a.visibility for a in ticket.articles if a.author_kind == "staff"] == ["internal"]
+        first_response = session.scalars(select(SlaClock).filter_by(kind="first_response")).one()
+        assert first_response.stopped_at is None
 
 
 # -- checklist 4: two instances acknowledging each other ------------------------------------

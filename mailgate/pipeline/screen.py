@@ -28,6 +28,9 @@ class Screening:
     outcome: str | None  # None | ignored | bounce | quarantined
     reason: str
     suppress_ack: bool = False
+    # Its subject is an autoresponder's ("Automatic reply: …"): whoever sent it,
+    # it answers nobody (a staff member's is not relayed to the customer).
+    autoreply: bool = False
     bounce: BounceInfo | None = None
     # Did the sender's domain vouch for this mail (DKIM/DMARC)? None: not
     # checked (policy off). False refuses staff /commands.
@@ -194,13 +197,18 @@ def _suppress_header(msg: ParsedMessage) -> str | None:
     return None
 
 
+def looks_like_autoreply(subject: str) -> bool:
+    """Does the subject start the way autoresponders write theirs?"""
+    return _AUTOREPLY_SUBJECT.match(subject) is not None
+
+
 def _ack_suppression(msg: ParsedMessage) -> str | None:
     """A person's mail we handle, but must not acknowledge."""
     if detail := _suppress_header(msg):
         return detail
     if msg.headers.get(LOOP_HEADER.lower()):
         return f"unsigned {LOOP_HEADER} header"
-    if _AUTOREPLY_SUBJECT.match(msg.subject):
+    if looks_like_autoreply(msg.subject):
         return "subject looks like an automatic reply"
     return None
 
@@ -215,5 +223,6 @@ def screen(msg: ParsedMessage, ctx: ScreenContext) -> Screening:
             )
     suppressed = _ack_suppression(msg)
     if suppressed:
-        return Screening(None, f"no acknowledgement: {suppressed}", suppress_ack=True)
+        return Screening(None, f"no acknowledgement: {suppressed}", suppress_ack=True,
+                         autoreply=looks_like_autoreply(msg.subject))  # fmt: skip
     return Screening(None, "a person's mail")

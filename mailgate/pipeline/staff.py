@@ -75,6 +75,10 @@ def handle_staff_mail(
     sends_files = any(not a.inline for a in msg.attachments)
     only_commands = not body.strip() and not sends_files
     internal = mail.internal or _sent_to_internal(msg, envelope, app.settings.support_address)
+    # A staff member's autoresponder answering our notice without Auto-Submitted
+    # ("Automatic reply: …", an Outlook rule): kept for staff, never sent to the
+    # customer from our address, and no answer for the SLA clock.
+    internal = internal or screening.autoreply
     public = not (internal or only_commands)
     problems = sorted((*mail.problems, *plan.problems), key=lambda p: p.line)
     if screening.sender_authenticated is False:
@@ -131,10 +135,10 @@ def handle_staff_mail(
                                 field="workaround", old=None, new="given", reason=reason,
                                 article_id=article.id))  # fmt: skip
     track(app.sla, session, ticket, now, stop=answered)
-    return StaffOutcome(
-        "threaded" if not only_commands else "command", _describe(plan, public, internal),
-        article.id,
-    )  # fmt: skip
+    why = _describe(plan, public, internal)
+    if screening.autoreply:
+        why += f"; {screening.reason}"
+    return StaffOutcome("threaded" if not only_commands else "command", why, article.id)
 
 
 def _plan(session: Session, ticket: Ticket, mail: StaffMail, sender: str) -> Plan:
