@@ -404,6 +404,21 @@ def test_auto_response_suppress_only_suppresses_the_ack(inst: Installation, valu
     assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []
 
 
+# Outlook's automatic replies in its users' languages, when a rule strips every header.
+@pytest.mark.parametrize(
+    "prefix",
+    ["Automatic reply", "Automatische Antwort", "Automatisch antwoord", "Risposta automatica",
+     "Resposta automática", "Automatiskt svar", "Automatyczna odpowiedź", "Réponse automatique"],
+)  # fmt: skip
+def test_an_autoreply_known_only_by_its_subject_gets_no_ack(
+    inst: Installation, prefix: str
+) -> None:
+    result = inst.ingest(make_mail(subject=f"{prefix}: Cannot log in"))
+    assert result.outcome == "created"
+    assert "subject looks like an automatic reply" in result.reason
+    assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []
+
+
 def test_our_own_ack_fed_back_is_ignored(inst: Installation) -> None:
     inst.ingest(make_mail())
     ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")

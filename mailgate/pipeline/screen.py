@@ -58,9 +58,12 @@ _ROBOT_LOCALS = re.compile(
     r"^(mailer-daemon|post_?master|listserv|majordomo|owner-.+|.+-request|.+-owner|"
     r"no-?reply|do-?not-?reply|bounces?(\+.*)?)$"
 )
+# Outlook writes its automatic replies' subjects in the reader's language.
 _AUTOREPLY_SUBJECT = re.compile(
     r"^\s*(auto(matic)?[ -]?(reply|response)|out of (the )?office|abwesenheit|"
-    r"r[ée]ponse automatique|absence|respuesta autom[aá]tica|fuera de la oficina|auto:)",
+    r"r[ée]ponse automatique|absence|respuesta autom[aá]tica|fuera de la oficina|auto:|"
+    r"automatische antwort|automatisch antwoord|risposta automatica|resposta autom[aá]tica|"
+    r"automatiskt? svar|autosvar|automatyczna odpowied[zź]|automaattinen vastaus)",
     re.IGNORECASE,
 )
 
