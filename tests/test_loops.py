@@ -25,6 +25,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
 
+from mailgate.pipeline.message import Envelope as MailEnvelope
 from mailgate.store.models import IngestRecord, OutboxMail, SlaClock, Ticket
 from tests.conftest import Installation, make_mail, reply_to
 from tests.daemon import RunningDaemon, start_daemon
@@ -231,6 +232,33 @@ def test_a_staff_autoreply_without_headers_is_kept_from_the_customer(inst: Insta
         assert [a.visibility for a in ticket.articles if a.author_kind == "staff"] == ["internal"]
         first_response = session.scalars(select(SlaClock).filter_by(kind="first_response")).one()
         assert first_response.stopped_at is None
+
+
+def test_a_ticket_system_answering_our_envelope_sender_gets_one_ack_and_opens_nothing(
+    inst: Installation,
+) -> None:
+    """ACME's own helpdesk behind alice@ answers every mail's envelope sender (our
+    VERP address, as RFC 3834 says) with its own ack, no Auto-Submitted, a subject
+    of its own and no reference to ours: count the mails and the tickets."""
+    inst.ingest(make_mail())
+    answered = 0
+    for n in range(10):  # what the helpdesk would do with each of our mails to Alice
+        ours = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+        if answered == len(ours):
+            break
+        verp = str(ours[answered]["Return-Path"]).strip("<>")
+        answered += 1
+        their_ack = make_mail(to=verp, subject=f"[ACME#{n}] We received your message",
+                              body="Our team will answer shortly.\n",
+                              message_id=f"acme-{n}@acme.example")  # fmt: skip
+        result = inst.ingest(their_ack, MailEnvelope(source="smtp", mail_from="alice@acme.example",
+                                                     rcpt_to=(verp,)))  # fmt: skip
+        assert result.outcome == "quarantined"
+        assert "bounce-address" in result.reason
+        inst.clock.now += timedelta(minutes=1)  # type: ignore[attr-defined]
+    assert answered == 1  # our one ack; their answer to it got nothing back
+    with inst.session() as session:
+        assert session.scalar(select(func.count()).select_from(Ticket)) == 1
 
 
 # -- checklist 4: two instances acknowledging each other ------------------------------------

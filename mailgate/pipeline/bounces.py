@@ -171,13 +171,14 @@ def classify_report(
         status=None,
         recipients=(),
         returned_message_id=None,
-        verp_nonce=_verp_nonce(signer, support_address, envelope, msg),
+        verp_nonce=verp_nonce(signer, support_address, envelope, msg),
     )
 
 
-def _verp_nonce(
+def verp_nonce(
     signer: Signer, support_address: str, envelope: Envelope, msg: ParsedMessage
 ) -> str | None:
+    """The nonce of our VERP address this mail was sent to (envelope, To, Delivered-To)."""
     # Cheap to try: only an address of ours with a tag reaches the HMAC check.
     candidates = list(envelope.rcpt_to) + list(msg.to) + list(msg.headers.get("delivered-to", ()))
     for address in candidates:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailgate.pipeline.bounces import BounceInfo, classify_report, looks_like_ndr
+from mailgate.pipeline.bounces import BounceInfo, classify_report, looks_like_ndr, verp_nonce
 from mailgate.pipeline.message import Envelope, ParsedMessage
 from mailgate.tickets.tokens import Signer
 
@@ -166,6 +166,16 @@ def _robot(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
     return f"automated sender {address}" if address else None
 
 
+def _to_bounce_address(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
+    # Only our envelope sender carries this signed address, and people answer
+    # From or Reply-To: what comes here and is no bounce is an autoresponder
+    # answering the envelope sender (RFC 3834 §4) that marked nothing. Answered,
+    # it would answer again; held, an operator still sees an odd bounce.
+    if verp_nonce(ctx.signer, ctx.support_address, ctx.envelope, msg):
+        return "sent to our bounce address, but no delivery report: an autoresponder's answer"
+    return None
+
+
 def _ambiguous_sender(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
     if len(msg.from_addresses) > 1:
         return f"ambiguous sender: {len(msg.from_addresses)} addresses in From"
@@ -188,6 +198,7 @@ FINAL_CHECKS: tuple[tuple[str, Check], ...] = (
     ("ignored", Check("autoreply-header", "an autoresponder's header", _autoreply_headers)),
     ("ignored", Check("null-sender", "empty return path", _null_sender)),
     ("ignored", Check("robot-sender", "mailer-daemon, postmaster, list robots", _robot)),
+    ("quarantined", Check("bounce-address", "mail to our VERP address", _to_bounce_address)),
     ("quarantined", Check("ambiguous-sender", "From names no single address", _ambiguous_sender)),
 )
 
