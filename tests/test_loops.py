@@ -234,6 +234,32 @@ def test_a_staff_autoreply_without_headers_is_kept_from_the_customer(inst: Insta
         assert first_response.stopped_at is None
 
 
+def test_a_customer_autoreply_without_headers_does_not_reopen_a_resolved_ticket(
+    inst: Installation,
+) -> None:
+    """Alice's autoresponder answers our resolution notice ("Automatic reply: …",
+    nothing else marks it): staff may read it, but Alice has not answered."""
+    created = inst.ingest(make_mail())
+    notice = next(m for m in inst.sent() if m["To"] == "bob@support.example")
+    fix = reply_to(notice, sender="Bob Durand <bob@support.example>",
+                   body="/resolve\nFixed, please retry.\n",
+                   message_id="fix@support.example")  # fmt: skip
+    assert inst.ingest(fix).outcome == "threaded"
+    resolved = [m for m in inst.sent() if m["To"] == "alice@acme.example"][-1]
+    away = reply_to(resolved, sender="Alice Martin <alice@acme.example>",
+                    body="I am on holiday until Monday.\n", message_id="away@acme.example",
+                    subject=f"Automatic reply: {resolved['Subject']}")  # fmt: skip
+
+    result = inst.ingest(away)
+
+    assert result.outcome == "threaded"
+    assert "status kept" in result.reason
+    with inst.session() as session:
+        ticket = session.scalars(select(Ticket).filter_by(number=created.ticket)).one()
+        assert ticket.status == "resolved"
+        assert session.scalar(select(func.count()).select_from(Ticket)) == 1
+
+
 def test_a_ticket_system_answering_our_envelope_sender_gets_one_ack_and_opens_nothing(
     inst: Installation,
 ) -> None:

@@ -20,6 +20,9 @@ class Decision:
     ticket: TicketView | None = None  # threaded: the ticket; created: the ticket it follows
     matched_by: str | None = None
     reopen: bool = False  # threaded onto a resolved ticket within the window
+    # An autoresponder's answer known only by its subject: stored for staff, but
+    # no answer from the customer (a resolved ticket stays resolved).
+    keeps_status: bool = False
     author_kind: str = "customer"  # customer | staff
     send_ack: bool = False
     send_rejection: bool = False
@@ -74,6 +77,9 @@ def _decide_person(
 
     if ticket is not None:
         via = f"matched by {match.matched_by}"
+        if screening.autoreply and author == "customer":
+            return Decision("threaded", f"{via}; status kept, {screening.reason}", ticket,
+                            match.matched_by, keeps_status=True)  # fmt: skip
         if ticket.status == "resolved" and author == "customer":
             if ticket.resolved_at and now - ticket.resolved_at <= reopen_window:
                 return Decision(

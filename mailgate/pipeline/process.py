@@ -755,7 +755,7 @@ def _after_customer_reply(
     now: datetime,
 ) -> None:
     """Back in front of staff: reopened or no longer waiting, and staff are told."""
-    status = status_after_customer_reply(ticket.status)
+    status = None if decision.keeps_status else status_after_customer_reply(ticket.status)
     if status:
         why = "customer replied within the reopen window" if decision.reopen else "customer replied"
         set_status(session, ticket, status, now=now, actor_kind="customer", actor=msg.sender,
