@@ -203,27 +203,33 @@ def qmail_ndr(returned: bytes, *, to: str, message_id: str = "<q-1@mx.acme.examp
     return head.encode() + body.encode() + returned.replace(b"\r\n", b"\n")
 
 
-def exchange_ndr(returned: bytes, subject: str, *, to: str, attached: bool) -> bytes:
+EXCHANGE_TEXT = (
+    "Delivery has failed to these recipients or groups:\n\n"
+    "alice@acme.example\n"
+    "The email address you entered couldn't be found.\n\n"
+    "Diagnostic information for administrators:\n\n"
+    "Generating server: EX01.acme.example\n\n"
+    "alice@acme.example\n"
+    "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\n\n"
+)
+
+
+def exchange_ndr(
+    returned: bytes, subject: str, *, to: str, attached: bool,
+    prefix: str = "Undeliverable", text: str = EXCHANGE_TEXT,
+    headers_title: str = "Original message headers:",
+) -> bytes:  # fmt: skip
     """Exchange / Office 365's notice: "Undeliverable:", the mail attached or its headers quoted."""
-    text = (
-        "Delivery has failed to these recipients or groups:\n\n"
-        "alice@acme.example\n"
-        "The email address you entered couldn't be found.\n\n"
-        "Diagnostic information for administrators:\n\n"
-        "Generating server: EX01.acme.example\n\n"
-        "alice@acme.example\n"
-        "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\n\n"
-    )
     if attached:
         ndr: Message = MIMEMultipart("mixed")
         ndr.attach(MIMEText(text))
         ndr.attach(MIMEMessage(_compat(returned)))
     else:
         quoted = returned.split(b"\n\n", 1)[0].decode("ascii")
-        ndr = MIMEText(text + "Original message headers:\n\n" + quoted + "\n")
+        ndr = MIMEText(text + headers_title + "\n\n" + quoted + "\n")
     ndr["From"] = EXCHANGE
     ndr["To"] = to
-    ndr["Subject"] = f"Undeliverable: {subject}"
+    ndr["Subject"] = f"{prefix}: {subject}"
     ndr["Date"] = DATE
     ndr["Message-ID"] = "<ex-1@EX01.acme.example>"
     return ndr.as_bytes()
@@ -369,6 +375,34 @@ def test_exchange_notice_is_a_bounce_of_our_ack(desk: Desk, attached: bool) -> N
     assert_one_failure_notice(desk, "RESOLVER.ADR.RecipNotFound")
     assert desk.tickets() == 1
     assert desk.customer_articles() == 1
+
+
+# Exchange writes the whole notice in its user's language, the server's words aside.
+@pytest.mark.parametrize(
+    ("prefix", "first_line", "headers_title"),
+    [
+        ("Non recapitabile", "Recapito non riuscito per i destinatari o i gruppi seguenti:",
+         "Intestazioni del messaggio originale:"),
+        ("Onbestelbaar", "Bezorging is mislukt voor deze ontvangers of groepen:",
+         "Oorspronkelijke berichtkoppen:"),
+        ("Não é possível entregar", "A entrega falhou para estes destinatários ou grupos:",
+         "Cabeçalhos da mensagem original:"),
+    ],
+)  # fmt: skip
+def test_exchange_notice_in_another_language_is_a_bounce_of_our_ack(
+    desk: Desk, prefix: str, first_line: str, headers_title: str
+) -> None:
+    text = first_line + "\n\nalice@acme.example\n\n550 5.1.1 RESOLVER.ADR.RecipNotFound\n\n"
+    ndr = exchange_ndr(desk.ack_bytes(), str(desk.ack["Subject"]), to="support@example.com",
+                       attached=False, prefix=prefix, text=text,
+                       headers_title=headers_title)  # fmt: skip
+
+    result = desk.inst.ingest(ndr, Envelope(source="imap"))
+
+    assert result.outcome == "bounce"
+    assert desk.ack_article().delivery == "failed"
+    assert_one_failure_notice(desk, "5.1.1")  # and nothing to Exchange's system mailbox
+    assert desk.tickets() == 1
 
 
 def test_notice_for_mail_we_never_sent_is_quarantined(desk: Desk) -> None:

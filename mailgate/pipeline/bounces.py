@@ -53,7 +53,9 @@ _NDR_SUBJECT = re.compile(
     r"undeliver|delivery status notification|returned mail|failure notice|"
     r"mail delivery (failed|failure|system)|delivery (failure|failed|has failed)|"
     r"mail failure|non[- ]?deliver|could not be delivered|delayed mail|delivery delay|"
-    r"unzustellbar|non remis|no se puede entregar|mail system error|"
+    # Exchange's "Undeliverable:" in its users' languages.
+    r"unzustellbar|non remis|no se puede entregar|non recapitabile|onbestelbaar|"
+    r"n[ãa]o [ée] poss[íi]vel entregar|mail system error|"
     r"(error|trouble|problem) (sending|delivering) your (mail|message)",
     re.IGNORECASE,
 )

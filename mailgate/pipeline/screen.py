@@ -56,7 +56,8 @@ class Check:
 
 _ROBOT_LOCALS = re.compile(
     r"^(mailer-daemon|post_?master|listserv|majordomo|owner-.+|.+-request|.+-owner|"
-    r"no-?reply|do-?not-?reply|bounces?(\+.*)?)$"
+    r"no-?reply|do-?not-?reply|bounces?(\+.*)?|"
+    r"microsoftexchange[0-9a-f]{32})$"  # Exchange's system mailbox: its notices, never a person
 )
 # Outlook writes its automatic replies' subjects in the reader's language.
 _AUTOREPLY_SUBJECT = re.compile(
