@@ -181,9 +181,7 @@ def test_prefer_accepts_unsigned_admin_mail_and_flags_the_ticket(install, keys) 
     assert [m["To"] for m in inst.sent() if "[SUP-" in str(m["Subject"])][0]  # ack still sent
 
 
-def test_the_ack_greets_the_person_the_directory_names_not_the_display_name(
-    install, keys
-) -> None:
+def test_the_ack_greets_the_person_the_directory_names_not_the_display_name(install, keys) -> None:
     """Anyone can write Alice's address with any display name; unsigned, it still
     opens a ticket under prefer, and the ack to the real Alice greeted her with
     the forger's text, from our address: a phishing line in a mail she trusts."""

@@ -410,7 +410,8 @@ def test_auto_response_suppress_only_suppresses_the_ack(inst: Installation, valu
 @pytest.mark.parametrize(
     "prefix",
     ["Automatic reply", "Automatische Antwort", "Automatisch antwoord", "Risposta automatica",
-     "Resposta automática", "Automatiskt svar", "Automatyczna odpowiedź", "Réponse automatique"],
+     "Resposta automática", "Automatiskt svar", "Automatyczna odpowiedź", "Réponse automatique",
+     "Out of Office AutoReply", "Abwesenheitsnotiz", "Absence du bureau", "AutoReply"],
 )  # fmt: skip
 def test_an_autoreply_known_only_by_its_subject_gets_no_ack(
     inst: Installation, prefix: str
@@ -418,7 +419,21 @@ def test_an_autoreply_known_only_by_its_subject_gets_no_ack(
     result = inst.ingest(make_mail(subject=f"{prefix}: Cannot log in"))
     assert result.outcome == "created"
     assert "subject looks like an automatic reply" in result.reason
+    alone = inst.ingest(make_mail(subject=prefix, message_id="alone@acme.example"))
+    assert "subject looks like an automatic reply" in alone.reason
     assert [m for m in inst.sent() if m["To"] == "alice@acme.example"] == []
+
+
+@pytest.mark.parametrize(
+    "subject", ["Absence requests fail since the update", "Automatic replies to our customers",
+                "Out of office hours support"],
+)  # fmt: skip
+def test_a_person_s_subject_that_starts_like_an_autoreply_still_gets_an_ack(
+    inst: Installation, subject: str
+) -> None:
+    result = inst.ingest(make_mail(subject=subject))
+    assert result.outcome == "created" and "automatic reply" not in result.reason
+    assert [m["To"] for m in inst.sent() if m["To"] == "alice@acme.example"] != []
 
 
 def test_our_own_ack_fed_back_is_ignored(inst: Installation) -> None:

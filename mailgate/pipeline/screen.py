@@ -59,12 +59,16 @@ _ROBOT_LOCALS = re.compile(
     r"no-?reply|do-?not-?reply|bounces?(\+.*)?|"
     r"microsoftexchange[0-9a-f]{32})$"  # Exchange's system mailbox: its notices, never a person
 )
-# Outlook writes its automatic replies' subjects in the reader's language.
+# Outlook writes its automatic replies' subjects in the reader's language. The
+# words alone or before a colon, dash or bracket: "Absence requests fail since
+# the update" is a person's subject (an HR platform's admin), and got no ack.
 _AUTOREPLY_SUBJECT = re.compile(
-    r"^\s*(auto(matic)?[ -]?(reply|response)|out of (the )?office|abwesenheit|"
-    r"r[ée]ponse automatique|absence|respuesta autom[aá]tica|fuera de la oficina|auto:|"
+    r"^\s*(auto(matic)?[ -]?(reply|response)|out of (the )?office( auto-?reply)?|abwesenheit\w*|"
+    r"r[ée]ponse automatique|absen(ce|t)( du bureau)?|respuesta autom[aá]tica|"
+    r"fuera de la oficina|auto|"
     r"automatische antwort|automatisch antwoord|risposta automatica|resposta autom[aá]tica|"
-    r"automatiskt? svar|autosvar|automatyczna odpowied[zź]|automaattinen vastaus)",
+    r"automatiskt? svar|autosvar|automatyczna odpowied[zź]|automaattinen vastaus)"
+    r"\s*([:\-\u2013\u2014(\[]|$)",
     re.IGNORECASE,
 )
 
