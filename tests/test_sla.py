@@ -115,6 +115,22 @@ def test_enterprise_p1_is_answered_within_15_minutes_around_the_clock(
     assert got["workaround"].calendar == got["resolution"].calendar == "business"
 
 
+def test_deadlines_skip_the_public_holidays_of_the_organisations_country(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """The business calendar names no country: each organisation brings its own.
+    Wednesday 11 November is Armistice Day in Belgium (ACME), a working day in
+    Great Britain (Globex)."""
+    clock.now = datetime(2026, 11, 10, 16, 0, tzinfo=UTC)  # Tuesday 17:00 Brussels, 16:00 London
+    acme = clocks(inst, inst.ingest(make_mail()).ticket)
+    # 2 h: the last hour of Tuesday, then Thursday 09:00-10:00 Brussels.
+    assert acme["workaround"].due_at == datetime(2026, 11, 12, 9, 0, tzinfo=UTC)
+    mail = make_mail(sender="Hank Scorpio <hank@globex.example>", message_id="g1@globex.example")
+    globex = clocks(inst, inst.ingest(mail).ticket)
+    # 8 h: Tuesday 16:00-18:00, then Wednesday 09:00-15:00 London.
+    assert globex["resolution"].due_at == datetime(2026, 11, 11, 15, 0, tzinfo=UTC)
+
+
 def test_reminders_at_50_and_80_percent_then_breach_and_escalation(
     escalating: Installation, clock: Clockwork
 ) -> None:
