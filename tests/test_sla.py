@@ -184,6 +184,20 @@ def test_a_sweep_after_downtime_sends_only_the_most_serious_alert(inst: Installa
     assert clocks(inst, number)["first_response"].alerts_sent == 3
 
 
+def test_a_sweep_after_downtime_past_80_percent_says_80_percent(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """The one reminder sent for two thresholds passed names the later one."""
+    number = inst.ingest(make_mail()).ticket
+    clock.now = utc(23, 10, 20)  # 50 min of the 1 h
+    assert sweep(inst.app, clock.now) == SlaSweepReport(1, 0)
+    (reminder,) = [m for m in staff_mail(inst) if "SLA" in str(m["Subject"])]
+    assert str(reminder["Subject"]) == (
+        f"[{number}] SLA 80%: first response due Monday 23 November at 11:30 (Europe/Brussels)"
+    )
+    assert clocks(inst, number)["first_response"].alerts_sent == 2
+
+
 def test_the_first_public_staff_reply_stops_the_first_response_clock(
     inst: Installation, clock: Clockwork
 ) -> None:
