@@ -277,6 +277,33 @@ def test_a_target_added_while_waiting_on_the_customer_counts_the_whole_pause(
     assert sla_mail(inst, "sla_breach") == []
 
 
+@pytest.mark.parametrize("first", ["P3", "P1"], ids=["added", "back"])
+def test_a_workaround_target_set_after_a_wait_counts_the_wait(
+    inst: Installation, clock: Clockwork, first: str
+) -> None:
+    """The customer answered before the ticket became P1: the workaround clock,
+    added then (P3 has none) or back then (P1 lowered to P3 before the wait),
+    counts the business time waited, as the resolution clock does."""
+    subject = "Export question" if first == "P3" else "Cannot log in"
+    original = make_mail(subject=subject, body="How do I export?\n")
+    number = inst.ingest(original).ticket
+    if first == "P1":
+        clock.now = utc(23, 9, 40)
+        bob_says(inst, "/priority P3\n", "b0@support.example")
+    clock.now = utc(23, 10, 0)
+    bob_says(inst, "/status waiting\n", "b1@support.example")
+    clock.now = utc(23, 12, 0)  # the customer answers after 2 h of waiting
+    answer = reply_to(original, sender="Alice Martin <alice@acme.example>", message_id="a2@acme")
+    answer.replace_header("To", "support@example.com")
+    answer.replace_header("Subject", f"Re: [{number}] {subject}")
+    assert inst.ingest(answer).outcome == "threaded"
+    clock.now = utc(23, 12, 30)
+    bob_says(inst, "/priority P1\n", "b2@support.example")
+    workaround = clocks(inst, number)["workaround"]
+    assert workaround.paused_seconds == 2 * 3600
+    assert workaround.due_at == utc(23, 13, 30)  # 09:30 + 2 h + the 2 h waited
+
+
 def test_resolution_stops_at_resolved_and_a_reopening_resumes_it(
     inst: Installation, clock: Clockwork
 ) -> None:
