@@ -390,6 +390,20 @@ def test_an_override_can_give_one_target_its_own_calendar(install) -> None:  # n
     )
 
 
+def test_an_organisations_priority_calendar_wins_over_its_plans(install, clock: Clockwork) -> None:  # noqa: ANN001
+    """At the priority level too, the organisation's override names the calendar
+    before its plan: ACME's P1 stays in business hours, the plan's P1 does not."""
+    inst = install({"sla": {
+        "plans": {"pro": {"P1": {"calendar": "24/7"}}},
+        "organisations": {"acme": {"P1": {"calendar": "business"}}},
+    }})  # fmt: skip
+    clock.now = datetime(2026, 11, 28, 22, 0, tzinfo=UTC)  # Saturday night
+    got = clocks(inst, inst.ingest(make_mail()).ticket)
+    assert {c.calendar for c in got.values()} == {"business"}
+    # Monday 09:00 Brussels + 1 h
+    assert got["first_response"].due_at == datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+
+
 def test_an_organisation_calendar_leaves_a_target_its_own(install, clock: Clockwork) -> None:  # noqa: ANN001
     """An enterprise customer with its own hours keeps P1's 24/7 first response."""
     hours = {"hours": {"mon-fri": "08:00-16:00"}, "holidays": False}
