@@ -529,6 +529,47 @@ def test_sla_report(inst: Installation, clock: Clockwork) -> None:
     assert bad.returncode != 0 and "--from yesterday" in bad.stderr
 
 
+def test_sla_report_of_one_organisation_and_period(
+    inst: Installation, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three ACME P1 tickets created at 09:30: one answered at its deadline to the
+    second (met), one answered after the customer kept it waiting an hour (20
+    minutes used, met), one still waiting (past its first deadline, but paused:
+    running). Neither Globex's ticket nor the one created at the period's end count."""
+    alice = "Alice Martin <alice@acme.example>"
+    originals = [make_mail(message_id=f"r{n}@acme.example", subject=subject)
+                 for n, subject in enumerate(("Cannot log in", "Cannot log in again",
+                                              "Cannot log in at all"))]  # fmt: skip
+    met, paused_then_met, waiting = (inst.ingest(m).ticket for m in originals)
+    inst.ingest(make_mail(sender="Hank Scorpio <hank@globex.example>", message_id="g@globex"))
+    clock.now = utc(23, 9, 40)
+    for n, number in enumerate((paused_then_met, waiting)):
+        inst.ingest(staff_answer(inst, "/status waiting\n", f"w{n}@support.example", ticket=number))
+    clock.now = utc(23, 9, 45)
+    inst.ingest(make_mail(message_id="late@acme.example", subject="Cannot log in since today"))
+    clock.now = utc(23, 10, 30)  # the first response's deadline
+    inst.ingest(staff_answer(inst, "Please clear your cache.\n", "b1@support.example", ticket=met))
+    clock.now = utc(23, 10, 40)
+    answer = reply_to(originals[1], sender=alice, body="Still failing.\n", message_id="a2@acme")
+    answer.replace_header("To", "support@example.com")
+    answer.replace_header("Subject", f"Re: [{paused_then_met}] Cannot log in again")
+    assert inst.ingest(answer).outcome == "threaded"
+    clock.now = utc(23, 10, 50)  # 80 minutes after creation, 60 of them waiting
+    inst.ingest(staff_answer(inst, "Try now.\n", "b2@support.example", ticket=paused_then_met))
+    capsys.readouterr()
+    period = ("--from", "2026-11-23T09:30+00:00", "--to", "2026-11-23T09:45+00:00")
+    assert inst.cli("sla", "report", "--json", "--org", "acme", *period,
+                    "--now", "2026-11-23T12:00+00:00") == 0  # fmt: skip
+    rows = {r["priority"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["P1"] == {
+        "priority": "P1",
+        "tickets": 3,
+        "first_response": {"met": 2, "breached": 0, "running": 1, "median_minutes": 40.0},
+        "resolution": {"met": 0, "breached": 0, "running": 3, "median_minutes": None},
+    }
+    assert rows["P2"]["tickets"] == rows["P3"]["tickets"] == 0
+
+
 def test_sla_settings_errors_name_the_key(tmp_path: Path) -> None:
     from mailgate.config import ConfigError, settings_from_mapping
 
