@@ -317,6 +317,8 @@ def test_waiting_ticket_reminds_then_resolves_in_business_days(desk: Desk) -> No
     desk.sweep()
     assert desk.ticket().status == "resolved"
     assert len(desk.mails_to("alice@acme.example")) == count + 2
+    resolved = desk.mails_to("alice@acme.example")[-1].get_body(("plain",)).get_content()
+    assert "n'avons pas reçu de réponse de votre part" in resolved  # why it was resolved
 
 
 def test_a_ticket_waiting_longer_is_reminded_whatever_its_number(
