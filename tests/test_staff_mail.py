@@ -13,7 +13,7 @@ import smtplib
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
 import pytest
@@ -346,6 +346,28 @@ def test_a_ticket_waiting_longer_is_reminded_whatever_its_number(
     assert [t.number for t in desk.rows(Ticket) if t.id in ids] == [numbers[-1]]
     assert any(numbers[-1] in m["Subject"] and m["Auto-Submitted"] == "auto-generated"
                for m in desk.mails_to("alice@acme.example"))  # fmt: skip
+
+
+def wait_on_customer(desk: Desk, number: str, since: datetime) -> None:
+    """Ticket `number` has waited on the customer since `since`, as /status waiting does."""
+    with desk.inst.session() as s, s.begin():
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        set_status(s, ticket, "waiting_customer", now=since, actor_kind="staff",
+                   actor="bob@support.example", reason="asked for logs")  # fmt: skip
+
+
+def test_waiting_days_are_the_organisations_business_days(desk: Desk) -> None:
+    """Waiting since 00:30 on Saturday in Brussels (still Friday in UTC): the three
+    business days count from Monday there, and end at Thursday's midnight there."""
+    number = desk.inst.ingest(make_mail(sender=ALICE, message_id="w@acme.example",
+                                        subject="Question")).ticket  # fmt: skip
+    wait_on_customer(desk, number, datetime(2026, 11, 27, 23, 30, tzinfo=UTC))
+    desk.inst.clock.now = datetime(2026, 12, 2, 22, 59, tzinfo=UTC)  # type: ignore[attr-defined]
+    desk.sweep()
+    assert desk.rows(OutboxMail, kind="waiting_reminder") == []
+    desk.later(timedelta(minutes=1))  # Thursday 00:00 in Brussels
+    desk.sweep()
+    assert len(desk.rows(OutboxMail, kind="waiting_reminder")) == 1
 
 
 def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:
