@@ -370,6 +370,30 @@ def test_waiting_days_are_the_organisations_business_days(desk: Desk) -> None:
     assert len(desk.rows(OutboxMail, kind="waiting_reminder")) == 1
 
 
+def test_a_customer_is_reminded_before_the_ticket_is_resolved_whatever_the_backlog(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a long downtime more reminders are due than a sweep sends (a batch of
+    1 here): a waiting ticket not reminded yet waits for its reminder, and its
+    four more business days, before it is resolved."""
+    from mailgate.tickets import sweep
+
+    monkeypatch.setattr(sweep, "BATCH", 1)
+    numbers = [desk.inst.ingest(make_mail(sender=ALICE, message_id=f"w{i}@acme.example",
+                                          subject=f"Question {i}")).ticket
+               for i in range(2)]  # fmt: skip
+    for number in numbers:
+        wait_on_customer(desk, number, NOW)
+    desk.later(timedelta(days=16))  # both long past 3 + 4 business days
+    desk.sweep()
+    reminded = {t.number: (t.status, t.reminded_at is not None) for t in desk.rows(Ticket)}
+    assert reminded == {
+        numbers[0]: ("waiting_customer", True),  # the first in line: reminded
+        numbers[1]: ("waiting_customer", False),  # its turn comes at the next sweep
+    }
+    assert desk.rows(OutboxMail, kind="resolved") == []
+
+
 def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:
     original = open_ticket(desk)
     desk.send(staff_answer(desk, "/status waiting\nWhich browser?\n", "bob-1@support.example"))
