@@ -158,6 +158,17 @@ def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsy
     assert balance(inst, capsys)["balance"] == 96  # 2 periods × 2
 
 
+def test_urgent_work_costs_the_multiplier_of_the_settings(
+    install: Callable[..., Installation], capsys
+) -> None:
+    inst = install(settings={"credits": {"urgent_multiplier": 3}})
+    inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
+    ticket = open_ticket(inst, subject="[URGENT] Export question")  # the subject marker
+    code, out = spend(inst, capsys, ticket, "16m")
+    assert code == 0 and "6 credit(s) charged" in out, out  # 2 quarter-hours × 3
+    assert balance(inst, capsys)["balance"] == 14
+
+
 def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation, capsys) -> None:
     inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     open_ticket(inst)
