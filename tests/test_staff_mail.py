@@ -319,6 +319,11 @@ def test_waiting_ticket_reminds_then_resolves_in_business_days(desk: Desk) -> No
     assert len(desk.mails_to("alice@acme.example")) == count + 2
     resolved = desk.mails_to("alice@acme.example")[-1].get_body(("plain",)).get_content()
     assert "n'avons pas reçu de réponse de votre part" in resolved  # why it was resolved
+    # Resolved is resolved for the SLA too: its resolution clock stops then.
+    (resolution,) = desk.rows(SlaClock, kind="resolution")
+    resolved_at = desk.ticket().resolved_at
+    assert resolved_at is not None
+    assert (resolution.stopped_at, resolution.paused_at) == (resolved_at, None)
 
 
 def test_a_ticket_waiting_longer_is_reminded_whatever_its_number(
