@@ -156,6 +156,8 @@ def test_staff_spend_urgent_doubles_and_bug_gives_back(inst: Installation, capsy
         session.commit()
     assert spend(inst, capsys, urgent, "16m")[0] == 0
     assert balance(inst, capsys)["balance"] == 96  # 2 periods × 2
+    inst.ingest(staff_answer(inst, "/bug\n", "bob-3@support.example", ticket=urgent))
+    assert balance(inst, capsys)["balance"] == 96  # urgent handling stays charged
 
 
 def test_urgent_work_costs_the_multiplier_of_the_settings(
