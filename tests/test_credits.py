@@ -179,6 +179,9 @@ def test_staff_spend_beyond_the_credit_refuses_the_whole_mail(inst: Installation
     assert balance(inst, capsys)["balance"] == 20
     with inst.session() as session:
         assert session.scalars(select(Ticket.priority)).one() != "P2"
+    reason = staff_mail(inst, "/spend 5h\n", 2)  # 20 credits: exactly what is left
+    assert "refused" not in reason, reason
+    assert balance(inst, capsys)["balance"] == 0
 
 
 # -- expiry and rollover at their dates -------------------------------------------------
