@@ -258,6 +258,24 @@ def test_a_correction_is_a_reversing_entry_and_only_one(inst: Installation, caps
     assert kinds == ["purchase", "spend", "reversal"]  # nothing rewritten
 
 
+def test_a_bug_gives_back_only_what_was_not_corrected_already(inst: Installation, capsys) -> None:
+    inst.cli("credits", "add", ORG, "maxi", "--activated", "2026-11-01")
+    ticket = open_ticket(inst)
+    spend(inst, capsys, ticket, "20m")  # 2 credits
+    spend(inst, capsys, ticket, "1h")  # 4 credits
+    with inst.session() as session:
+        spends = session.scalars(select(CreditEntry.id).where(CreditEntry.kind == "spend"))
+        first, second = sorted(spends)
+    assert inst.cli("credits", "reverse", str(first), "--note", "logged twice") == 0
+    staff_mail(inst, "/bug\n", 1)
+    assert balance(inst, capsys)["balance"] == 100
+    with inst.session() as session:
+        reversals = session.execute(select(CreditEntry.credits, CreditEntry.reverses_id)
+                                    .where(CreditEntry.kind == "reversal")
+                                    .order_by(CreditEntry.id)).all()  # fmt: skip
+    assert [tuple(r) for r in reversals] == [(2, first), (4, second)]
+
+
 def test_a_correction_after_the_pack_ended_leaves_the_past_statements_alone(
     inst: Installation, clock: Clockwork, capsys
 ) -> None:
