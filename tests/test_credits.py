@@ -332,11 +332,11 @@ def test_statement_reconciles_with_the_balance(inst: Installation, capsys) -> No
 
 def test_a_statement_s_days_are_the_organisation_s(inst: Installation, clock, capsys) -> None:
     """November in Brussels: the pack activated on 1 November is in it, the time
-    spent at 00:30 on 1 December is not."""
+    spent at midnight starting 1 December is not."""
     at(clock, AUDIT_DAY)
     assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
     ticket = open_ticket(inst)
-    at(clock, "2026-12-01T00:30:00+01:00")
+    at(clock, "2026-12-01T00:00:00+01:00")
     assert spend(inst, capsys, ticket, "15m")[0] == 0
     at(clock, AUDIT_DAY)
     november = json.loads(printed(inst, capsys, "credits", "statement", ORG, "--json",
