@@ -512,6 +512,24 @@ def test_an_overdraft_run_up_before_a_later_pack_starts_is_paid_back_on_its_day(
     ]  # fmt: skip
 
 
+def test_a_pack_recorded_after_an_overdraft_pays_it_back_when_it_was_run_up(
+    install: Callable[..., Installation], capsys
+) -> None:
+    """Activated before the overdraft but recorded after it, the pack pays it back
+    at the overdraft's time: never before the debt existed."""
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 4 beyond the 20, at AUDIT_DAY
+    assert inst.cli("credits", "add", ORG, "maxi", "--activated", "2026-11-15") == 0
+    repaid = [e for e in statement(inst, capsys)["entries"] if e["kind"] == "repayment"]
+    assert [(e["credits"], e["at"]) for e in repaid] == [
+        (-4, "2026-12-04T15:03:00+00:00"), (4, "2026-12-04T15:03:00+00:00"),
+    ]  # fmt: skip
+    assert balance(inst, capsys)["balance"] == 96
+
+
 def test_a_pretend_time_books_nothing(inst: Installation, clock: Clockwork, capsys) -> None:
     at(clock, AUDIT_DAY)
     assert inst.cli("credits", "add", ORG, "light") == 0  # valid until 4 December 2027
