@@ -626,8 +626,8 @@ def test_two_settlements_at_once_book_an_expiry_once_on_postgresql(
 def test_the_low_balance_notice_is_sent_once(inst: Installation, capsys) -> None:
     inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01")
     ticket = open_ticket(inst)
-    spend(inst, capsys, ticket, "2h45")  # 11 credits: 9 left, above 8
-    spend(inst, capsys, ticket, "30m")  # 2: 7 left, below
+    spend(inst, capsys, ticket, "3h")  # 12 credits: 8 left, the threshold, not below it
+    spend(inst, capsys, ticket, "15m")  # 1: 7 left, below
     spend(inst, capsys, ticket, "15m")  # 1: 6 left, still below: no second notice
     notices = [m for m in inst.sent() if "crédit" in str(m["Subject"]).lower()]
     assert len(notices) == 1, [m["Subject"] for m in inst.sent()]
