@@ -105,6 +105,16 @@ def test_a_customers_importance_never_raises_the_priority(
     assert (ticket(inst).priority, ticket(inst).tags) == (priority, tags)
 
 
+def test_importance_low_lowers_nothing_when_the_settings_ignore_it(
+    install: Callable[..., Installation], tmp_path: Path
+) -> None:
+    (tmp_path / "no-rules").mkdir()
+    inst = install(settings={"rules_dir": str(tmp_path / "no-rules"), "tickets": {
+        "plan_priority": {"pro": "P2"}, "customer_priority_header": "ignore"}})  # fmt: skip
+    inst.ingest(make_mail(subject="A question", headers={"Importance": "low"}))
+    assert ticket(inst).priority == "P2"
+
+
 def test_importance_low_does_not_lower_what_a_rule_set(ruled: Installation) -> None:
     ruled.ingest(make_mail(subject="service down", headers={"X-Priority": "5"}))
     assert ticket(ruled).priority == "P1"
