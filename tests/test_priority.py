@@ -254,6 +254,32 @@ def test_the_shipped_rules_classify_mail_in_the_pipeline(inst: Installation) -> 
     assert ticket(inst).priority == "P3"
 
 
+WHO = """\
+rules:
+  - {name: acme, when: {organisation: [acme]}, then: {tags: [acme]}}
+  - {name: admins, when: {role: [admin]}, then: {tags: [admin]}}
+  - {name: french, when: {language: [fr]}, then: {tags: [french]}}
+  - {name: pro plan, when: {plan: [pro]}, then: {tags: [pro]}}
+  - {name: morning, when: {time: {from: "10:00", to: "11:00"}}, then: {tags: [morning]}}
+  - {name: files, when: {has_attachment: true}, then: {tags: [files]}}
+"""
+
+
+def test_the_pipeline_gives_the_rules_who_sent_the_mail_and_when(
+    install: Callable[..., Installation], tmp_path: Path
+) -> None:
+    """Alice is an admin of ACME (plan pro, French, Brussels), writing at 10:30 there
+    (09:30 UTC, outside the window), with a file attached."""
+    rules = tmp_path / "who-rules"
+    rules.mkdir()
+    (rules / "10-who.yaml").write_text(WHO)
+    inst = install(settings={"rules_dir": str(rules)})
+    mail = make_mail()
+    mail.add_attachment(b"log", maintype="text", subtype="plain", filename="app.log")
+    inst.ingest(mail)
+    assert ticket(inst).tags == ["acme", "admin", "french", "pro", "morning", "files"]
+
+
 def test_a_catastrophic_rule_regex_cannot_hold_up_intake(
     install: Callable[..., Installation], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
