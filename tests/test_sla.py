@@ -442,6 +442,24 @@ def test_a_restarted_daemon_sends_no_reminder_twice(inst: Installation, clock: C
     assert len(sla_mail(inst, "sla_reminder")) == 2
 
 
+def test_reminders_moved_in_the_settings_send_nothing_at_the_old_time(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """The clock's next alert was planned at 50 %; the operator then sets the
+    reminders at 90 % and restarts. At the old time nothing is due: no mail."""
+    inst.ingest(make_mail())
+    settings = yaml.safe_load(inst.settings_file.read_text())
+    settings["sla"]["reminders"] = [0.9]
+    inst.settings_file.write_text(yaml.safe_dump(settings))
+    restarted = App(load_settings(inst.settings_file), clock=clock)
+    clock.now = utc(23, 10, 0)  # the old 50 % of the first response
+    assert sweep(restarted, clock.now) == SlaSweepReport(0, 0)
+    clock.now = utc(23, 10, 24)  # 90 % of 1 h
+    assert sweep(restarted, clock.now) == SlaSweepReport(1, 0)
+    (reminder,) = [m for m in staff_mail(inst) if "SLA" in str(m["Subject"])]
+    assert "SLA 90%: first response" in str(reminder["Subject"])
+
+
 def test_two_racing_sweeps_send_each_reminder_once(install) -> None:
     """Checklist 27 on SQLite: two sweeps over the same due reminders at once."""
     inst = install(settings=NO_LOOP_LIMITS)
