@@ -460,6 +460,20 @@ def test_reminders_moved_in_the_settings_send_nothing_at_the_old_time(
     assert "SLA 90%: first response" in str(reminder["Subject"])
 
 
+def test_one_sweep_drains_a_backlog_larger_than_its_batch(
+    inst: Installation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clocks are claimed a batch per transaction (2 here instead of 200), and the
+    sweep goes on until none is due: a backlog is not left for the next minutes."""
+    from mailgate.sla import sweep as sla_sweep
+
+    monkeypatch.setattr(sla_sweep, "BATCH", 2)
+    for n in range(3):
+        inst.ingest(make_mail(message_id=f"b{n}@acme.example", subject=f"Cannot log in {n}"))
+    assert sweep(inst.app, utc(23, 10, 0)) == SlaSweepReport(3, 0)
+    assert len(sla_mail(inst, "sla_reminder")) == 3
+
+
 def test_two_racing_sweeps_send_each_reminder_once(install) -> None:
     """Checklist 27 on SQLite: two sweeps over the same due reminders at once."""
     inst = install(settings=NO_LOOP_LIMITS)
