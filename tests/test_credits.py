@@ -488,6 +488,32 @@ def test_a_reversed_overdraft_already_paid_back_returns_to_the_pack_that_paid(
     assert statement(inst, capsys)["closing"] == 100
 
 
+def test_a_reversed_overdraft_goes_back_to_the_newest_repayment_first(
+    install: Callable[..., Installation], capsys
+) -> None:
+    """Two packs paid overdrafts back (maxi 4, then light 1); the first overdraft
+    is reversed: the newest repayment is undone first (ledger._give_back_repayments),
+    so light gets its 1 back and maxi 3 of its 4, and each keeps its own end."""
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 20, and 4 overdrawn
+    assert inst.cli("credits", "add", ORG, "maxi", "--activated", "2026-11-20") == 0  # pays 4
+    assert spend(inst, capsys, ticket, "24h")[0] == 0  # maxi's 96
+    assert spend(inst, capsys, ticket, "15m")[0] == 0  # 1 overdrawn
+    assert inst.cli("credits", "add", ORG, "light") == 0  # pays 1
+    with inst.session() as session:
+        overdrawn = select(CreditEntry.id).where(CreditEntry.kind == "overdraft")
+        first = min(session.scalars(overdrawn))
+    assert inst.cli("credits", "reverse", str(first), "--note", "logged twice") == 0
+    found = balance(inst, capsys)
+    assert [(p["pack"], p["remaining"], p["valid_until"]) for p in found["packs"]] == [
+        ("maxi", 3, "2027-11-19"), ("light", 20, "2027-12-04"),
+    ]  # fmt: skip
+    assert found["balance"] == statement(inst, capsys)["closing"] == 23
+
+
 def test_an_overdraft_run_up_before_a_later_pack_starts_is_paid_back_on_its_day(
     install: Callable[..., Installation], capsys
 ) -> None:
