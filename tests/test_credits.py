@@ -128,6 +128,8 @@ def test_an_organisation_never_on_credit_is_not_charged(inst: Installation, caps
     assert balance(inst, capsys) == {
         "organisation": ORG, "balance": 0, "packs": [], "not_active_yet": [],
     }  # fmt: skip
+    (ack,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"]
+    assert "crédit" not in ack.get_body(("plain",)).get_content()  # nothing said about credit
 
 
 # -- staff by mail: /spend, /urgent, /bug ----------------------------------------------
