@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from mailgate.credits.rules import add_months, cost, periods
-from mailgate.store.models import CreditEntry, Ticket
+from mailgate.store.models import CreditEntry, OutboxMail, Ticket
 from tests.conftest import ROOT, Clockwork, Installation, make_mail, staff_answer
 
 ORG = "acme"
@@ -669,6 +669,19 @@ def test_the_expiry_notice_comes_thirty_days_before_and_once(inst: Installation,
     (notice,) = [m for m in inst.sent() if m["To"] == "alice@acme.example"
                  and "20" in str(m["Subject"])]  # fmt: skip
     assert "30 novembre 2026" in notice.get_body(("plain",)).get_content()
+
+
+def test_the_expiry_notice_comes_the_configured_days_before(
+    install: Callable[..., Installation],
+) -> None:
+    inst = install(settings={"credits": {"expiry_notice_days": 10}})
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")  # ends 1 December
+    for day in ("2026-11-20T12:00+00:00", "2026-11-21T00:00+00:00"):
+        assert inst.cli("credits", "sweep", "--now", day) == 0
+    with inst.session() as session:
+        queued = session.scalars(select(OutboxMail.created_at).where(
+            OutboxMail.kind == "credit_expiry")).all()  # fmt: skip
+    assert queued == [datetime(2026, 11, 21, tzinfo=UTC)]  # ten days before, not thirty
 
 
 def test_the_ack_tells_the_balance(inst: Installation) -> None:
