@@ -353,9 +353,9 @@ def test_a_ticket_waiting_longer_is_reminded_whatever_its_number(
                for m in desk.mails_to("alice@acme.example"))  # fmt: skip
 
 
-def wait_on_customer(desk: Desk, number: str, since: datetime) -> None:
+def wait_on_customer(inst: Installation, number: str, since: datetime) -> None:
     """Ticket `number` has waited on the customer since `since`, as /status waiting does."""
-    with desk.inst.session() as s, s.begin():
+    with inst.session() as s, s.begin():
         ticket = s.scalar(select(Ticket).where(Ticket.number == number))
         set_status(s, ticket, "waiting_customer", now=since, actor_kind="staff",
                    actor="bob@support.example", reason="asked for logs")  # fmt: skip
@@ -366,7 +366,7 @@ def test_waiting_days_are_the_organisations_business_days(desk: Desk) -> None:
     business days count from Monday there, and end at Thursday's midnight there."""
     number = desk.inst.ingest(make_mail(sender=ALICE, message_id="w@acme.example",
                                         subject="Question")).ticket  # fmt: skip
-    wait_on_customer(desk, number, datetime(2026, 11, 27, 23, 30, tzinfo=UTC))
+    wait_on_customer(desk.inst, number, datetime(2026, 11, 27, 23, 30, tzinfo=UTC))
     desk.inst.clock.now = datetime(2026, 12, 2, 22, 59, tzinfo=UTC)  # type: ignore[attr-defined]
     desk.sweep()
     assert desk.rows(OutboxMail, kind="waiting_reminder") == []
@@ -388,7 +388,7 @@ def test_a_customer_is_reminded_before_the_ticket_is_resolved_whatever_the_backl
                                           subject=f"Question {i}")).ticket
                for i in range(2)]  # fmt: skip
     for number in numbers:
-        wait_on_customer(desk, number, NOW)
+        wait_on_customer(desk.inst, number, NOW)
     desk.later(timedelta(days=16))  # both long past 3 + 4 business days
     desk.sweep()
     reminded = {t.number: (t.status, t.reminded_at is not None) for t in desk.rows(Ticket)}
@@ -397,6 +397,28 @@ def test_a_customer_is_reminded_before_the_ticket_is_resolved_whatever_the_backl
         numbers[1]: ("waiting_customer", False),  # its turn comes at the next sweep
     }
     assert desk.rows(OutboxMail, kind="resolved") == []
+
+
+@pytest.mark.parametrize(
+    ("remind", "resolve", "reminders", "status"),
+    [(0, 4, 0, "resolved"), (3, 0, 1, "waiting_customer")],
+    ids=["no-reminder", "no-resolution"],
+)
+def test_zero_waiting_days_mean_never(
+    install: Callable[..., Installation], remind: int, resolve: int, reminders: int, status: str
+) -> None:
+    """README: 0 business days before a reminder, or before resolving, means never."""
+    from mailgate.tickets.sweep import sweep
+
+    days = {"waiting_reminder_days": remind, "waiting_resolve_days": resolve}
+    inst = install(settings={"tickets": days})
+    number = inst.ingest(make_mail(sender=ALICE, subject="Question")).ticket
+    wait_on_customer(inst, number, NOW)
+    for day in range(1, 15):  # two weeks of daily sweeps
+        sweep(inst.app, NOW + timedelta(days=day))
+    with inst.session() as s:
+        sent = s.scalars(select(OutboxMail).where(OutboxMail.kind == "waiting_reminder")).all()
+        assert (len(sent), s.scalar(select(Ticket.status))) == (reminders, status)
 
 
 def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:
