@@ -558,6 +558,21 @@ def test_a_pack_recorded_after_an_overdraft_pays_it_back_when_it_was_run_up(
     assert balance(inst, capsys)["balance"] == 96
 
 
+def test_a_pack_that_ended_before_an_overdraft_does_not_pay_it_back(
+    install: Callable[..., Installation], capsys
+) -> None:
+    """An old invoice recorded late: the pack ended on 1 January 2026, long before
+    the overdraft; its credits expire, they pay nothing back."""
+    inst = install(settings=OVERDRAFT)
+    at(inst.clock, AUDIT_DAY)
+    assert inst.cli("credits", "add", ORG, "light", "--activated", "2026-11-01") == 0
+    ticket = open_ticket(inst)
+    assert spend(inst, capsys, ticket, "6h")[0] == 0  # 4 beyond the 20
+    assert inst.cli("credits", "add", ORG, "maxi", "--activated", "2025-01-01") == 0
+    assert balance(inst, capsys)["balance"] == -4
+    assert entries(statement(inst, capsys))[-2:] == [("spend", -20), ("overdraft", -4)]
+
+
 def test_a_pretend_time_books_nothing(inst: Installation, clock: Clockwork, capsys) -> None:
     at(clock, AUDIT_DAY)
     assert inst.cli("credits", "add", ORG, "light") == 0  # valid until 4 December 2027
