@@ -81,12 +81,16 @@ class Desk:
 
 
 @pytest.fixture
-def desk(install: Callable[..., Installation], sink: Sink) -> Iterator[Desk]:
+def desk(
+    install: Callable[..., Installation], sink: Sink, request: pytest.FixtureRequest
+) -> Iterator[Desk]:
+    """Settings of the test's own (indirect parametrisation) on top of the relay's."""
     relay = {"host": "127.0.0.1", "port": sink.port, "tls": "none", "timeout_seconds": 5}
     inst = install(
         settings={
             "outbound": {"transport": "smtp", "smtp": relay},
             "intake": {"smtp": {"port": 0}},
+            **getattr(request, "param", {}),
         }
     )
     with smtp_listener(inst) as port:
@@ -419,6 +423,24 @@ def test_zero_waiting_days_mean_never(
     with inst.session() as s:
         sent = s.scalars(select(OutboxMail).where(OutboxMail.kind == "waiting_reminder")).all()
         assert (len(sent), s.scalar(select(Ticket.status))) == (reminders, status)
+
+
+WAIT_AFTER_A_REPLY = {"tickets": {"status_after_staff_reply": "waiting_customer"}}
+
+
+@pytest.mark.parametrize("desk", [WAIT_AFTER_A_REPLY], indirect=True)
+def test_a_status_command_wins_over_the_status_a_reply_would_set(desk: Desk) -> None:
+    """With status_after_staff_reply: waiting_customer, a reply waits on the customer;
+    one that says /status open (Bob is still on it) stays open, as he wrote."""
+    open_ticket(desk)
+    desk.send(staff_answer(desk, "Which browser do you use?\n", "bob-1@support.example"))
+    assert desk.ticket().status == "waiting_customer"
+    desk.send(staff_answer(desk, "/status open\nI am still looking into it.\n",
+                           "bob-2@support.example"))  # fmt: skip
+    assert desk.ticket().status == "open"
+    assert [(e.old, e.new) for e in desk.rows(TicketEvent, field="status")][-1] == (
+        "waiting_customer", "open"
+    )  # fmt: skip
 
 
 def test_customer_reply_to_a_waiting_ticket_opens_it(desk: Desk) -> None:
