@@ -246,6 +246,19 @@ def test_commands_change_the_ticket_and_are_listed_in_its_history(desk: Desk) ->
     assert all(e.actor == "bob@support.example" for e in desk.rows(TicketEvent, actor_kind="staff"))
 
 
+@pytest.mark.parametrize("command", ["/close", "/status closed"])
+def test_closing_by_command_sends_the_customer_no_reopen_notice(desk: Desk, command: str) -> None:
+    """Only `resolved` mails the customer how to reopen (README): a closed ticket
+    never reopens, so telling them a reply would reopen it is false."""
+    open_ticket(desk)
+    to_alice = len(desk.mails_to("alice@acme.example"))
+    desk.send(staff_answer(desk, command + "\n", "bob-1@support.example"))
+    ticket = desk.ticket()
+    assert ticket.status == "closed" and ticket.closed_at is not None
+    assert len(desk.mails_to("alice@acme.example")) == to_alice
+    assert desk.rows(OutboxMail, kind="resolved") == []
+
+
 def test_cc_of_a_stranger_is_refused(desk: Desk) -> None:
     """Copying someone outside the organisation would show them the ticket."""
     open_ticket(desk)
