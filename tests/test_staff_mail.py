@@ -629,6 +629,24 @@ def test_a_file_sent_without_text_reaches_the_customer(desk: Desk, body: str) ->
     assert desk.ticket().status == ("waiting_customer" if body else "open")
 
 
+def test_a_signature_logo_under_commands_is_no_file_to_send(desk: Desk) -> None:
+    """An HTML mail client puts the signature's logo in the mail as an inline part:
+    the commands-only mail stays a note, no empty mail with a logo goes to Alice."""
+    open_ticket(desk)
+    to_alice = len(desk.mails_to("alice@acme.example"))
+    answer = staff_answer(desk, "/status waiting\n\n-- \nBob Durand\n", "bob-1@support.example")
+    answer.add_alternative('<p>/status waiting</p><p>-- <br>Bob Durand '
+                           '<img src="cid:logo@support.example"></p>', subtype="html")  # fmt: skip
+    answer.get_body(("html",)).add_related(b"\x89PNG logo", maintype="image", subtype="png",
+                                            cid="<logo@support.example>")  # fmt: skip
+    desk.send(answer)
+    assert len(desk.mails_to("alice@acme.example")) == to_alice
+    assert desk.rows(OutboxMail, kind="staff_reply") == []
+    assert desk.ticket().status == "waiting_customer"
+    (note,) = [a for a in desk.rows(Article) if a.message_id == "bob-1@support.example"]
+    assert (note.visibility, note.text) == ("internal", "/status waiting")
+
+
 def test_an_html_only_answer_keeps_its_links_for_the_customer(desk: Desk) -> None:
     """A mail client that sends HTML alone: the customer gets text made from it,
     where "click here" lost the address it pointed to. A script's link is no address."""
