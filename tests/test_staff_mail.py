@@ -214,6 +214,26 @@ def test_a_whole_conversation_by_mail(desk: Desk) -> None:
     assert len(tickets) == 2 and tickets[1].follows_ticket_id == tickets[0].id
 
 
+def test_a_closed_ticket_resolved_again_gets_a_whole_reopen_window(desk: Desk) -> None:
+    """Bob resolves a closed ticket again: Alice is told a reply within 14 days
+    reopens it, so the 14 days count from now, not from the first resolution."""
+    open_ticket(desk)
+    desk.send(staff_answer(desk, "/resolve\n", "bob-1@support.example"))
+    desk.later(timedelta(days=15))
+    desk.sweep()
+    assert desk.ticket().status == "closed"
+    desk.later(timedelta(days=2))
+    desk.send(staff_answer(desk, "/status resolved\n", "bob-2@support.example"))
+    notice = desk.mails_to("alice@acme.example")[-1]
+    assert "14" in notice.get_body(("plain",)).get_content()
+    desk.sweep()
+    assert desk.ticket().status == "resolved"  # not closed again at once
+    desk.later(timedelta(days=1))
+    desk.send(reply_to(notice, sender=ALICE, body="It happened again.\n",
+                       message_id="req-2@acme.example"))  # fmt: skip
+    assert desk.ticket().status == "open"  # reopened, no second ticket
+
+
 def test_an_invalid_command_is_refused_whole_with_an_explanation(desk: Desk) -> None:
     open_ticket(desk)
     to_alice = len(desk.mails_to("alice@acme.example"))

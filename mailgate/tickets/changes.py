@@ -99,8 +99,14 @@ def _set_field(session: Session, ticket: Ticket, change: Change, now: datetime) 
 
 def _set_status_field(ticket: Ticket, status: str, now: datetime) -> None:
     ticket.status = status
-    # Closing keeps the resolution time; anything else clears it (a reopened ticket).
-    ticket.resolved_at = (ticket.resolved_at or now) if status in ("resolved", "closed") else None
+    # Closing keeps the resolution time; resolving starts the reopen window now,
+    # a closed ticket resolved again too; anything else clears it (a reopened ticket).
+    if status == "resolved":
+        ticket.resolved_at = now
+    elif status == "closed":
+        ticket.resolved_at = ticket.resolved_at or now
+    else:
+        ticket.resolved_at = None
     ticket.closed_at = now if status == "closed" else None
     waiting = status == "waiting_customer"
     ticket.waiting_since = now if waiting else None
