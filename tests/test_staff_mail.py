@@ -575,6 +575,10 @@ def test_tickets_show_lists_history_and_time_and_sweep_runs_by_hand(
     assert desk.inst.cli("tickets", "sweep") == 0
     assert capsys.readouterr().out.startswith("0 reminded, 0 resolved, 1 closed")
     assert desk.ticket().status == "closed"
+    # The list says when the ticket last changed: the sweep that closed it.
+    assert desk.inst.cli("tickets", "list", "--json") == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["status"], listed["updated_at"]) == ("closed", desk.inst.clock().isoformat())
 
 
 # Every mail client quotes the mail it answers; under a commands-only reply, that
