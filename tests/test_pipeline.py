@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, AttachmentRow, IngestRecord, OutboxMail, Ticket
-from tests.conftest import ROOT, Installation, make_mail, reply_to, staff_answer
+from tests.conftest import ROOT, Clockwork, Installation, make_mail, reply_to, staff_answer
 
 
 def count(inst: Installation, model: type) -> int:
@@ -83,6 +83,15 @@ def test_staff_get_a_new_ticket_notice(inst: Installation) -> None:
 def test_tracking_numbers_are_sequential(inst: Installation) -> None:
     numbers = [inst.ingest(make_mail(message_id=f"m{i}@acme.example")).ticket for i in range(3)]
     assert numbers == ["SUP-2026-000001", "SUP-2026-000002", "SUP-2026-000003"]
+
+
+def test_tracking_numbers_start_again_each_year(inst: Installation, clock: Clockwork) -> None:
+    """Sequential per year (README, tickets.number_format): 1 January starts at 1."""
+    clock.now = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
+    numbers = [inst.ingest(make_mail(message_id=f"m{i}@acme.example")).ticket for i in range(2)]
+    clock.now = datetime(2027, 1, 1, 0, 1, tzinfo=UTC)
+    numbers += [inst.ingest(make_mail(message_id=f"n{i}@acme.example")).ticket for i in range(2)]
+    assert numbers == ["SUP-2026-000001", "SUP-2026-000002", "SUP-2027-000001", "SUP-2027-000002"]
 
 
 def test_a_conversation_stays_on_one_ticket(inst: Installation) -> None:
