@@ -153,6 +153,12 @@ def test_subject_tag_threads_only_for_parties(inst: Installation) -> None:
     tagged = make_mail(subject=f"Re: [{created.ticket}] status?", message_id="t2@acme.example")
     result = inst.ingest(tagged)
     assert (result.outcome, result.matched_by) == ("threaded", "subject-tag")
+    # Typed again by hand, in lower case: the same tag.
+    typed = make_mail(subject=f"[{created.ticket.lower()}] any news", message_id="t4@acme.example")
+    result = inst.ingest(typed)
+    assert (result.outcome, result.ticket, result.matched_by) == (
+        "threaded", created.ticket, "subject-tag"
+    )  # fmt: skip
 
     # Carol is of the same organisation but not a party of the ticket: the tag
     # alone does not let her in, and as a member she cannot open a ticket.
