@@ -136,6 +136,22 @@ def test_a_conversation_stays_on_one_ticket(inst: Installation) -> None:
     assert "carol@acme.example" in t.cc
 
 
+def test_a_reply_to_a_mail_we_never_saw_threads_by_its_references(inst: Installation) -> None:
+    """Alice wrote to Carol alone about her ticket; Carol answers with support in Cc.
+    Her In-Reply-To names a mail we never stored; her References still name Alice's
+    first mail, and that key threads her answer."""
+    original = make_mail(message_id="orig@acme.example")
+    created = inst.ingest(original)
+    aside = reply_to(original, sender="alice@acme.example", to="carol@acme.example",
+                     body="Carol, check it?\n", message_id="aside@acme.example")  # fmt: skip
+    carol = reply_to(aside, sender="carol@acme.example", to="support@example.com",
+                     body="Same here since 9:00.\n", message_id="c5@acme.example")  # fmt: skip
+    result = inst.ingest(carol)
+    assert (result.outcome, result.ticket, result.matched_by) == (
+        "threaded", created.ticket, "references"
+    )  # fmt: skip
+
+
 def test_reply_to_token_alone_threads(inst: Installation) -> None:
     created = inst.ingest(make_mail())
     ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
