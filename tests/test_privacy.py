@@ -392,6 +392,8 @@ def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clock
     clock.now = NOW + timedelta(days=20)
     recent = make_mail(sender="Eve <eve@stranger.example>", message_id="e2@stranger.example")
     inst.ingest(recent)
+    # quarantine_days is 30: a minute before, nothing has expired yet.
+    assert retention.run(inst.app, NOW + timedelta(days=30, minutes=-1)).records == 0
     report = retention.run(inst.app, NOW + timedelta(days=31))
     assert report.records == 2
     with inst.session() as s:
