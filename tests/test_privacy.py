@@ -744,9 +744,19 @@ def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     assert out.stdout.strip() == address_hasher(inst.app.log_key)("alice@acme.example")
 
 
-def test_erasing_someone_unknown_or_staff_is_refused(inst: Installation) -> None:
+def test_erasing_someone_unknown_or_staff_is_refused(
+    inst: Installation, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert inst.cli("gdpr", "erase", "nobody@nowhere.example", "--yes") == 1
+    # Bob answered a ticket, so something is stored about him: refused as staff.
+    inst.ingest(make_mail())
+    inst.ingest(staff_answer(inst, "Hello Alice, fixed.\n", "bob-1@support.example"))
+    capsys.readouterr()
     assert inst.cli("gdpr", "erase", "bob@support.example", "--yes") == 1
+    assert "bob@support.example is staff" in capsys.readouterr().err
+    with inst.session() as s:
+        (answer,) = s.scalars(select(Article).where(Article.message_id == "bob-1@support.example"))
+        assert (answer.author_email, answer.author_name) == ("bob@support.example", "Bob Durand")
 
 
 def test_settings_name_an_unknown_organisation_in_retention(tmp_path: Path) -> None:
