@@ -585,6 +585,21 @@ def test_erase_leaves_no_trace_in_database_data_dir_quarantine_or_log(
     assert inst.cli("gdpr", "export", ALICE[0]) == 1  # nothing left to export
 
 
+def test_erasing_carol_keeps_alice_s_html_and_attachment(
+    inst: Installation, clock: Clockwork
+) -> None:
+    """Only the erased person's files and HTML go: Alice's invoice stays on the ticket
+    she opened when Carol, copied on it, is erased."""
+    a_year_of_support(inst, clock)
+    assert inst.cli("gdpr", "erase", CAROL[0], "--yes") == 0
+    with inst.session() as s:
+        (first,) = s.scalars(select(Article).where(Article.message_id == "req-1@acme.example"))
+        assert first.html is not None and "Alice Martin" in first.html
+        (invoice,) = first.attachments
+        assert invoice.filename == "alice-invoice.pdf"
+        assert inst.app.blobs.get(invoice.sha256) == b"%PDF-1.4 Alice Martin's invoice"
+
+
 def test_erase_reaches_every_copy_of_held_mail_that_names_the_person(
     install: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
