@@ -130,11 +130,13 @@ def everyone_but_dave_leaves_acme(inst: Installation) -> None:
 
 
 def a_year_of_support(inst: Installation, clock: Clockwork) -> str:
-    """Alice opens a ticket with HTML and an attachment, copies Carol; Bob answers,
-    spends time and waits on the customer; Carol's reply opens it again (an event
-    naming her); the ticket is closed. Returns its tracking number."""
+    """Alice opens a ticket with HTML and an attachment, copies Carol, and names
+    herself in its subject; Bob answers, spends time and waits on the customer;
+    Carol's reply opens it again (an event naming her); the ticket is closed.
+    Returns its tracking number."""
     assert inst.cli("credits", "add", "acme", "10h", "--activated", "2026-11-01") == 0
-    first = with_attachment(to="support@example.com, Carol Petit <carol@acme.example>")
+    first = with_attachment(to="support@example.com, Carol Petit <carol@acme.example>",
+                            subject="Alice Martin cannot log in")  # fmt: skip
     number = inst.ingest(first).ticket
     clock.now += timedelta(minutes=30)
     answer = "/spend 45m\n/status waiting\nHello Alice, fixed.\n"
