@@ -513,6 +513,7 @@ def test_export_has_both_tickets_the_attachment_and_the_cc_and_nobody_else(
     assert (data["contact"]["role"], data["contact"]["referent"]) == ("admin", False)
     assert [t["number"] for t in data["tickets"]] == [first, second]
     assert data["tickets"][0]["role"] == "requester"
+    assert data["other_mail"] == []  # every mail of hers is on one of those tickets
     texts = [a["text"] for t in data["tickets"] for a in t["articles"]]
     assert "Nobody can log in; someone else sees it too.\n" in texts  # her first name, any case
     attachment = data["tickets"][1]["articles"][0]["attachments"][0]
