@@ -681,6 +681,8 @@ def test_sandbox_blocks_python_internals(tmp_path: Path) -> None:
 def test_excerpt() -> None:
     assert excerpt("a\nb\n") == "a\nb"
     assert excerpt("\n".join(map(str, range(30))), max_lines=3) == "0\n1\n2\n[…]"
+    # What a staff notice previews of a long mail: its first 20 lines.
+    assert excerpt("\n".join(map(str, range(30)))) == "\n".join(map(str, range(20))) + "\n[…]"
     assert excerpt("x" * 50, max_chars=10) == "x" * 10 + "\n[…]"
 
 
