@@ -134,6 +134,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     path = write(tmp_path / "settings.yaml", "intake:\n  smtp: [\n")
     with pytest.raises(ConfigError, match=r"settings.yaml:\d+: invalid YAML"):
         load_settings(path)
+    # The line an editor shows for the mistake: counted from 1.
+    path = write(tmp_path / "settings.yaml", "intake:\n  smtp:\n    port: 25\n   tls: none\n")
+    with pytest.raises(ConfigError, match=r"settings.yaml:4: invalid YAML"):
+        load_settings(path)
 
 
 def test_check_command_lists_problems_and_exits_1(tmp_path: Path) -> None:
