@@ -92,6 +92,14 @@ def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
         ),
         ({"intake": {"imap": {"port": "x"}}}, "intake.imap.port: Input should be a valid integer"),
         ({"intake": {"imap": [{"prot": 1}]}}, "intake.imap.0.prot: unknown key"),
+        (  # 0 would anonymise every closed ticket at the next hourly run
+            {"retention": {"closed_days": 0}},
+            "retention.closed_days: Input should be greater than 0",
+        ),
+        (
+            {"outbound": {"max_attempts": 0}},
+            "outbound.max_attempts: Input should be greater than 0",
+        ),
         (
             {"outbound": {"smtp": {"host": "relay.example.net", "username": "mailgate"}}},
             "outbound.smtp: username with tls: none would send the password in"
