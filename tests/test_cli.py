@@ -3,6 +3,7 @@ an empty listing that looks like news; a command that acts never acts ahead of t
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -54,6 +55,28 @@ def test_outbox_retry_says_which_ids_it_did_not_queue(inst: Installation, capsys
     assert "0 mail(s) queued again" in captured.out
     assert "no outbound mail #99999" in captured.err
     assert "mail #1 is queued: only failed or dead mail is queued again" in captured.err
+
+
+def test_outbox_retry_never_queues_delivered_mail_again(inst: Installation, capsys: Capsys) -> None:
+    inst.ingest(make_mail())
+    delivered = len(inst.sent())  # the acknowledgement and the staff notice, sent
+    capsys.readouterr()
+    assert inst.cli("outbox", "retry") == 0  # every failed or dead mail: none
+    assert "0 mail(s) queued again" in capsys.readouterr().out
+    assert inst.cli("outbox", "retry", "1") == 1
+    assert "mail #1 is sent: only failed or dead mail is queued again" in capsys.readouterr().err
+    assert len(inst.sent()) == delivered
+
+
+def test_outbox_list_shows_the_status_asked_for(inst: Installation, capsys: Capsys) -> None:
+    inst.ingest(make_mail())
+    inst.send_outbox()
+    inst.ingest(make_mail(message_id="req-2@acme.example", subject="Printer jammed"))
+    capsys.readouterr()
+    for status, count in (("sent", 2), ("queued", 2), ("dead", 0)):
+        assert inst.cli("outbox", "list", "--status", status, "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [r["status"] for r in listed] == [status] * count
 
 
 ACTING = [
