@@ -17,7 +17,7 @@ from sqlalchemy import select
 from mailgate.cli import EX_CONFIG, main
 from mailgate.config import ConfigError, load_settings, running_user
 from mailgate.directory import load_directory, sync_directory
-from mailgate.store.models import Contact, Staff
+from mailgate.store.models import Contact, Organisation, Staff
 from tests.conftest import ROOT, Installation, make_mail
 from tests.smtp_sink import make_certificate
 
@@ -236,6 +236,12 @@ def test_directory_sync_is_idempotent_and_deactivates(inst: Installation, tmp_pa
         bob = s.scalar(select(Staff))
     assert carol is not None and not carol.active  # kept, never deleted
     assert alice.active and bob.level == "L3"
+    # Listed again (the shipped file): the organisations and people left out are back.
+    with inst.app.sessions.begin() as s:
+        assert sync_directory(s, load_directory(ROOT / "directory.yaml")).deactivated == 0
+    with inst.session() as s:
+        assert all(o.active for o in s.scalars(select(Organisation)))
+        assert "carol@acme.example" in s.scalars(select(Contact.email).where(Contact.active))
 
 
 def active_contacts(inst: Installation) -> list[str]:
