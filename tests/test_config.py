@@ -244,6 +244,17 @@ def test_directory_sync_is_idempotent_and_deactivates(inst: Installation, tmp_pa
         assert "carol@acme.example" in s.scalars(select(Contact.email).where(Contact.active))
 
 
+def test_referents_listed_in_the_directory_are_marked(inst: Installation, tmp_path: Path) -> None:
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["referents"] = ["carol@acme.example"]
+    path = write(tmp_path / "dir3.yaml", directory)
+    with inst.app.sessions.begin() as s:
+        sync_directory(s, load_directory(path))
+    with inst.session() as s:
+        marked = list(s.scalars(select(Contact.email).where(Contact.referent.is_(True))))
+    assert marked == ["carol@acme.example"]
+
+
 def active_contacts(inst: Installation) -> list[str]:
     with inst.session() as s:
         return sorted(s.scalars(select(Contact.email).where(Contact.active.is_(True))))
