@@ -11,6 +11,7 @@ from sqlalchemy import select, text
 
 from mailgate.store.db import head_revision
 from mailgate.store.models import Ticket
+from mailgate.tickets.changes import set_status
 from tests.conftest import Installation, make_mail
 
 Capsys = pytest.CaptureFixture[str]
@@ -26,6 +27,22 @@ def test_tickets_list_names_the_statuses_it_knows(inst: Installation, capsys: Ca
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'opened'" in err and "waiting_customer" in err
+
+
+def test_tickets_list_filters_by_status_and_show_takes_any_case(
+    inst: Installation, capsys: Capsys
+) -> None:
+    first = inst.ingest(make_mail()).ticket
+    inst.ingest(make_mail(message_id="req-2@acme.example", subject="Printer jammed"))
+    with inst.session() as s, s.begin():
+        ticket = s.scalar(select(Ticket).where(Ticket.number == first))
+        set_status(s, ticket, "closed", now=inst.clock(), actor_kind="staff",
+                   actor="bob@support.example", reason="done")  # fmt: skip
+    capsys.readouterr()
+    assert inst.cli("tickets", "list", "--status", "closed", "--json") == 0
+    assert [t["number"] for t in json.loads(capsys.readouterr().out)] == [first]
+    assert inst.cli("tickets", "show", first.lower(), "--json") == 0  # typed by hand
+    assert json.loads(capsys.readouterr().out)["number"] == first
 
 
 def test_tickets_list_of_an_unknown_organisation_is_an_error(
