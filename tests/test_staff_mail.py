@@ -143,6 +143,7 @@ def test_a_whole_conversation_by_mail(desk: Desk) -> None:
     body = relay.get_body(("plain",)).get_content()
     assert "please clear your browser cache" in body
     assert "wrote:" not in body and "nobody can log in" not in body and "Tier 2" not in body
+    assert "L'équipe support" in body  # in ACME's language, as the ack
     (attachment,) = relay.iter_attachments()
     assert attachment.get_filename() == "cache-guide.pdf"
     assert attachment.get_content() == b"%PDF-1.4 guide"
