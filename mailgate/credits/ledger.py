@@ -288,17 +288,24 @@ def _repay_overdraft(
         repaid = min(debt, remaining.get(pack.id, 0))
         if repaid <= 0 or not at <= now or at >= pack.expires_at:
             continue
-        booked += [
-            _entry(session, org_id, "repayment", -repaid, at, now, pack_id=pack.id,
-                   note="overdraft paid back from this pack"),
-            _entry(session, org_id, "repayment", repaid, at, now,
-                   note=f"overdraft paid back from pack #{pack.id}"),
-        ]  # fmt: skip
+        booked += _repayment(session, org_id, pack.id, -repaid, at, now,
+                             "overdraft paid back from")  # fmt: skip
         debt -= repaid
         if debt == 0:
             break
     session.flush()
     return booked
+
+
+def _repayment(session: Session, org_id: str, pack_id: int, into_pack: int, at: datetime,
+               now: datetime, what: str) -> list[CreditEntry]:  # fmt: skip
+    """A repayment is a pair of entries: `into_pack` credits into the pack (negative:
+    out of it, paying the overdraft) and the opposite on the overdraft's side."""
+    return [
+        _entry(session, org_id, "repayment", into_pack, at, now, pack_id=pack_id,
+               note=f"{what} this pack"),
+        _entry(session, org_id, "repayment", -into_pack, at, now, note=f"{what} pack #{pack_id}"),
+    ]  # fmt: skip
 
 
 def _give_back_repayments(session: Session, org_id: str, now: datetime) -> list[CreditEntry]:
@@ -334,12 +341,8 @@ def _give_back_repayments(session: Session, org_id: str, now: datetime) -> list[
         amount = min(surplus, -int(net or 0))
         if amount <= 0:
             continue
-        booked += [
-            _entry(session, org_id, "repayment", amount, now, now, pack_id=pack_id,
-                   note="overdraft reversed: given back to this pack"),
-            _entry(session, org_id, "repayment", -amount, now, now,
-                   note=f"overdraft reversed: given back to pack #{pack_id}"),
-        ]  # fmt: skip
+        booked += _repayment(session, org_id, pack_id, amount, now, now,
+                             "overdraft reversed: given back to")  # fmt: skip
         surplus -= amount
         if surplus == 0:
             break
