@@ -262,6 +262,19 @@ def _last_entry_at(session: Session, pack_id: int) -> datetime:
     return session.scalar(select(func.max(CreditEntry.at)).where(CreditEntry.pack_id == pack_id))
 
 
+def _overdraft(session: Session, org_id: str, now: datetime) -> tuple[int, datetime | None]:
+    """The overdraft's side of the ledger at `now` (entries on no pack): its balance,
+    negative while owed, and when its last entry was booked."""
+    balance, last = session.execute(
+        select(func.coalesce(func.sum(CreditEntry.credits), 0), func.max(CreditEntry.at)).where(
+            CreditEntry.organisation_id == org_id,
+            CreditEntry.pack_id.is_(None),
+            CreditEntry.at <= now,
+        )
+    ).one()
+    return int(balance or 0), last
+
+
 def _repay_overdraft(
     session: Session, org_id: str, now: datetime, packs: Sequence[CreditPackRow]
 ) -> list[CreditEntry]:
@@ -271,28 +284,17 @@ def _repay_overdraft(
     valid. Booked once: an overdraft paid back is no longer owed."""
     if not packs:  # never on credit (most organisations): nothing to ask the database
         return []
-    owed = session.execute(
-        select(func.coalesce(func.sum(CreditEntry.credits), 0), func.max(CreditEntry.at)).where(
-            CreditEntry.organisation_id == org_id,
-            CreditEntry.pack_id.is_(None),
-            CreditEntry.at <= now,
-        )
-    ).one()
-    debt, last_owed = -int(owed[0] or 0), owed[1]
-    booked: list[CreditEntry] = []
-    if debt <= 0:
-        return booked
+    balance, last_owed = _overdraft(session, org_id, now)
+    if balance >= 0:
+        return []
     remaining = _remaining(session, [p.id for p in packs])
-    for pack in packs:
-        at = max(pack.activated_at, last_owed)
-        repaid = min(debt, remaining.get(pack.id, 0))
-        if repaid <= 0 or not at <= now or at >= pack.expires_at:
-            continue
-        booked += _repayment(session, org_id, pack.id, -repaid, at, now,
-                             "overdraft paid back from")  # fmt: skip
-        debt -= repaid
-        if debt == 0:
-            break
+    when = {p.id: max(p.activated_at, last_owed) for p in packs}
+    usable = [(p.id, remaining.get(p.id, 0)) for p in packs
+              if when[p.id] <= now and when[p.id] < p.expires_at]  # fmt: skip
+    taken, _ = allocate(-balance, usable)
+    booked = [entry for pack_id, amount in taken
+              for entry in _repayment(session, org_id, pack_id, -amount, when[pack_id], now,
+                                      "overdraft paid back from")]  # fmt: skip
     session.flush()
     return booked
 
@@ -314,19 +316,9 @@ def _give_back_repayments(session: Session, org_id: str, now: datetime) -> list[
 
     Without this, the reversal's credits sat outside every pack: counted in the
     balance the customer is told, yet never spendable, and never expiring."""
-    surplus = int(
-        session.scalar(
-            select(func.coalesce(func.sum(CreditEntry.credits), 0)).where(
-                CreditEntry.organisation_id == org_id,
-                CreditEntry.pack_id.is_(None),
-                CreditEntry.at <= now,
-            )
-        )
-        or 0
-    )
-    booked: list[CreditEntry] = []
+    surplus, _ = _overdraft(session, org_id, now)
     if surplus <= 0:  # still owed, or even: every pack keeps what it paid
-        return booked
+        return []
     paid = session.execute(
         select(CreditEntry.pack_id, func.sum(CreditEntry.credits))
         .where(
@@ -337,15 +329,11 @@ def _give_back_repayments(session: Session, org_id: str, now: datetime) -> list[
         .group_by(CreditEntry.pack_id)
         .order_by(func.max(CreditEntry.id).desc())
     )
-    for pack_id, net in paid:  # net: what the pack paid, less what it got back
-        amount = min(surplus, -int(net or 0))
-        if amount <= 0:
-            continue
-        booked += _repayment(session, org_id, pack_id, amount, now, now,
-                             "overdraft reversed: given back to")  # fmt: skip
-        surplus -= amount
-        if surplus == 0:
-            break
+    # What each pack paid, less what it got back.
+    taken, _ = allocate(surplus, [(pack_id, -int(net or 0)) for pack_id, net in paid])
+    booked = [entry for pack_id, amount in taken
+              for entry in _repayment(session, org_id, pack_id, amount, now, now,
+                                      "overdraft reversed: given back to")]  # fmt: skip
     session.flush()
     return booked
 
