@@ -27,7 +27,7 @@ from email import policy
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
 
-from mailgate.pipeline.message import Envelope, ParsedMessage
+from mailgate.pipeline.message import Envelope, ParsedMessage, addressed_to
 from mailgate.pipeline.parse import decode_bytes
 from mailgate.pipeline.sanitize import clean_header_text
 from mailgate.tickets.tokens import Signer
@@ -180,10 +180,9 @@ def classify_report(
 def verp_nonce(
     signer: Signer, support_address: str, envelope: Envelope, msg: ParsedMessage
 ) -> str | None:
-    """The nonce of our VERP address this mail was sent to (envelope, To, Delivered-To)."""
+    """The nonce of our VERP address this mail was sent to (envelope, To, Cc, Delivered-To…)."""
     # Cheap to try: only an address of ours with a tag reaches the HMAC check.
-    candidates = list(envelope.rcpt_to) + list(msg.to) + list(msg.headers.get("delivered-to", ()))
-    for address in candidates:
+    for address in addressed_to(msg, envelope):
         nonce = _bounce_nonce(signer, support_address, address)
         if nonce:
             return nonce

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.utils import getaddresses
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,18 @@ class ParsedMessage:
     def header(self, name: str) -> str | None:
         values = self.headers.get(name.lower())
         return values[0] if values else None
+
+
+# Where the receiving MTA or the mailbox provider writes the envelope recipient.
+# Over IMAP they are all there is of the envelope: a Bcc shows nowhere else.
+DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
+
+
+def addressed_to(msg: ParsedMessage, envelope: Envelope) -> list[str]:
+    """Every address the mail was sent to, as far as can be told: the envelope's
+    recipients, To, Cc, and the delivery headers."""
+    delivered = [a for name in DELIVERY_HEADERS for _, a in getaddresses(msg.headers.get(name, ()))]
+    return [*envelope.rcpt_to, *msg.to, *msg.cc, *delivered]
 
 
 class ParseError(Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import getaddresses
 
 from sqlalchemy.orm import Session
 
@@ -17,7 +16,7 @@ from mailgate.app import App
 from mailgate.credits.billing import bill_time, confirm_bug
 from mailgate.credits.ledger import shortfall
 from mailgate.outbound.mailer import ticket_context
-from mailgate.pipeline.message import Envelope, ParsedMessage
+from mailgate.pipeline.message import Envelope, ParsedMessage, addressed_to
 from mailgate.pipeline.screen import Screening
 from mailgate.pipeline.trim import trim_reply
 from mailgate.sla.clocks import track
@@ -185,17 +184,12 @@ def _describe(plan: Plan, public: bool, internal: bool) -> str:
     return "; ".join(parts)
 
 
-# Where the receiving MTA or the mailbox provider writes the envelope recipient.
-# Over IMAP they are all there is of a Bcc to support+internal@; trusting them
-# can only keep a mail from the customer, never send one to them.
-DELIVERY_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
-
-
 def _sent_to_internal(msg: ParsedMessage, envelope: Envelope, support: str) -> bool:
+    # Trusting the delivery headers too (over IMAP, a Bcc shows only there) can
+    # only keep a mail from the customer, never send one to them.
     local, domain = support.split("@", 1)
     internal = f"{local}+{INTERNAL_TAG}@{domain}".lower()
-    delivered = [a for name in DELIVERY_HEADERS for _, a in getaddresses(msg.headers.get(name, ()))]
-    return internal in {a.lower() for a in (*envelope.rcpt_to, *msg.to, *msg.cc, *delivered)}
+    return internal in {a.lower() for a in addressed_to(msg, envelope)}
 
 
 def _command_lines(text: str, mail: StaffMail) -> str:
