@@ -405,6 +405,51 @@ def test_exchange_notice_in_another_language_is_a_bounce_of_our_ack(
     assert desk.tickets() == 1
 
 
+def james_ndr(desk: Desk, *, to: str) -> bytes:
+    """Apache James' notice (as a carrier's gateway sends it): no report, no copy of the
+    mail, just the server's reply and the mail's details, answering the mail it returns."""
+    ndr = MIMEText(
+        "Error: Invalid user address\n\n"
+        "Error message below:\n"
+        "550 - Requested action not taken: no such user here\n\n"
+        "Message details:\n"
+        f"  Subject: {desk.ack['Subject']}\n"
+        f"  MAIL FROM: {desk.verp}\n"
+        "  RCPT TO: alice@acme.example\n"
+        "  From: support@example.com\n"
+        "  Size (in bytes): 1939\n"
+    )
+    ndr["From"] = "post_master@mx.acme.example"
+    ndr["To"] = to
+    ndr["Subject"] = f"Re:{desk.ack['Subject']}"
+    ndr["Date"] = DATE
+    ndr["Message-ID"] = "<00000000.000000.1.JavaMail.c@mx.acme.example>"
+    ndr["In-Reply-To"] = f"<{desk.ack_id}>"
+    return ndr.as_bytes()
+
+
+@pytest.mark.parametrize("delivered", ["smtp", "imap"])
+def test_a_notice_that_only_quotes_the_server_s_reply_is_a_bounce_of_our_ack(
+    desk: Desk, delivered: str
+) -> None:
+    # Over SMTP it comes from the null sender to our VERP address; fetched over
+    # IMAP, the envelope it lists (MAIL FROM: our VERP address) finds our mail.
+    if delivered == "smtp":
+        result = desk.inst.ingest(james_ndr(desk, to=desk.verp), from_mta(desk.verp))
+    else:
+        result = desk.inst.ingest(
+            james_ndr(desk, to="support@example.com"), Envelope(source="imap")
+        )
+
+    assert result.outcome == "bounce"
+    article = desk.ack_article()
+    assert article.delivery == "failed"
+    assert "for alice@acme.example: 550 - Requested action not taken" in article.delivery_error
+    assert_one_failure_notice(desk, "no such user here")
+    assert desk.tickets() == 1
+    assert desk.customer_articles() == 1
+
+
 def test_notice_for_mail_we_never_sent_is_quarantined(desk: Desk) -> None:
     stranger = make_mail(
         sender="support@example.com",

@@ -67,7 +67,9 @@ _NDR_WORDING = re.compile(
     r"did not reach the following recipient|could ?n[o']t be delivered|"
     r"was not delivered to|wasn't able to deliver|following address(es)? had delivery errors|"
     r"delivery to the following recipients? failed|"
-    r"(error|trouble|problem) (sending|delivering) your (mail|message)",
+    r"(error|trouble|problem) (sending|delivering) your (mail|message)|"
+    # Notices that only quote the server's refusal (Apache James, carriers' gateways).
+    r"invalid (user|recipient) address|no such user|requested action not taken",
     re.IGNORECASE | re.MULTILINE,
 )
 # Where a text notice starts returning the mail; what follows is the mail, not the notice.
@@ -95,6 +97,13 @@ _PERMANENT_TEXT = re.compile(
 _STATUS = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?!\.?\d)")
 _MID_IN_TEXT = re.compile(r"^[ \t>]*message-id:\s*<([^<>\s]{1,998})>", re.IGNORECASE | re.MULTILINE)
 _QMAIL_RECIPIENT = re.compile(r"^<([^<>\s@]{1,64}@[^<>\s@]{1,255})>:", re.MULTILINE)
+# "RCPT TO: addr" in a notice that lists the refused mail's envelope (Apache James).
+_RCPT_TO_LINE = re.compile(
+    r"^[ \t]*rcpt to:[ \t]*<?([^<>\s@]{1,64}@[^<>\s@]{1,255})>?[ \t]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+# A basic SMTP refusal quoted on its own line, when the notice gives no RFC 3463 code.
+_SMTP_REPLY_LINE = re.compile(r"^[ \t]*[45][0-9][0-9][ -].{4,}$", re.MULTILINE)
 _ADDRESS = re.compile(r"[^\s<>@;,\"']{1,64}@[^\s<>@;,\"']{1,255}")
 _XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
 
@@ -396,7 +405,7 @@ def _text_recipients(msg: ParsedMessage, notice: str) -> list[str]:
         for value in msg.headers.get("x-failed-recipients", ())
         for address in _ADDRESS.findall(value)
     ]
-    found += _QMAIL_RECIPIENT.findall(notice)
+    found += _QMAIL_RECIPIENT.findall(notice) + _RCPT_TO_LINE.findall(notice)
     return [r for r in (_recipient(a) for a in found[:_MAX_RECIPIENTS]) if r]
 
 
@@ -431,7 +440,8 @@ def _verp_in(
 def _diagnostic_line(notice: str, status: str | None) -> str | None:
     """The line of a text notice that holds the status code: the remote server's reply."""
     if not status:
-        return None
+        reply = _SMTP_REPLY_LINE.search(notice)
+        return _diagnostic(reply.group(0)) if reply else None
     for line in notice.splitlines():
         if status in line:
             return _diagnostic(line)
