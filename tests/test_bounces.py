@@ -520,6 +520,52 @@ def test_read_receipt_and_abuse_report_are_ignored(desk: Desk, kind: str) -> Non
     assert desk.ack_article().delivery == "sent"
 
 
+def text_receipt(desk: Desk, prefix: str, body: str) -> bytes:
+    """Outlook's read receipt as plain text: no report, only its subject and wording."""
+    receipt = MIMEText(
+        f"{body[0]}\n\n    To: support@example.com\n    Subject: {desk.ack['Subject']}\n"
+        f"    Sent: 23/11/2026 09:31\n\n{body[1]}\n"
+    )
+    receipt["From"] = "Alice Martin <alice@acme.example>"
+    receipt["To"] = "support@example.com"
+    receipt["Subject"] = f"{prefix}: {desk.ack['Subject']}"
+    receipt["Date"] = DATE
+    receipt["Message-ID"] = "<receipt-1@acme.example>"
+    receipt["In-Reply-To"] = f"<{desk.ack_id}>"
+    return receipt.as_bytes()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "body"),
+    [
+        ("Read", ("Your message", "was read on 23/11/2026 10:02.")),
+        ("Lu", ("Votre message", "a été lu le 23/11/2026 10:02.")),
+        ("Leído", ("Su mensaje", "ha sido leído el 23/11/2026 10:02.")),
+        ("Gelesen", ("Ihre Nachricht", "wurde am 23.11.2026 10:02 gelesen.")),
+        ("Not read", ("Your message", "was deleted without being read on 23/11/2026 10:02.")),
+    ],
+)
+def test_a_plain_text_read_receipt_is_ignored(
+    desk: Desk, prefix: str, body: tuple[str, str]
+) -> None:
+    # Threaded, it would be Alice's answer: staff told, the SLA clock stopped.
+    result = desk.inst.ingest(text_receipt(desk, prefix, body))
+
+    assert result.outcome == "ignored"
+    assert "read receipt" in result.reason
+    assert desk.new_mail() == []
+    assert desk.customer_articles() == 1
+
+
+def test_a_person_s_answer_whose_subject_starts_with_read_still_threads(desk: Desk) -> None:
+    answer = text_receipt(desk, "Read", ("I have read your answer", "It works since 10:02."))
+
+    result = desk.inst.ingest(answer)
+
+    assert (result.outcome, result.ticket) == ("threaded", "SUP-2026-000001")
+    assert desk.customer_articles() == 2
+
+
 # --- the ticket tag inside a bounce -----------------------------------------------
 
 

@@ -73,6 +73,18 @@ _AUTOREPLY_SUBJECT = re.compile(
 )
 
 
+# A plain-text read receipt: both its subject and its wording (en, fr, es, de).
+_RECEIPT_SUBJECT = re.compile(
+    r"^\s*(not read|read|non lu|lu|no le[ií]do|le[ií]do|ungelesen|gelesen)\s*:", re.IGNORECASE
+)
+_RECEIPT_TEXT = re.compile(
+    r"^\s*(was (read|deleted without being read) on|a été (lu|supprimé sans avoir été lu) le|"
+    r"(ha sido|fue) le[ií]do el|se (ha )?eliminado sin (haberse )?le[ií]do|wurde am .{1,80}"
+    r"(gelesen|ungelesen gelöscht))",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def _robot_sender(msg: ParsedMessage) -> str | None:
     for address in msg.from_addresses:
         local = address.partition("@")[0]
@@ -102,7 +114,13 @@ def _delivery_report(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
 
 def _other_report(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
     kinds = {"disposition-notification": "read receipt", "feedback-report": "abuse report"}
-    return kinds.get(msg.report_type or "")
+    if kind := kinds.get(msg.report_type or ""):
+        return kind
+    # Outlook's receipts to some servers are plain text, no report: threaded,
+    # one would be the customer's answer (staff told, the SLA clock stopped).
+    if _RECEIPT_SUBJECT.match(msg.subject) and _RECEIPT_TEXT.search(msg.text[:2000]):
+        return "read receipt (plain text)"
+    return None
 
 
 def _ndr(msg: ParsedMessage, ctx: ScreenContext) -> str | None:
