@@ -279,8 +279,9 @@ def load_app(args: argparse.Namespace, *, sync_directory: bool = True) -> App:
 
 # Changed whenever the same directory file is stored differently, so that the
 # first start of the new version syncs it again: "2", addresses at
-# internationalised domains in IDNA (A-labels), as intake compares senders.
-DIRECTORY_READING = b"2\n"
+# internationalised domains in IDNA (A-labels), as intake compares senders;
+# "3", contacts the file lists as inactive told apart from those gone from it.
+DIRECTORY_READING = b"3\n"
 
 
 def sync_directory_if_changed(app: App) -> str | None:

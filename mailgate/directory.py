@@ -248,6 +248,7 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
         for c in entry.contacts:
             contact = contacts.get(c.email) or Contact(email=c.email)
             contact.name, contact.role, contact.active = c.name, c.role, c.active
+            contact.listed = True
             contact.referent = c.email in entry.referents
             contact.organisation = org
             session.add(contact)
@@ -267,6 +268,9 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
             if key not in listed and row.active:
                 row.active = False
                 deactivated += 1
+    for email, contact in contacts.items():
+        if email not in listed_contacts:
+            contact.listed = False
     session.flush()
     return SyncReport(
         len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated, tuple(replanned)

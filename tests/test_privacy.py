@@ -238,6 +238,32 @@ def test_an_anonymised_ticket_no_longer_points_at_a_customer_still_in_the_direct
     assert number not in capsys.readouterr().out  # not hers any more: nobody's
 
 
+def test_a_contact_the_directory_lists_as_inactive_keeps_their_record(
+    install: Any, clock: Clockwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Dave is suspended (listed, `active: false`); Alice and Carol have left ACME.
+    inst = install(settings=OUTSIDE)
+    a_year_of_support(inst, clock)
+    clock.now = NOW + timedelta(days=366)
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    directory["organisations"][0]["contacts"] = [
+        {"email": "dave@acme.example", "name": "Dave Roux", "role": "admin", "active": False}
+    ]
+    (inst.root / "directory.yaml").write_text(yaml.safe_dump(directory))
+    assert inst.cli("directory", "sync") == 0
+
+    counts = []
+    for _ in range(3):  # hourly runs, with a sync (a reload) between them
+        assert inst.cli("retention", "run", "--now", clock.now.isoformat()) == 0
+        assert inst.cli("directory", "sync") == 0
+        with inst.session() as s:
+            counts.append(s.scalar(select(func.count()).select_from(Contact)))
+            contacts = {c.email: (c.name, c.active) for c in s.scalars(select(Contact))}
+        assert contacts["dave@acme.example"] == ("Dave Roux", False)
+        assert ALICE[0] not in contacts and CAROL[0] not in contacts  # gone: forgotten
+    assert counts[0] == counts[-1]  # no new record of Dave at every sync
+
+
 def test_a_retention_run_killed_half_way_finishes_without_doing_anything_twice(
     install: Any, clock: Clockwork, monkeypatch: pytest.MonkeyPatch
 ) -> None:

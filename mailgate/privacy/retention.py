@@ -7,8 +7,8 @@ Two rules, run hourly by the leader and by `mailgate retention run`:
    by per-ticket pseudonyms (privacy/forget.py). What accounting and reporting
    need stays: tracking number, organisation, priority, timestamps, SLA clocks,
    time and credit ledger rows, staff. The ticket is marked `anonymised_at`.
-   A contact removed from the directory (inactive) whose tickets are all
-   anonymised loses its address and name too.
+   A contact gone from the directory file (not one it lists as inactive)
+   whose tickets are all anonymised loses its address and name too.
 2. Mail that never became part of a ticket (quarantined, rejected, ignored
    auto-replies, later deliveries of those) and the mail we sent on no ticket
    (rejection notices to strangers, operator alerts) is deleted, with its raw
@@ -186,12 +186,13 @@ def _still_due(app: App, ticket: Ticket, now: datetime) -> bool:
 
 
 def _former_contacts(session: Session) -> int:
-    """Contacts gone from the directory (inactive) with no ticket left to anonymise:
-    nothing needs their address any more."""
+    """Contacts gone from the directory with no ticket left to anonymise: nothing
+    needs their address any more. One it lists as inactive stays: the next sync
+    would only write them in again, as a new contact."""
     unfinished = select(Ticket.requester_id).where(Ticket.anonymised_at.is_(None),
                                                    Ticket.requester_id.is_not(None))  # fmt: skip
     former = select(Contact).where(
-        Contact.active.is_(False),
+        Contact.listed.is_(False),
         Contact.id.not_in(unfinished),
         Contact.email.not_like(f"%@{ERASED_DOMAIN}"),
     )

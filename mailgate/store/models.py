@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -99,6 +100,9 @@ class Contact(Base):
     organisation_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"))
     role: Mapped[str] = mapped_column(String(20), default="member")  # admin | member
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # In the directory file (active or not); a contact gone from it is not, and
+    # retention forgets it once its tickets are anonymised.
+    listed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # Named in the directory as one of its organisation's referents: told about
     # its support credit (else its admins are).
     referent: Mapped[bool] = mapped_column(Boolean, default=False)
