@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mailgate.app import App  # noqa: E402
-from mailgate.cli import sync_directory_if_changed  # noqa: E402
 from mailgate.config import ImapIntake, load_settings  # noqa: E402
+from mailgate.directory import sync_directory_if_changed  # noqa: E402
 from mailgate.intake.imap import Mailbox  # noqa: E402
 from mailgate.pipeline.message import Envelope  # noqa: E402
 from mailgate.pipeline.process import process  # noqa: E402

@@ -223,8 +223,8 @@ def time_lookups(app: Any, rounds: int, tag: str) -> dict[str, float]:
 
 def bench_lookups(articles: int, cluster: Cluster, tmp: Path) -> dict[str, Any]:
     from mailgate.app import App
-    from mailgate.cli import sync_directory_if_changed
     from mailgate.config import load_settings
+    from mailgate.directory import sync_directory_if_changed
 
     out: dict[str, Any] = {}
     for backend in ("postgresql", "sqlite"):

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mailgate.app import App  # noqa: E402
-from mailgate.cli import sync_directory_if_changed  # noqa: E402
 from mailgate.config import load_settings  # noqa: E402
+from mailgate.directory import sync_directory_if_changed  # noqa: E402
 from mailgate.sla.sweep import sweep  # noqa: E402
 from mailgate.store.models import Organisation, SlaClock, Ticket  # noqa: E402
 

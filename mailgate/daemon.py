@@ -36,6 +36,7 @@ from mailgate.app import App
 from mailgate.checks import sqlite_file_problems
 from mailgate.config import ConfigError, Settings, config_path, load_settings
 from mailgate.credits.billing import sweep as credits_sweep
+from mailgate.directory import sync_directory_if_changed
 from mailgate.intake.faults import Fault
 from mailgate.intake.imap import Mailbox
 from mailgate.intake.smtp import SmtpListener, listen_problem
@@ -334,8 +335,6 @@ class Daemon:
 
 def build_app(settings: Settings, reuse: App | None = None) -> App:
     """An App whose templates render and whose directory is synced, or ConfigError."""
-    from mailgate.cli import sync_directory_if_changed
-
     app = App(settings)
     set_log_key(app.log_key)
     if reuse is not None and reuse.settings.database_url == settings.database_url:

@@ -7,11 +7,13 @@ become inactive, never deleted: their tickets and history stay intact.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import logging
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -33,6 +35,12 @@ from mailgate.config import (
     valid_timezone,
 )
 from mailgate.store.models import Contact, Organisation, Staff
+from mailgate.store.state import get_state, set_state
+
+if TYPE_CHECKING:
+    from mailgate.app import App
+
+log = logging.getLogger("mailgate")
 
 
 class _Strict(BaseModel):
@@ -275,3 +283,32 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
     return SyncReport(
         len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated, tuple(replanned)
     )
+
+
+# Changed whenever the same directory file is stored differently, so that the
+# first start of the new version syncs it again: "2", addresses at
+# internationalised domains in IDNA (A-labels), as intake compares senders;
+# "3", contacts the file lists as inactive told apart from those gone from it.
+DIRECTORY_READING = b"3\n"
+
+
+def sync_directory_if_changed(app: App) -> str | None:
+    """Sync the settings' directory file when its content changed since the last sync
+    (on every start and reload of the daemon, and before most commands)."""
+    from mailgate.sla.clocks import retarget
+
+    if app.settings.directory is None:
+        return None
+    path = app.settings.path(app.settings.directory)
+    if not path.exists():
+        raise ConfigError([f"{app.settings.source}: directory: {path} not found"])
+    digest = hashlib.sha256(DIRECTORY_READING + path.read_bytes()).hexdigest()
+    with app.sessions.begin() as session:
+        if get_state(session, "directory.sha256") == digest:
+            return None
+        report = sync_directory(session, load_directory(path))
+        refuse_mass_deactivation(path, report, app.settings.directory_max_deactivations)
+        retarget(app.sla, session, report.replanned, app.clock())
+        set_state(session, "directory.sha256", digest)
+    log.info("directory %s: %s", path, report)
+    return str(report)

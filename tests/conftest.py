@@ -32,9 +32,10 @@ import yaml
 from sqlalchemy import func, select
 
 from mailgate.app import App
-from mailgate.cli import main, sync_directory_if_changed
+from mailgate.cli import main
 from mailgate.clock import Clock
 from mailgate.config import load_settings
+from mailgate.directory import sync_directory_if_changed
 from mailgate.observability import CHATTY_LOGGERS
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import Result, process

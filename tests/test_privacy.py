@@ -746,7 +746,7 @@ def test_the_first_start_after_the_upgrade_stores_an_idn_contact_as_intake_reads
     his mail stays rejected until an operator thinks of `directory sync`."""
     import hashlib
 
-    from mailgate.cli import sync_directory_if_changed
+    from mailgate.directory import sync_directory_if_changed
     from mailgate.store.state import set_state
 
     directory = yaml.safe_load((ROOT / "directory.yaml").read_text())

@@ -12,9 +12,8 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from mailgate.cli import sync_directory_if_changed
 from mailgate.config import ConfigError
-from mailgate.directory import load_directory
+from mailgate.directory import load_directory, sync_directory_if_changed
 from mailgate.sla.sweep import sweep
 from mailgate.store.models import Contact, Staff, Ticket
 from tests.conftest import ROOT, Installation, make_mail, reply_to

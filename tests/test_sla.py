@@ -22,8 +22,8 @@ import yaml
 from sqlalchemy import func, select
 
 from mailgate.app import App
-from mailgate.cli import sync_directory_if_changed
 from mailgate.config import load_settings
+from mailgate.directory import sync_directory_if_changed
 from mailgate.sla.clocks import clocks_of
 from mailgate.sla.sweep import SlaSweepReport, sweep
 from mailgate.store.models import OutboxMail, SlaClock, Ticket, TicketEvent

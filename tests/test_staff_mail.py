@@ -20,7 +20,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from mailgate.cli import sync_directory_if_changed
+from mailgate.directory import sync_directory_if_changed
 from mailgate.pipeline.message import Envelope
 from mailgate.store.models import Article, OutboxMail, SlaClock, Ticket, TicketEvent, TimeEntry
 from mailgate.tickets.changes import set_status
