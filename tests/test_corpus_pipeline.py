@@ -16,14 +16,16 @@ import pytest
 from sqlalchemy import func, select
 
 from mailgate.config import valid_address
-from mailgate.pipeline.message import ParseError
+from mailgate.pipeline.message import Envelope, ParseError
 from mailgate.pipeline.parse import parse_message
+from mailgate.pipeline.process import Result, process
 from mailgate.store.models import OutboxMail, Ticket
 from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at
 from tests.corpus import CORPUS, corpus_files
 from tests.smtp_sink import Sink
 
 Row = tuple[str, str, str, int, int]  # file, outcome, reason, tickets made, mails queued
+Told = tuple[str | None, ...]  # outcome, reason, ticket, matched_by
 NEVER_TICKETS = ("bounces", "auto-replies", "reports")
 
 pytestmark = pytest.mark.skipif(not corpus_files(), reason=f"corpus not present at {CORPUS}")
@@ -52,8 +54,9 @@ def _directory_accepts(address: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def corpus_run(tmp_path_factory) -> dict[str, list[Row]]:
-    """Ingest the whole corpus once; rows per folder."""
+def corpus_run(tmp_path_factory) -> tuple[dict[str, list[Row]], list[tuple[str, Told, Told]]]:
+    """Ingest the whole corpus once, each mail explained first (a dry run);
+    rows per folder, and where what `explain` said was not what ingest did."""
     files = corpus_files()
     senders = corpus_senders(files)
     directory = {
@@ -70,9 +73,15 @@ def corpus_run(tmp_path_factory) -> dict[str, list[Row]]:
     }
     inst = install_at(tmp_path_factory.mktemp("corpus"), Clockwork(), directory=directory)
     results: dict[str, list[Row]] = defaultdict(list)
+    disagreements = []
     for path in files:
         tickets_before, mails_before = _counts(inst)
-        result = inst.ingest(path.read_bytes())  # raises if anything escapes the pipeline
+        raw = path.read_bytes()
+        told = process(inst.app, raw, Envelope(source="explain"), dry_run=True)
+        result = inst.ingest(raw)  # raises if anything escapes the pipeline
+        said, did = _told(told), _told(result)
+        if said != did:
+            disagreements.append((path.name, said, did))
         tickets_after, mails_after = _counts(inst)
         folder = path.relative_to(CORPUS).parts[0]
         results[folder].append(
@@ -85,7 +94,11 @@ def corpus_run(tmp_path_factory) -> dict[str, list[Row]]:
             )
         )
     _print_table(results)
-    return results
+    return results, disagreements
+
+
+def _told(result: Result) -> Told:
+    return (result.outcome, result.reason, result.ticket, result.matched_by)
 
 
 def _counts(inst: Installation) -> tuple[int, int]:
@@ -108,7 +121,7 @@ def _print_table(results: dict[str, list[Row]]) -> None:
 
 def test_every_message_reaches_exactly_one_outcome(corpus_run) -> None:
     allowed = {"created", "threaded", "rejected", "ignored", "bounce", "duplicate", "quarantined"}
-    rows = [row for rows in corpus_run.values() for row in rows]
+    rows = [row for rows in corpus_run[0].values() for row in rows]
     assert len(rows) == len(corpus_files())
     assert {outcome for _, outcome, *_ in rows} <= allowed
 
@@ -117,10 +130,16 @@ def test_every_message_reaches_exactly_one_outcome(corpus_run) -> None:
 def test_automated_mail_never_opens_a_ticket_or_gets_an_answer(corpus_run, folder: str) -> None:
     offenders = [
         (name, outcome)
-        for name, outcome, _, tickets, mails in corpus_run[folder]
+        for name, outcome, _, tickets, mails in corpus_run[0][folder]
         if tickets or mails
     ]
     assert offenders == []
+
+
+def test_explain_says_what_ingest_then_does(corpus_run) -> None:
+    # Each mail explained against the state ingest then found: the operator's
+    # dry run must be the decision, reason and ticket included.
+    assert corpus_run[1] == []
 
 
 def test_bounces_are_recognised(corpus_run) -> None:
@@ -128,7 +147,7 @@ def test_bounces_are_recognised(corpus_run) -> None:
     # kept in quarantine for an operator.
     wrong = [
         (name, outcome, reason)
-        for name, outcome, reason, *_ in corpus_run["bounces"]
+        for name, outcome, reason, *_ in corpus_run[0]["bounces"]
         if outcome not in ("bounce", "quarantined", "ignored")
     ]
     assert wrong == []
@@ -136,7 +155,7 @@ def test_bounces_are_recognised(corpus_run) -> None:
 
 def test_not_bounces_are_not_taken_for_bounces(corpus_run) -> None:
     wrong = [
-        (n, o, r) for n, o, r, *_ in corpus_run["not-bounces"] if o == "bounce" or "bounce" in r
+        (n, o, r) for n, o, r, *_ in corpus_run[0]["not-bounces"] if o == "bounce" or "bounce" in r
     ]
     assert wrong == []
 
