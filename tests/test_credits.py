@@ -351,6 +351,14 @@ def test_a_statement_s_days_are_the_organisation_s(inst: Installation, clock, ca
     assert (december["opening"], entries(december), december["closing"]) == (
         20, [("spend", -1)], 19,
     )  # fmt: skip
+    # The printed statement says so too: its times are Brussels', not UTC's
+    # (the purchase read "2026-10-31T23:00", the spend "2026-11-30T23:00").
+    table = printed(inst, capsys, "credits", "statement", ORG).splitlines()
+    assert "AT (Europe/Brussels)" in table[1]
+    assert [line.split("  ")[1].strip() for line in table[2:4]] == [
+        "2026-11-01 00:00",
+        "2026-12-01 00:00",
+    ]
 
 
 def test_balance_gives_the_last_valid_day_the_mails_give(

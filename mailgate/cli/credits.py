@@ -99,9 +99,9 @@ def cmd_credits_statement(args: argparse.Namespace) -> int:
         zone = _known_org(session, args.org).timezone
         start = _activation(args.start, zone, "--from")
         end = _activation(args.end, zone, "--to")
-        return statement(session, args.org, start, end, now)
+        return statement(session, args.org, start, end, now), zone
 
-    found = _settled(args, read)
+    found, zone = _settled(args, read)
     if args.json:
         print_json({"organisation": found.organisation_id, "opening": found.opening,
                     "entries": found.entries, "closing": found.closing,
@@ -113,12 +113,19 @@ def cmd_credits_statement(args: argparse.Namespace) -> int:
     else:
         print(f"{args.org}: opening balance {found.opening}")
         # ID: what `credits reverse ENTRY` takes.
-        print_table([[str(e["id"]), e["at"][:16], e["kind"], f"{e['credits']:+d}",
+        # Times where the organisation is, as its days are (JSON and CSV keep UTC):
+        # its pack bought on 1 November read "2026-10-31T23:00" in UTC.
+        print_table([[str(e["id"]), _local(e["at"], zone), e["kind"], f"{e['credits']:+d}",
                       str(e["balance"]), e["ticket"] or "-", e["note"][:50]]
                      for e in found.entries],
-                    ["ID", "AT", "KIND", "CREDITS", "BALANCE", "TICKET", "NOTE"])  # fmt: skip
+                    ["ID", f"AT ({zone})", "KIND", "CREDITS", "BALANCE", "TICKET",
+                     "NOTE"])  # fmt: skip
         print(f"closing balance {found.closing}")
     return EX_OK
+
+
+def _local(at: str, zone: str) -> str:
+    return datetime.fromisoformat(at).astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
 
 
 def cmd_credits_spend(args: argparse.Namespace) -> int:
