@@ -675,13 +675,114 @@ def test_unknown_or_lying_charsets_are_stored_as_text(inst: Installation, charse
         b"From: alice@acme.example\r\nTo: support@example.com\r\nSubject: caf\xe9\r\n"
         b"Message-ID: <cs@acme.example>\r\nContent-Type: text/plain; charset="
         + charset.encode()
-        + b"\r\n\r\nCaf\xe9 cr\xe8me \xff\r\n"
+        + b"\r\n\r\nCaf\xe9 cr\xe8me \xff \x80 5 \x93quoted\x94\r\n"
     )
     result = inst.ingest(raw)
     assert result.outcome == "created"
     with inst.session() as s:
         article = s.scalar(select(Article).where(Article.direction == "in"))
     assert "Café crème" in article.text  # read as the sender wrote it, not U+FFFD
+    # Windows-1252's euro and quotes, which "latin-1" mail carries in practice
+    # (ISO 8859-1 proper would make them C1 controls, then nothing).
+    assert "€ 5 “quoted”" in article.text
+
+
+# Labels that understate or say nothing of what the bytes are: the text is still
+# what the sender wrote.
+@pytest.mark.parametrize(
+    ("charset", "body", "expected"),
+    [
+        # UTF-8 under a us-ascii or latin-1 label, not "CafÃ© crÃ¨me"
+        ("us-ascii", "Café crème".encode(), "Café crème"),
+        ("iso-8859-1", "Café crème".encode(), "Café crème"),
+        # a label that says nothing: UTF-8 is tried before Windows-1252
+        ("unknown-8bit", "Grüße, Zoë".encode(), "Grüße, Zoë"),
+        # GBK's names past GB 2312 (朱镕基), which gb2312-labelled mail carries
+        ("gb2312", "总理朱镕基".encode("gbk"), "总理朱镕基"),
+    ],
+)
+def test_a_charset_label_narrower_than_its_bytes_still_reads_right(
+    inst: Installation, charset: str, body: bytes, expected: str
+) -> None:
+    raw = (
+        b"From: alice@acme.example\r\nTo: support@example.com\r\nSubject: label\r\n"
+        b"Message-ID: <narrow@acme.example>\r\nContent-Type: text/plain; charset="
+        + charset.encode()
+        + b"\r\n\r\n"
+        + body
+        + b"\r\n"
+    )
+    assert inst.ingest(raw).outcome == "created"
+    with inst.session() as s:
+        article = s.scalar(select(Article).where(Article.direction == "in"))
+    assert expected in article.text
+
+
+def test_a_raw_utf8_subject_reads_as_utf8_whatever_the_body_charset(inst: Installation) -> None:
+    """Clients that write 8-bit headers write UTF-8; the body's charset is only
+    the guess for bytes that are not UTF-8."""
+    raw = (
+        b"From: alice@acme.example\r\nTo: support@example.com\r\n"
+        b"Subject: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\nMessage-ID: <raw8@acme.example>\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\nGr\xfc\xdfe\r\n"
+    )
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    assert ticket(inst, result.ticket).subject == "Grüße aus Köln"
+
+
+def test_a_subject_split_over_encoded_words_reads_whole(inst: Installation) -> None:
+    """A long subject comes as several RFC 2047 words on folded lines; the space
+    between two words is no part of the text (RFC 2047 6.2), and some mailers
+    split a character between them ("é" here)."""
+    raw = (
+        b"From: alice@acme.example\r\nTo: support@example.com\r\n"
+        b"Subject: =?utf-8?b?SW1wcmltYW50ZSBlbiBwYW5uZSwgcsM=?=\r\n"
+        b" =?utf-8?b?qXBhcsOpZSA/?=\r\nMessage-ID: <words@acme.example>\r\n\r\nbody\r\n"
+    )
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    assert ticket(inst, result.ticket).subject == "Imprimante en panne, réparée ?"
+
+
+def test_a_raw_iso_2022_jp_subject_reads_as_japanese(inst: Installation) -> None:
+    """Older Japanese mailers write ISO-2022-JP into headers as it is, unencoded:
+    7-bit, so only its escape sequences tell it apart."""
+    raw = (
+        b"From: alice@acme.example\r\nTo: support@example.com\r\n"
+        b"Subject: " + "プリンターが故障".encode("iso2022_jp") + b"\r\n"
+        b"Message-ID: <jis@acme.example>\r\n\r\nbody\r\n"
+    )
+    result = inst.ingest(raw)
+    assert result.outcome == "created"
+    assert ticket(inst, result.ticket).subject == "プリンターが故障"
+
+
+# Codecs Python knows that are no mail charset: their label is ignored, the
+# bytes read as if unlabelled. Punycode's decoder is quadratic (2 MB: a minute);
+# the escape codecs would let a sender write any character in ASCII.
+@pytest.mark.parametrize(
+    ("charset", "body"),
+    [
+        ("punycode", b"bcher-kva ok"),
+        ("unicode_escape", b"caf\\xe9 ok"),
+        ("idna", b"xn--bcher-kva ok"),
+    ],
+)
+def test_a_codec_that_is_no_mail_charset_is_ignored(
+    inst: Installation, charset: str, body: bytes
+) -> None:
+    raw = (
+        b"From: alice@acme.example\r\nTo: support@example.com\r\nSubject: codec\r\n"
+        b"Message-ID: <codec@acme.example>\r\nContent-Type: text/plain; charset="
+        + charset.encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    assert inst.ingest(raw).outcome == "created"
+    with inst.session() as s:
+        article = s.scalar(select(Article).where(Article.direction == "in"))
+    assert article.text == body.decode("ascii")
 
 
 def test_follow_up_to_closed_ticket_opens_a_linked_one(inst: Installation) -> None:

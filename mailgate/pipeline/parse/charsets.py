@@ -10,8 +10,11 @@ import re
 _NO_CHARSET = frozenset({"", "unknown-8bit", "x-unknown", "unknown", "x-user-defined", "8bit"})
 # Text codecs Python knows but that are no mail charset: punycode decoding is
 # quadratic, the escape codecs turn "\x1b" text into controls.
+# Compared by codecs.lookup's own name, which spells the escape codecs with
+# hyphens ("unicode-escape"): "unicode_escape" here refused nothing.
 _REFUSED_CODECS = frozenset(
-    {"punycode", "idna", "unicode_escape", "raw_unicode_escape", "undefined"}
+    codecs.lookup(name).name
+    for name in ("punycode", "idna", "unicode_escape", "raw_unicode_escape", "undefined")
 )
 SURROGATES = re.compile("[\ud800-\udfff]")
 
