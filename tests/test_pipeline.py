@@ -512,12 +512,19 @@ def test_two_from_headers_are_quarantined(inst: Installation, other: bytes) -> N
     result = inst.ingest(raw)
     assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
     assert count(inst, OutboxMail) == 0
+    assert held_sender(inst) is None  # `mailgate quarantine list` names no sender
+
+
+def held_sender(inst: Installation) -> str | None:
+    with inst.session() as s:
+        return s.scalars(select(IngestRecord.sender)).one()
 
 
 @pytest.mark.parametrize("other", ["mallory@evil.example", "alice@acme.example"])
 def test_two_addresses_in_from_are_quarantined(inst: Installation, other: str) -> None:
     result = inst.ingest(make_mail(sender=f"alice@acme.example, {other}"))
     assert result.outcome == "quarantined" and "ambiguous sender" in result.reason
+    assert held_sender(inst) is None  # not the first of the two
 
 
 def test_unparseable_mail_is_quarantined_and_kept(inst: Installation) -> None:
