@@ -460,7 +460,9 @@ def test_active_html_is_stripped_and_nothing_is_fetched(
         f'<img src="{url}/beacon.gif" onerror="alert(3)"><img srcset="{url}/srcset 2x">'
         f'<span style="background:url({url}/style)">styled</span>'
         f'<iframe src="{url}/frame"></iframe><video poster="{url}/poster"></video>'
-        "<svg><script>alert('svg')</script></svg></p></body></html>"
+        "<svg><script>alert('svg')</script></svg></p>"
+        # nh3 checks the scheme of href and src only: a cite is ours to check.
+        '<blockquote cite="javascript:alert(4)">quoted</blockquote></body></html>'
     )
     utf7 = b"+ADw-script+AD4-alert('utf7')+ADw-/script+AD4-Still here"
     # Two inline HTML parts, the second in UTF-7, which decodes to a <script>.
@@ -474,7 +476,8 @@ def test_active_html_is_stripped_and_nothing_is_fetched(
     )
     assert inst.ingest(raw).outcome == "created"
     stored = inbound_article(inst).html or ""
-    assert "Hello" in stored and "Still here" in stored  # the text itself survives
+    # the text itself survives
+    assert "Hello" in stored and "Still here" in stored and "quoted" in stored
     for bad in ("<script", "alert", "onclick", "onmouseover", "onerror", "javascript:",
                 "JaVaScRiPt", url, "+ADw-", "<iframe", "<link", "<style"):  # fmt: skip
         assert bad not in stored, bad
@@ -483,6 +486,18 @@ def test_active_html_is_stripped_and_nothing_is_fetched(
     # the host was reachable all along: a fetch would have been counted
     urllib.request.urlopen(f"{url}/probe", timeout=5).close()
     assert hits == ["/probe"]
+
+
+def test_a_link_or_inline_image_written_with_leading_space_is_kept(inst: Installation) -> None:
+    """Browsers ignore whitespace before a URL, and so do some HTML generators
+    when they write one: such a link is still the sender's link, and such an
+    image still the mail's own part."""
+    html = '<p>See <a href=" https://kb.example/printers">the guide</a><img src="\tcid:logo@x"></p>'
+    raw = head("spaced@acme.example", extra=b"Content-Type: text/html; charset=utf-8\r\n")
+    assert inst.ingest(raw + b"\r\n" + html.encode()).outcome == "created"
+    stored = inbound_article(inst).html or ""
+    assert 'href=" https://kb.example/printers"' in stored
+    assert 'src="\tcid:logo@x"' in stored
 
 
 # --- TNEF (winmail.dat) ---------------------------------------------------------------
