@@ -285,9 +285,10 @@ INJECTIONS = {
         b"Subject: Cannot log in",
         b"Subject: " + encoded_word_with_injections("Help").encode(),
     ),
-    # NUL, a terminal escape, DEL and C1 NEL: printed by whoever reads our subject line
+    # NUL, a terminal escape, DEL, C1 NEL and C1 CSI (an 8-bit terminal escape):
+    # printed by whoever reads our subject line
     "subject, encoded controls": lambda raw: raw.replace(
-        b"Subject: Cannot log in", b"Subject: =?utf-8?q?Help=00me=1B[31m_now=7F=C2=85?="
+        b"Subject: Cannot log in", b"Subject: =?utf-8?q?Help=00me=1B[31m_now=7F=C2=85=C2=9B1m?="
     ),
     "subject, bare CR": lambda raw: raw.replace(
         b"Subject: Cannot log in", b"Subject: Help\rBcc: victim@evil.example"
@@ -315,6 +316,11 @@ def test_line_breaks_in_inbound_fields_never_reach_a_header_we_send(
     sent = inst.sent()
     assert len(sent) == 2  # the ack and the staff notice: nothing failed to build
     assert_nothing_injected(sent)
+    # What staff see of it in a listing or a terminal is as clean as our headers,
+    # U+2028/U+2029 too (outbound header encoding alone would hide their loss).
+    with inst.session() as s:
+        subject = s.scalars(select(Ticket.subject)).one()
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", subject), subject
 
 
 def test_line_breaks_in_a_relayed_attachment_name_never_reach_its_header(
