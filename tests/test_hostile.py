@@ -364,6 +364,9 @@ def test_traversal_and_device_names_in_every_encoding_stay_inside_data_dir(
         "N5": b"filename*=utf-8''" + b"%C3%A9" * 600 + b".pdf",
         "N6": b'filename="/abs/path\x00.sh"',
         "N7": b"filename*=utf-8''invoice%E2%80%AEfdp.exe",  # shown as "invoiceexe.pdf"
+        "N8": b'filename=".htaccess"',  # a hidden file once saved
+        "N9": b'filename="notes.txt:payload.exe"',  # an NTFS alternate data stream
+        "N10": b"filename*=utf-8''report." + b"x" * 300,  # no extension worth keeping
     }
     for placeholder in names:
         mail.add_attachment(placeholder.encode(), maintype="application",
@@ -377,11 +380,13 @@ def test_traversal_and_device_names_in_every_encoding_stay_inside_data_dir(
     rows = inbound_article(inst).attachments
     assert len(rows) == len(names)
     for row in rows:
-        assert not set(row.filename) & set("/\\\0\u202e") and len(row.filename.encode()) <= 255
+        assert not set(row.filename) & set("/\\\0\u202e:") and len(row.filename.encode()) <= 255
+        assert not row.filename.startswith(".")
         assert row.filename.split(".")[0].upper() not in ("CON", "NUL", "")
         path = inst.app.blobs.path_for(row.sha256)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name == row.sha256
     assert rows[4].filename.endswith(".pdf") and rows[4].filename.startswith("éé")
+    assert rows[9].filename.startswith("report.xxx")  # cut at the end, its name kept
     new = tree(inst.root) - before
     assert new and all(p.resolve().is_relative_to(data_dir) for p in new), sorted(new)
     blobs = [p for p in new if "blobs" in p.parts]
