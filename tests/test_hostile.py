@@ -565,6 +565,22 @@ def test_winmail_dat_becomes_its_body_and_its_attachments(inst: Installation) ->
     assert types == {"invoice.pdf": "application/pdf", "photo.png": "image/png"}
 
 
+def test_a_relabelled_upper_case_winmail_dat_is_unpacked_too(inst: Installation) -> None:
+    """Gateways turn application/ms-tnef into application/octet-stream, and some
+    upper-case the name: Outlook's name alone still says what it is."""
+    pdf = b"%PDF-1.4 invoice"
+    mail = make_mail(body="", message_id="relabelled@acme.example")
+    mail.add_attachment(tnef_stream("Jammed again.", [(b"invoice.pdf", pdf)]),
+                        maintype="application", subtype="octet-stream",
+                        filename="WINMAIL.DAT")  # fmt: skip
+    assert inst.ingest(mail).outcome == "created"
+    article = inbound_article(inst)
+    assert "Jammed again." in article.text
+    assert [(r.filename, inst.app.blobs.get(r.sha256)) for r in article.attachments] == [
+        ("invoice.pdf", pdf)
+    ]
+
+
 ATT_MAPI_PROPS = 0x0006_9003  # the message's MAPI properties
 PT_STRING, PT_BINARY, PT_OBJECT = 0x001E, 0x0102, 0x000D
 PR_BODY_HTML, PR_ATTACH_LONG_FILENAME, PR_ATTACH_DATA_OBJ = 0x1013, 0x3707, 0x3701
