@@ -117,6 +117,45 @@ OVER_LIMITS: dict[str, tuple[Callable[[], bytes], str]] = {
 }
 
 
+def attachments_mail(count: int, size: int = 10) -> bytes:
+    mail = make_mail(message_id=f"att{count}-{size}@acme.example")
+    for i in range(count):
+        mail.add_attachment(bytes(size), maintype="application", subtype="octet-stream",
+                            filename=f"f{i}.bin")  # fmt: skip
+    return mail.as_bytes()
+
+
+# name -> (a mail at the limit, one just past it, what the reason must say); the
+# limits are the shipped settings.yaml's, but max_attachment_bytes (1000 here).
+AT_AND_PAST_LIMITS: dict[str, tuple[Callable[[], bytes], Callable[[], bytes], str]] = {
+    # the multipart itself and its parts: 500 parts in all, then 501
+    "parts": (lambda: many_parts_mail(499), lambda: many_parts_mail(500), "500-part limit"),
+    # multiparts and the text at the bottom: 50 levels, then 51
+    "depth": (lambda: nested_mail(49), lambda: nested_mail(50), "50-level nesting limit"),
+    "attachments": (
+        lambda: attachments_mail(100),
+        lambda: attachments_mail(101),
+        "100-attachment limit",
+    ),
+    "attachment bytes": (
+        lambda: attachments_mail(2, 500),
+        lambda: attachments_mail(1, 1001),
+        "1000-byte attachment size limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("limit", AT_AND_PAST_LIMITS)
+def test_a_mail_at_a_limit_is_a_ticket_and_one_past_it_is_quarantined(
+    install: Callable[..., Installation], limit: str
+) -> None:
+    inst = install(settings={"hygiene": {"limits": {"max_attachment_bytes": 1000}}})
+    at_limit, past_limit, reason = AT_AND_PAST_LIMITS[limit]
+    assert inst.ingest(at_limit()).outcome == "created"
+    result = inst.ingest(past_limit())
+    assert result.outcome == "quarantined" and reason in (result.reason or "")
+
+
 # --- checklist 28, through the daemon's SMTP listener -------------------------------
 
 
