@@ -412,6 +412,25 @@ def test_retention_never_deletes_an_attachment_a_mail_in_progress_stores_again(
     assert inst.app.blobs.get(hashlib.sha256(LOGO).hexdigest()) == LOGO
 
 
+def test_retention_keeps_an_attachment_a_newer_ticket_holds_too(
+    install: Any, clock: Clockwork
+) -> None:
+    """The logo in everyone's signature is one blob: anonymising the old ticket
+    that holds it leaves the bytes to the newer ticket that holds them too."""
+    inst = install(settings=OUTSIDE)
+    old = inst.ingest(with_logo(message_id="old@acme.example", subject="Old")).ticket
+    close(inst, old)
+    clock.now = NOW + timedelta(days=400)
+    current = inst.ingest(with_logo(message_id="now@acme.example", subject="Current")).ticket
+    assert retention.run(inst.app, clock.now).tickets == [old]
+    with inst.session() as s:
+        (logo,) = s.scalars(
+            select(AttachmentRow).join(Article).join(Ticket).where(Ticket.number == current)
+        )
+    assert logo.filename == "logo.png"
+    assert inst.app.blobs.get(logo.sha256) == LOGO
+
+
 def test_old_quarantined_and_rejected_mail_is_deleted(install: Any, clock: Clockwork) -> None:
     inst = install(settings={**OUTSIDE, "retention": {"quarantine_days": 30}})
     stranger = make_mail(sender="Eve <eve@stranger.example>", message_id="e1@stranger.example")
