@@ -81,6 +81,18 @@ def test_gmail_french_wrapped_with_narrow_nbsp_and_no_space() -> None:
     assert trim_reply(no_space) == "Merci."
 
 
+def test_french_attribution_without_accent_over_unquoted_history() -> None:
+    """Clients limited to ASCII write "a ecrit"; some quote without ">" at all."""
+    mail = (
+        "C'est corrige.\n"
+        "\n"
+        "Le 03/11/2026 a 10:02, Alice Martin <alice@example.com> a ecrit :\n"
+        "Bonjour,\n"
+        "l'imprimante ne marche plus.\n"
+    )
+    assert trim_reply(mail) == "C'est corrige."
+
+
 def test_gmail_spanish() -> None:
     mail = (
         "Hola Alicia,\n"
