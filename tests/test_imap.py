@@ -180,6 +180,34 @@ def test_a_bug_met_at_every_reconnect_logs_its_traceback_once(
     assert len(logged) == 1 and logged[0].exc_info is not None
 
 
+def test_a_message_the_server_cannot_return_goes_to_the_failed_folder_and_the_rest_goes_on(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Its file unreadable on the server, Dovecot answers its FETCH with a BYE (other
+    servers: NO, e.g. Exchange's "could not be converted to an RFC-822 compatible
+    format"). Fetched oldest first, it once held back every later mail, forever:
+    a reconnect a second, not one ticket."""
+    monkeypatch.setattr("mailgate.intake.imap.backoff", lambda attempt, rng: 0.05)
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    dovecot.append(mail(1))
+    for path in (dovecot.maildir / "new").iterdir():
+        path.chmod(0)  # Dovecot reads mail as another user than root, or as its owner
+    dovecot.append(mail(2))
+    dovecot.append(mail(3))
+    with Running(inst, settings_for(dovecot, idle=False)):
+        eventually(lambda: held(dovecot, FAILED) == 1, what="the broken mail held")
+        eventually(lambda: held(dovecot, PROCESSED) == 2, what="the rest filed")
+    assert count(inst, Ticket) == 2
+    with inst.session() as s:
+        (reason,) = s.scalars(select(IngestRecord.reason).where(
+            IngestRecord.outcome == "quarantined")).all()  # fmt: skip
+    assert reason.startswith("not fetched: the server failed to return it 3 times (last: ")
+    assert "FETCH failed" in reason
+    assert f"the original is in IMAP folder {FAILED}" in reason
+    assert len([line for line in imap_log(caplog) if "failed to return it" in line]) == 1
+
+
 def test_too_large_mail_goes_to_the_failed_folder_and_the_rest_goes_on(
     inst: Installation, dovecot: Dovecot, password: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

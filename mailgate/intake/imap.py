@@ -49,6 +49,9 @@ BACKOFF_MAX = 300.0
 # The header of a message held back (_hold): enough for its sender, subject and ids.
 HEADER_BYTES = 65_536
 FETCH_ATTEMPTS = 2  # a message whose fetch was cut this often goes to failed_folder
+# A message the server failed to return this often in a row (a NO, a BYE, a dropped
+# link) goes to failed_folder: fetched oldest first, it would hold back all later mail.
+FETCH_FAILURES = 3
 # Set with \\Deleted when filing without MOVE: marks the message as copied by us.
 FILED = b"$MailgateFiled"
 # Outcomes kept for an operator rather than filed as handled.
@@ -92,6 +95,7 @@ class Mailbox:
         self._state = ""
         self._bug = ""  # the last unexpected error, until a drain gets through
         self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
+        self._failed: dict[int, tuple[int, str]] = {}  # uid -> (failed fetches, last error)
         self._uidvalidity = 0  # of the folder, once selected
         self._rng = random.Random()
 
@@ -277,7 +281,18 @@ class Mailbox:
 
     def _one(self, client: imapclient.IMAPClient, uid: int) -> None:
         s = self.settings
-        size = int(client.fetch([uid], ["RFC822.SIZE"]).get(uid, {}).get(b"RFC822.SIZE", 0))
+        failures, error = self._failed.get(uid, (0, ""))
+        if failures >= FETCH_FAILURES:
+            why = f"the server failed to return it {FETCH_FAILURES} times (last: {error})"
+            # Its header may be as unreadable as the rest: tried once, then done without.
+            self._hold(client, uid, why, header=failures == FETCH_FAILURES)
+            del self._failed[uid]
+            return
+        try:
+            size = int(client.fetch([uid], ["RFC822.SIZE"]).get(uid, {}).get(b"RFC822.SIZE", 0))
+        except (OSError, IMAPClientError) as exc:
+            self._fetch_failed(uid, exc)
+            raise
         if size > s.max_message_bytes:
             why = f"{size} bytes, over intake.imap.max_message_bytes ({s.max_message_bytes})"
             # An SMTP sender hears of this from their own server (our 552); here
@@ -310,19 +325,34 @@ class Mailbox:
         )
 
     def _hold(
-        self, client: imapclient.IMAPClient, uid: int, why: str, notice: str | None = None
+        self,
+        client: imapclient.IMAPClient,
+        uid: int,
+        why: str,
+        notice: str | None = None,
+        *,
+        header: bool = True,
     ) -> None:
         """A message not fetched whole goes to failed_folder, and is recorded as
         quarantined with its header, so an operator finds it where held mail is
-        listed (`mailgate quarantine list`), as an SMTP sender would hear of it."""
+        listed (`mailgate quarantine list`), as an SMTP sender would hear of it.
+        `header=False`: the server failed to return even that."""
         s = self.settings
-        log.warning("imap %s: uid %s: %s: to %s", s.name, uid, why, s.failed_folder)
         reason = f"not fetched: {why}; the original is in IMAP folder {s.failed_folder}"
-        fetched = client.fetch([uid], [f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"]).get(uid)
-        if fetched is None:
-            return  # expunged by someone else meanwhile
-        header = next((bytes(v) for k, v in fetched.items() if k.startswith(b"BODY[HEADER]")), b"")
-        stand_in = header.rstrip(b"\r\n") + f"\r\n\r\n[mailgate: {reason}]\r\n".encode()
+        if header:
+            try:
+                fetched = client.fetch([uid], [f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"]).get(uid)
+            except (OSError, IMAPClientError) as exc:
+                self._fetch_failed(uid, exc)
+                raise
+            if fetched is None:
+                return  # expunged by someone else meanwhile
+            top = next((bytes(v) for k, v in fetched.items() if k.startswith(b"BODY[HEADER]")), b"")
+        else:
+            # Where it was: without it, two such stand-ins would be one message.
+            top = f"X-Mailgate-Imap-Uid: {self._envelope(uid).mailbox_uid}".encode()
+        log.warning("imap %s: uid %s: %s: to %s", s.name, uid, why, s.failed_folder)
+        stand_in = top.rstrip(b"\r\n") + f"\r\n\r\n[mailgate: {reason}]\r\n".encode()
         process(self._app(), stand_in, self._envelope(uid, held=reason, notice=notice))
         self._file(client, uid, s.failed_folder)
 
@@ -338,9 +368,11 @@ class Mailbox:
         deadline.start()
         try:
             data = client.fetch([uid], ["BODY.PEEK[]"])
-        except (OSError, IMAPClientError):
+        except (OSError, IMAPClientError) as exc:
             if cut.is_set():
                 self._slow[uid] = self._slow.get(uid, 0) + 1
+            else:
+                self._fetch_failed(uid, exc)
             raise
         finally:
             deadline.cancel()
@@ -348,7 +380,12 @@ class Mailbox:
         if body is None:
             return None  # expunged by someone else meanwhile
         self._slow.pop(uid, None)
+        self._failed.pop(uid, None)
         return bytes(body)
+
+    def _fetch_failed(self, uid: int, exc: BaseException) -> None:
+        failures, _ = self._failed.get(uid, (0, ""))
+        self._failed[uid] = (failures + 1, error_text(exc))
 
     def _file(self, client: imapclient.IMAPClient, uid: int, folder: str) -> None:
         if client.has_capability("MOVE"):
