@@ -769,6 +769,24 @@ def test_a_refused_password_is_one_log_line_not_one_per_retry(
     assert refused[0].levelno == logging.WARNING
 
 
+def test_a_folder_that_does_not_exist_is_retried_with_a_growing_backoff(
+    inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The login works, the SELECT fails (a typo in `folder:`): the backoff once
+    started again at each login, so the provider saw a login a second, for ever,
+    which providers answer by blocking the account."""
+    monkeypatch.setattr("mailgate.intake.imap.BACKOFF_FIRST", 0.1)  # 0.1, 0.2, 0.4 ... s
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    with Running(inst, settings_for(dovecot, idle=False, folder="Suport")):
+        time.sleep(2)
+    logins = dovecot.log_path.read_text().count("imap-login: Info: Login:")
+    assert 2 <= logins <= 7, logins  # at most 0 + .05 + .1 + .2 + .4 + .8 s; 25 before
+    failure, stopped = imap_log(caplog)  # one line for the failure, not one per retry
+    assert failure.startswith("imap imap: disconnected: select failed: Mailbox doesn't exist: ")
+    assert stopped == "imap imap: stopped"
+
+
 def test_a_message_too_slow_to_fetch_goes_to_the_failed_folder(
     inst: Installation, dovecot: Dovecot, password: None, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -94,6 +94,7 @@ class Mailbox:
         self._thread = threading.Thread(target=self._run, name=f"imap-{settings.name}")
         self._state = ""
         self._bug = ""  # the last unexpected error, until a drain gets through
+        self._drained = False  # this session got through a drain: it worked
         self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
         self._failed: dict[int, tuple[int, str]] = {}  # uid -> (failed fetches, last error)
         self._uidvalidity = 0  # of the folder, once selected
@@ -111,9 +112,9 @@ class Mailbox:
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
+            self._drained = False
             try:
                 with self.connect() as client:
-                    attempt = 0
                     self._serve(client)
             except LoginError as exc:
                 self._report(
@@ -130,6 +131,11 @@ class Mailbox:
                 if bug != self._bug:
                     log.exception("imap %s: unexpected error", self.settings.name)
                 self._bug, self._state = bug, "unexpected error"
+            # A login that works is not a session that works: a folder that does not
+            # exist, a MOVE refused, fail right after it. Counted from the login, the
+            # backoff then stayed at its first step: a login a second, for ever.
+            if self._drained:
+                attempt = 0
             if self._stop.wait(backoff(attempt, self._rng)):
                 break
             attempt += 1
@@ -218,7 +224,7 @@ class Mailbox:
             # our FETCHes, not again in IDLE: drain until a search finds nothing.
             while self.drain(client) and not self._stop.is_set():
                 pass
-            self._bug = ""
+            self._bug, self._drained = "", True
             if idle:
                 self._idle(client)
             elif self._stop.wait(s.poll_seconds):
