@@ -332,19 +332,32 @@ def check_imap(settings: Settings) -> list[str]:
     from imapclient.exceptions import IMAPClientError, LoginError
 
     from mailgate.app import App
-    from mailgate.intake.imap import Mailbox, error_text
+    from mailgate.intake.imap import CannotFile, Mailbox, error_text, select
 
     app = App(settings, migrate=False)
     problems = []
     for box in settings.intake.mailboxes:
         where = f"intake.imap {box.name}: {box.username} at {box.host}:{box.port}"
         try:
-            Mailbox(lambda: app, box).connect().logout()
+            client = Mailbox(lambda: app, box).connect()
         except LoginError as exc:
             problems.append(f"{where}: login refused ({error_text(exc)}); check the password "
                             "or token")  # fmt: skip
+            continue
         except (OSError, IMAPClientError) as exc:
             problems.append(f"{where}: cannot connect ({exc})")
+            continue
         except ConfigError as exc:
             problems += exc.problems
+            continue
+        # The folder too: the daemon would log in, then fail at each retry.
+        try:
+            select(client, box)
+        except CannotFile as exc:
+            problems.append(f"{where}: {exc}")
+        except (OSError, IMAPClientError) as exc:
+            problems.append(f"{where}: cannot open {box.folder} ({error_text(exc)})")
+        finally:
+            with contextlib.suppress(OSError, IMAPClientError):
+                client.logout()
     return problems

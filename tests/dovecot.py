@@ -5,6 +5,7 @@
     server = start_dovecot(tmp_path, without=("MOVE",))   # MOVE not advertised
     server = start_dovecot(tmp_path, oauth2_introspection_url=url)  # + XOAUTH2, OAUTHBEARER
     server = start_dovecot(tmp_path, auth_delays=False)   # refused logins answered at once
+    server = start_dovecot(tmp_path, acl="INBOX owner lrs")  # global ACL (read-only INBOX)
     try:
         uid = server.append(raw)
         ...
@@ -45,6 +46,11 @@ Details worth knowing:
   until one succeeds: a test that refuses logins on purpose wants
   `auth_delays=False` (no failure delay; the anvil-auth-penalty socket is moved
   where the auth process does not look for it, which turns the penalty off);
+- `acl=...` turns on the acl plugin with a global ACL file (root/global-acl,
+  Dovecot 2.3 "vfile" syntax: `<mailbox pattern> <identifier> <rights>`), read
+  again at every access (cache_secs=0): `set_acl()` changes it on a running
+  server. `INBOX owner lrs` leaves INBOX readable but nothing can be deleted
+  or expunged there, so PERMANENTFLAGS lacks \\Deleted and MOVE is refused;
 - `recreate_inbox()` changes INBOX's UIDVALIDITY with `doveadm mailbox update
   --uid-validity`, which also disconnects sessions that have INBOX selected
   ("* BYE IMAP session state is inconsistent, please relogin."), then expunges
@@ -135,6 +141,7 @@ class Dovecot:
     capability: str | None = None  # the imap_capability setting; None: Dovecot's default
     oauth2_introspection_url: str | None = None  # XOAUTH2/OAUTHBEARER checked there
     auth_delays: bool = True  # Dovecot's failure delay and penalty after refused logins
+    acl: str | None = None  # the global ACL file's text; None: no acl plugin
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
@@ -147,6 +154,10 @@ class Dovecot:
     def oauth2_config(self) -> Path:
         """The oauth2 passdb's settings (written only with oauth2_introspection_url)."""
         return self.root / "dovecot-oauth2.conf.ext"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.root / "global-acl"
 
     @property
     def log_path(self) -> Path:
@@ -261,6 +272,13 @@ class Dovecot:
                 if text:
                     parts.append(f"--- {path} ---\n" + "\n".join(text))
         return "\n".join(parts) or f"(nothing in {self.log_path})"
+
+    def set_acl(self, text: str) -> None:
+        """Replace the global ACL (started with acl=...): in force at the next access."""
+        if self.acl is None:
+            raise DovecotError("this Dovecot was started without acl=...")
+        self.acl = text
+        self.acl_path.write_text(text)
 
     # -- clients -----------------------------------------------------------------------
 
@@ -412,6 +430,9 @@ class Dovecot:
             oauth2.chmod(0o644)  # no secret in it; the auth process reads it as "dovecot"
         else:
             oauth2.unlink(missing_ok=True)
+        if self.acl is not None:
+            self.acl_path.write_text(self.acl)
+            self.acl_path.chmod(0o644)  # read by the imap process, as the mail user
         for path in (self.root, base_dir):
             if re.search(r"[\s\"'\\#{}]", str(path)):
                 raise DovecotError(f"Dovecot test dirs cannot contain spaces or quotes: {path}")
@@ -482,6 +503,16 @@ passdb {{
     path = anvil-auth-penalty-disabled-by-tests
   }
 """
+        if self.acl is not None:
+            acl_plugin = f"""\
+mail_plugins = $mail_plugins acl
+plugin {{
+  acl = vfile:{self.acl_path}:cache_secs=0
+}}
+"""
+            imap_plugins = "  mail_plugins = $mail_plugins imap_acl\n"
+        else:
+            acl_plugin = imap_plugins = ""
         return f"""\
 # Written by tests/dovecot.py: a throwaway Dovecot on 127.0.0.1:{self.port}.
 listen = 127.0.0.1
@@ -502,11 +533,11 @@ auth_verbose = yes
   args = uid={uid} gid={gid} home={root / "home"}/%u
 }}
 mail_location = maildir:{root / "mail"}/%u
-# The default 10 sessions per user and address: a test's slow proxy holds each
+{acl_plugin}# The default 10 sessions per user and address: a test's slow proxy holds each
 # upstream session until its trickle ends, and the test's own checks log in too.
 protocol imap {{
   mail_max_userip_connections = 100
-}}
+{imap_plugins}}}
 namespace inbox {{
   inbox = yes
   separator = /
@@ -552,6 +583,7 @@ def start_dovecot(
     certificate: tuple[Path, Path] | None = None,
     oauth2_introspection_url: str | None = None,
     auth_delays: bool = True,
+    acl: str | None = None,
 ) -> Dovecot:
     """A started Dovecot under `root` (call `.stop()` when done).
 
@@ -564,6 +596,7 @@ def start_dovecot(
     "active" and "username"); the password keeps working for PLAIN and LOGIN.
     auth_delays=False: refused logins are answered at once and cost no penalty
     (by default, as installed, Dovecot slows down every login after a refused one).
+    acl: a global ACL, e.g. "INBOX owner lrs" (see the module's docstring).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -580,7 +613,7 @@ def start_dovecot(
         cert, key = certificate
     server = Dovecot(root, port=0, user=user, password=password, cert=cert, key=key,
                      oauth2_introspection_url=oauth2_introspection_url,
-                     auth_delays=auth_delays)  # fmt: skip
+                     auth_delays=auth_delays, acl=acl)  # fmt: skip
     for attempt in range(3):  # a free port can be taken before Dovecot binds it
         server.port = free_port()
         server.tls_port = None

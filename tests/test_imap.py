@@ -456,6 +456,29 @@ def test_check_names_a_refused_login(tmp_path: Path, dovecot: Dovecot) -> None:
     assert check_imap(load_settings(inst.settings_file)) == []
 
 
+def test_check_names_a_missing_or_read_only_folder(tmp_path: Path) -> None:
+    from mailgate.checks import check_imap
+    from mailgate.config import load_settings
+
+    server = start_dovecot(tmp_path / "acl", acl="INBOX owner lrs\n")
+    try:
+        (tmp_path / "inst").mkdir()
+        boxes = [settings_for(server, name=name, folder=folder, password_env=None,
+                              password_file="imap.secret")
+                 for name, folder in (("typo", "Suport"), ("shared", "INBOX"))]  # fmt: skip
+        inst = install_at(tmp_path / "inst", Clockwork(), {"intake": {"imap": boxes}})
+        (inst.root / "imap.secret").write_text(server.password)
+        problems = check_imap(load_settings(inst.settings_file))
+        assert len(problems) == 2, problems  # both passed: the login was all it tried
+        typo, shared = problems
+        assert typo.startswith("intake.imap typo: support@example.com at 127.0.0.1:")
+        assert ": cannot open Suport (select failed: Mailbox doesn't exist: Suport" in typo
+        assert shared.startswith("intake.imap shared: ")
+        assert ": INBOX is read-only for support@example.com: " in shared
+    finally:
+        server.stop()
+
+
 def test_backoff_doubles_with_jitter_and_a_ceiling() -> None:
     import random
 
@@ -785,6 +808,40 @@ def test_a_folder_that_does_not_exist_is_retried_with_a_growing_backoff(
     failure, stopped = imap_log(caplog)  # one line for the failure, not one per retry
     assert failure.startswith("imap imap: disconnected: select failed: Mailbox doesn't exist: ")
     assert stopped == "imap imap: stopped"
+
+
+def test_a_read_only_folder_is_named_as_such_and_nothing_is_taken_until_it_is_writable(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A shared or ACL-restricted folder: reading works, moving out is refused. The
+    first mail became a ticket, then its MOVE failed at every retry ("move failed:
+    [NOPERM]" twice per retry), holding back all later mail without saying why."""
+    server = start_dovecot(tmp_path / "acl", acl="")
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    monkeypatch.setattr("mailgate.intake.imap.BACKOFF_FIRST", 0.1)
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    try:
+        for n in range(3):
+            server.append(mail(n))
+        server.set_acl("INBOX owner lrs\n")  # lookup, read, keep \Seen: no delete, no expunge
+        with Running(inst, settings_for(server, idle=False)):
+            eventually(lambda: len(imap_log(caplog)) >= 1, what="a warning")
+            time.sleep(1)  # retries meanwhile: a few
+            assert count(inst, IngestRecord) == 0
+            server.set_acl("")  # the operator grants the rights
+            eventually(lambda: held(server, PROCESSED) == 3, what="all filed")
+        assert count(inst, Ticket) == 3
+        warning, connected, stopped = imap_log(caplog)
+        assert warning == (
+            "imap imap: cannot file mail: INBOX is read-only for support@example.com: the "
+            "server keeps no \\Deleted flag there (PERMANENTFLAGS: \\Seen); each message is "
+            "moved out once stored, so none is taken. Let the account delete and expunge "
+            "there (IMAP ACL rights t and e)"
+        )
+        assert connected.startswith("imap imap: connected") and stopped == "imap imap: stopped"
+    finally:
+        server.stop()
 
 
 def test_a_message_too_slow_to_fetch_goes_to_the_failed_folder(

@@ -73,6 +73,25 @@ def uidvalidity_key(name: str, folder: str) -> str:
     return f"imap.{name}.uidvalidity.{digest}"
 
 
+class CannotFile(Exception):
+    """The watched folder lets us read mail but not move it out: nothing is taken
+    from it, since every message would be stored and then left there."""
+
+
+def read_only(selected: dict[bytes, object]) -> str | None:
+    """Why mail cannot be moved out of the folder SELECT answered `selected` for;
+    None when it can. RFC 4314 5.1.1: no \\Deleted in PERMANENTFLAGS without the
+    right to delete (Dovecot's ACL, shared folders); RFC 3501: no PERMANENTFLAGS
+    at all means every flag can be kept."""
+    if selected.get(b"READ-ONLY"):
+        return "the server opened it read-only"
+    flags = selected.get(b"PERMANENTFLAGS")
+    if isinstance(flags, tuple) and b"\\deleted" not in (bytes(f).lower() for f in flags):
+        kept = " ".join(bytes(f).decode("ascii", "replace") for f in flags) or "none"
+        return f"the server keeps no \\Deleted flag there (PERMANENTFLAGS: {kept})"
+    return None
+
+
 def destination(settings: ImapIntake, outcome: str, *, held: bool = False) -> str:
     """Where a message goes once stored: `held`, a copy of quarantined mail (fetched
     again after a crash and a changed UIDVALIDITY, say) joins the held mail."""
@@ -122,6 +141,8 @@ class Mailbox:
                 )
             except ConfigError as exc:
                 self._report("cannot log in", "; ".join(exc.problems), error=True)
+            except CannotFile as exc:
+                self._report("cannot file mail", str(exc), error=True)
             except (OSError, IMAPClientError, TemporaryFailure) as exc:
                 self._report("disconnected", error_text(exc), error=True)
             except Exception as exc:  # noqa: BLE001 - the thread must survive to reconnect
@@ -214,7 +235,7 @@ class Mailbox:
         for folder in (s.processed_folder, s.failed_folder):
             if not client.folder_exists(folder):
                 client.create_folder(folder)
-        selected = client.select_folder(s.folder)
+        selected = select(client, s)
         self._uidvalidity = int(selected[b"UIDVALIDITY"])
         self._remember_uidvalidity(self._uidvalidity)
         self._report("connected", f"to {s.host}, watching {s.folder}")
@@ -437,6 +458,19 @@ class Mailbox:
             error=True,
         )
         return False
+
+
+def select(client: imapclient.IMAPClient, settings: ImapIntake) -> dict[bytes, object]:
+    """SELECT the watched folder; CannotFile when its mail could not be moved out."""
+    selected = client.select_folder(settings.folder)
+    why = read_only(selected)
+    if why is not None:
+        raise CannotFile(
+            f"{settings.folder} is read-only for {settings.username}: {why}; each message "
+            f"is moved out once stored, so none is taken. Let the account delete and "
+            f"expunge there (IMAP ACL rights t and e)"
+        )
+    return selected
 
 
 def _cut(client: imapclient.IMAPClient, cut: threading.Event) -> None:
