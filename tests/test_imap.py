@@ -352,6 +352,35 @@ def test_a_folder_with_a_long_name_is_watched_on_postgresql(
     assert imap_log(caplog) == []
 
 
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_database_down_at_connect_is_an_outage_not_a_bug(
+    inst: Installation, database_url: str, postgres: Any, dovecot: Dovecot, password: None,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The UIDVALIDITY is remembered at each (re)connect: with the database down then
+    (a PostgreSQL restart, SQLite locked past its busy timeout) the source logged
+    "unexpected error" with a traceback, as for a bug."""
+    name = database_url.rsplit("/", 1)[1]
+    monkeypatch.setattr("mailgate.intake.imap.BACKOFF_FIRST", 0.1)
+    caplog.set_level(logging.INFO, logger="mailgate.imap")
+    dovecot.append(mail(1))
+    postgres.admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    postgres.admin(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   f"WHERE datname = '{name}'")  # fmt: skip
+    try:
+        with Running(inst, settings_for(dovecot, idle=False)):
+            eventually(lambda: len(imap_log(caplog)) >= 1, what="a warning")
+            postgres.admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            eventually(lambda: held(dovecot, PROCESSED) == 1, what="filed once it is back")
+    finally:
+        postgres.admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert count(inst, Ticket) == 1
+    assert not [r for r in caplog.records if r.name == "mailgate.imap" and r.exc_info]
+    down, connected, stopped = imap_log(caplog)
+    assert down.startswith("imap imap: disconnected: database unavailable: "), down
+    assert connected.startswith("imap imap: connected") and stopped == "imap imap: stopped"
+
+
 def test_held_mail_found_again_after_a_changed_uidvalidity_joins_the_held_mail(
     inst: Installation, dovecot: Dovecot, password: None
 ) -> None:

@@ -34,12 +34,14 @@ from collections.abc import Callable
 
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
+from sqlalchemy.exc import DBAPIError
 
 from mailgate.app import App
 from mailgate.config import ConfigError, ImapIntake, is_loopback, mailbox_name, read_secret
 from mailgate.intake.faults import Fault
 from mailgate.pipeline.message import Envelope
 from mailgate.pipeline.process import TemporaryFailure, process
+from mailgate.store.db import unavailable
 from mailgate.store.state import get_state, set_state
 
 log = logging.getLogger("mailgate.imap")
@@ -262,15 +264,19 @@ class Mailbox:
         # with the upgrade, for a warning that changes nothing: stored mail is
         # recognised by its content whatever the UIDs.
         key = uidvalidity_key(self.settings.name, self.settings.folder)
-        with self._app().sessions.begin() as session:
-            known = get_state(session, key)
-            if known is not None and known != str(uidvalidity):
-                log.warning(
-                    "imap %s: UIDVALIDITY of %s changed (%s -> %s): every message in it is "
-                    "checked again; those already stored are recognised as duplicates",
-                    self.settings.name, self.settings.folder, known, uidvalidity,
-                )  # fmt: skip
-            set_state(session, key, str(uidvalidity))
+        try:
+            with self._app().sessions.begin() as session:
+                known = get_state(session, key)
+                if known is not None and known != str(uidvalidity):
+                    log.warning(
+                        "imap %s: UIDVALIDITY of %s changed (%s -> %s): every message in it "
+                        "is checked again; those already stored are recognised as duplicates",
+                        self.settings.name, self.settings.folder, known, uidvalidity,
+                    )  # fmt: skip
+                set_state(session, key, str(uidvalidity))
+        except DBAPIError as exc:
+            # As process() says it: an outage to wait out, not a bug with a traceback.
+            raise TemporaryFailure(unavailable(exc)) from exc
 
     def _idle(self, client: imapclient.IMAPClient) -> None:
         """Wait in IDLE until the server reports new mail, `idle_seconds` pass or we stop."""
