@@ -6,6 +6,7 @@
     server = start_dovecot(tmp_path, oauth2_introspection_url=url)  # + XOAUTH2, OAUTHBEARER
     server = start_dovecot(tmp_path, auth_delays=False)   # refused logins answered at once
     server = start_dovecot(tmp_path, acl="INBOX owner lrs")  # global ACL (read-only INBOX)
+    server = start_dovecot(tmp_path, namespace=("INBOX.", "."))  # Courier's folder names
     try:
         uid = server.append(raw)
         ...
@@ -22,8 +23,11 @@ Details worth knowing:
 
 - one user (`support@example.com` unless told otherwise) with a PLAIN password
   in a passwd-file; Maildir under root/mail/<user>; the inbox namespace uses
-  "/" as its separator (like most installations), so "mailgate/processed" is a
-  valid folder name;
+  "/" as its separator and no prefix (Gmail, Exchange, many Dovecots), so
+  "mailgate/processed" is a valid folder name; `namespace=(prefix, separator)`
+  gives it another: ("", ".") is Dovecot's own default for Maildir, where a
+  name with "/" in it is refused, ("INBOX.", ".") Courier's, where every folder
+  is below INBOX;
 - run as root, the internal and login processes run as the Debian package's
   `dovecot` and `dovenull` users and the mail as `nobody` (Dovecot refuses to
   access mail as root), so the temp dirs above `root` are made traversable
@@ -142,6 +146,7 @@ class Dovecot:
     oauth2_introspection_url: str | None = None  # XOAUTH2/OAUTHBEARER checked there
     auth_delays: bool = True  # Dovecot's failure delay and penalty after refused logins
     acl: str | None = None  # the global ACL file's text; None: no acl plugin
+    namespace: tuple[str, str] = ("", "/")  # the personal namespace's prefix and separator
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
@@ -540,7 +545,8 @@ protocol imap {{
 {imap_plugins}}}
 namespace inbox {{
   inbox = yes
-  separator = /
+  prefix = {self.namespace[0]}
+  separator = {self.namespace[1]}
 }}
 {capability}
 service imap-login {{
@@ -584,6 +590,7 @@ def start_dovecot(
     oauth2_introspection_url: str | None = None,
     auth_delays: bool = True,
     acl: str | None = None,
+    namespace: tuple[str, str] = ("", "/"),
 ) -> Dovecot:
     """A started Dovecot under `root` (call `.stop()` when done).
 
@@ -597,6 +604,7 @@ def start_dovecot(
     auth_delays=False: refused logins are answered at once and cost no penalty
     (by default, as installed, Dovecot slows down every login after a refused one).
     acl: a global ACL, e.g. "INBOX owner lrs" (see the module's docstring).
+    namespace: the personal namespace's (prefix, separator), e.g. ("INBOX.", ".").
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -613,7 +621,7 @@ def start_dovecot(
         cert, key = certificate
     server = Dovecot(root, port=0, user=user, password=password, cert=cert, key=key,
                      oauth2_introspection_url=oauth2_introspection_url,
-                     auth_delays=auth_delays, acl=acl)  # fmt: skip
+                     auth_delays=auth_delays, acl=acl, namespace=namespace)  # fmt: skip
     for attempt in range(3):  # a free port can be taken before Dovecot binds it
         server.port = free_port()
         server.tls_port = None

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailgate.config import ImapIntake
-from mailgate.intake.imap import Mailbox, backoff, destination
+from mailgate.intake.imap import Mailbox, backoff, destination, on_server
 from mailgate.store.models import Article, IngestRecord, OutboxMail, Ticket
 from mailgate.store.state import set_state
 from tests.conftest import NO_LOOP_LIMITS, Clockwork, Installation, install_at, make_mail
@@ -130,6 +130,33 @@ def test_polling_files_every_message_and_creates_the_folders(
     with inst.session() as s:
         sources = set(s.scalars(select(IngestRecord.source)))
     assert sources == {"imap"}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "processed", "failed"),
+    [
+        (("", "."), "mailgate.processed", "mailgate.failed"),  # Dovecot's default for Maildir
+        (("INBOX.", "."), "INBOX.mailgate.processed", "INBOX.mailgate.failed"),  # Courier
+    ],
+)
+def test_the_folders_are_named_as_the_server_names_its_own(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    namespace: tuple[str, str], processed: str, failed: str,
+) -> None:  # fmt: skip
+    """The default mailgate/processed, on a server whose hierarchy delimiter is "."
+    (or whose folders are all below INBOX.): its CREATE was refused at every retry
+    ("Name must not have '/' characters", "Client tried to access nonexistent
+    namespace"), and not one mail was taken."""
+    server = start_dovecot(tmp_path / "dots", namespace=namespace)
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    try:
+        server.append(mail(1))
+        server.append(quarantined_mail().replace(b"imap-1@", b"imap-2@"))
+        with Running(inst, settings_for(server, idle=False)):
+            eventually(lambda: held(server, processed) == 1 and held(server, failed) == 1)
+        assert count(inst, Ticket) == 1
+    finally:
+        server.stop()
 
 
 def test_idle_picks_up_a_new_mail_within_two_seconds(
@@ -506,6 +533,15 @@ def test_check_names_a_missing_or_read_only_folder(tmp_path: Path) -> None:
         assert ": INBOX is read-only for support@example.com: " in shared
     finally:
         server.stop()
+
+
+def test_folder_names_follow_the_servers_delimiter_and_prefix() -> None:
+    assert on_server("mailgate/processed", "", "/") == "mailgate/processed"
+    assert on_server("mailgate/processed", "", None) == "mailgate/processed"
+    assert on_server("mailgate/processed", "", ".") == "mailgate.processed"
+    assert on_server("mailgate/failed", "INBOX.", ".") == "INBOX.mailgate.failed"
+    assert on_server("INBOX.Done", "INBOX.", ".") == "INBOX.Done"  # written as the server does
+    assert on_server("inbox/Done", "INBOX.", ".") == "inbox.Done"
 
 
 def test_backoff_doubles_with_jitter_and_a_ceiling() -> None:

@@ -94,6 +94,31 @@ def read_only(selected: dict[bytes, object]) -> str | None:
     return None
 
 
+def on_server(name: str, prefix: str, delimiter: str | None) -> str:
+    """A folder mailgate files into, written in settings with "/" between levels
+    (mailgate/processed), as the server names it (RFC 2342): its own hierarchy
+    delimiter (Dovecot's default for Maildir and Courier use ".", and refuse a "/"
+    in a name), below its personal namespace prefix (Courier's "INBOX.")."""
+    if delimiter and delimiter != "/":
+        name = name.replace("/", delimiter)
+    if prefix and mailbox_name(name) != "INBOX" and not name.upper().startswith(prefix.upper()):
+        name = prefix + name
+    return name
+
+
+def personal_namespace(client: imapclient.IMAPClient) -> tuple[str, str | None]:
+    """The prefix and hierarchy delimiter of the account's own folders."""
+    if client.has_capability("NAMESPACE"):
+        personal = client.namespace().personal
+        if personal:
+            prefix, delimiter = personal[0]
+            return str(prefix or ""), (str(delimiter) if delimiter else None)
+    # RFC 3501 6.3.8: LIST "" "" answers with the hierarchy delimiter alone.
+    for _flags, delimiter, _name in client.list_folders("", ""):
+        return "", (delimiter.decode() if isinstance(delimiter, bytes) else delimiter) or None
+    return "", None
+
+
 def destination(settings: ImapIntake, outcome: str, *, held: bool = False) -> str:
     """Where a message goes once stored: `held`, a copy of quarantined mail (fetched
     again after a crash and a changed UIDVALIDITY, say) joins the held mail."""
@@ -119,6 +144,7 @@ class Mailbox:
         self._slow: dict[int, int] = {}  # uid -> fetches cut at fetch_timeout_seconds
         self._failed: dict[int, tuple[int, str]] = {}  # uid -> (failed fetches, last error)
         self._uidvalidity = 0  # of the folder, once selected
+        self._filing = settings  # processed_folder and failed_folder as the server names them
         self._rng = random.Random()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -234,7 +260,12 @@ class Mailbox:
 
     def _serve(self, client: imapclient.IMAPClient) -> None:
         s = self.settings
-        for folder in (s.processed_folder, s.failed_folder):
+        prefix, delimiter = personal_namespace(client)
+        self._filing = s.model_copy(update={
+            key: on_server(getattr(s, key), prefix, delimiter)
+            for key in ("processed_folder", "failed_folder")
+        })  # fmt: skip
+        for folder in (self._filing.processed_folder, self._filing.failed_folder):
             if not client.folder_exists(folder):
                 client.create_folder(folder)
         selected = select(client, s)
@@ -344,7 +375,7 @@ class Mailbox:
         result = process(self._app(), raw, self._envelope(uid))
         if self.fault is not None:
             self.fault.reached("imap_after_commit", raw)
-        self._file(client, uid, destination(s, result.outcome, held=result.held))
+        self._file(client, uid, destination(self._filing, result.outcome, held=result.held))
 
     def _envelope(self, uid: int, held: str | None = None, notice: str | None = None) -> Envelope:
         s = self.settings
@@ -370,7 +401,7 @@ class Mailbox:
         quarantined with its header, so an operator finds it where held mail is
         listed (`mailgate quarantine list`), as an SMTP sender would hear of it.
         `header=False`: the server failed to return even that."""
-        s = self.settings
+        s = self._filing
         reason = f"not fetched: {why}; the original is in IMAP folder {s.failed_folder}"
         if header:
             try:
