@@ -159,6 +159,29 @@ def test_the_folders_are_named_as_the_server_names_its_own(
         server.stop()
 
 
+def test_a_processed_folder_that_is_the_watched_one_on_the_server_is_refused(
+    inst: Installation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Written apart (the settings check passes), one folder on a server whose
+    folders are all below INBOX.: each mail would be moved where it is read again."""
+    server = start_dovecot(tmp_path / "courier", namespace=("INBOX.", "."))
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PASSWORD", server.password)
+    caplog.set_level(logging.WARNING, logger="mailgate.imap")
+    try:
+        server.append(mail(1), folder="INBOX.mailgate")
+        box = settings_for(server, idle=False, folder="INBOX.mailgate", processed_folder="mailgate")
+        with Running(inst, box):
+            eventually(lambda: len(imap_log(caplog)) >= 1, what="a warning")
+        assert imap_log(caplog) == [
+            "imap imap: cannot file mail: processed_folder mailgate is INBOX.mailgate on "
+            "127.0.0.1: the folder mailgate reads; give it a folder of its own"
+        ]
+        assert count(inst, IngestRecord) == 0
+    finally:
+        server.stop()
+
+
 def test_idle_picks_up_a_new_mail_within_two_seconds(
     inst: Installation, dovecot: Dovecot, password: None
 ) -> None:

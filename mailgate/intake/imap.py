@@ -265,6 +265,13 @@ class Mailbox:
             key: on_server(getattr(s, key), prefix, delimiter)
             for key in ("processed_folder", "failed_folder")
         })  # fmt: skip
+        for key in ("processed_folder", "failed_folder"):
+            # The settings check saw the names as written; a message moved into the
+            # folder it was read from would be read, stored and moved again, for ever.
+            named = getattr(self._filing, key)
+            if mailbox_name(named) == mailbox_name(s.folder):
+                raise CannotFile(f"{key} {getattr(s, key)} is {named} on {s.host}: the "
+                                 "folder mailgate reads; give it a folder of its own")  # fmt: skip
         for folder in (self._filing.processed_folder, self._filing.failed_folder):
             if not client.folder_exists(folder):
                 client.create_folder(folder)
