@@ -77,6 +77,27 @@ def test_implicit_tls_listener_accepts_mail(tls_daemon: RunningDaemon) -> None:
     assert tickets(tls_daemon) == ["over implicit TLS"]
 
 
+def test_a_failed_starttls_handshake_is_one_warning_line(tls_daemon: RunningDaemon) -> None:
+    """Clients that fail the handshake after STARTTLS (plain text after the 220,
+    an old TLS version, a scanner) reach every public MX daily: each logged an
+    ERROR "SMTP session exception" with two tracebacks."""
+    sock = connect_raw(tls_daemon.port)
+    assert read_reply(sock).startswith(b"220")
+    sock.sendall(b"EHLO c.example\r\n")
+    assert b"STARTTLS" in read_reply(sock)
+    sock.sendall(b"STARTTLS\r\n")
+    assert read_reply(sock).startswith(b"220")
+    sock.sendall(b"MAIL FROM:<alice@acme.example>\r\n")  # no handshake: plain text
+    assert read_reply(sock) == b""  # closed
+    sock.close()
+    tls_daemon.wait_for_log("STARTTLS with 127.0.0.1 failed: wrong version number")
+    with tls_daemon.smtp() as client:  # and a good client is served
+        client.starttls(context=client_context())
+        client.send_message(make_mail(subject="after a bad handshake"))
+    assert tickets(tls_daemon) == ["after a bad handshake"]
+    assert "Traceback" not in tls_daemon.log() and "ERROR" not in tls_daemon.log()
+
+
 @pytest.fixture
 def capped_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
     running = start_daemon(

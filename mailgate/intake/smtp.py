@@ -37,7 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+)
 
 from mailgate.app import App
 from mailgate.config import ConfigError
@@ -188,6 +195,15 @@ class Connection(SMTP):
             status = _ENHANCED_REPLIES.get(status, status)
         await super().push(status)
 
+    async def handle_exception(self, error: Exception) -> str:
+        # A client whose TLS handshake fails after STARTTLS (an old TLS version,
+        # a scanner, plain text after the 220) is everyday traffic on an MX:
+        # one line, not an ERROR traceback per connection. aiosmtpd closes it.
+        if isinstance(error, TLSSetupException):
+            log.warning("STARTTLS with %s failed: %s", self.client, tls_failure(error))
+            return "454 4.7.0 TLS handshake failed"  # not sent: the connection is closed
+        return await super().handle_exception(error)
+
     async def smtp_DATA(self, arg: str) -> None:
         # Before the 354: a large message waits here for its share of memory.
         options = self.envelope.mail_options if self.envelope else []
@@ -337,6 +353,13 @@ class SmtpListener:
                 connection.transport.write(b"421 4.3.2 Service shutting down\r\n")
                 connection.transport.close()
         self.runner.close()
+
+
+def tls_failure(error: TLSSetupException) -> str:
+    """What went wrong in a handshake, from the SSL error aiosmtpd wraps."""
+    cause = error.__cause__
+    reason = getattr(cause, "reason", None)  # an SSLError's short name, e.g. UNSUPPORTED_PROTOCOL
+    return str(reason or cause or "the client closed the connection").lower().replace("_", " ")
 
 
 def _same(a: str, b: str) -> bool:
