@@ -98,6 +98,22 @@ def test_a_failed_starttls_handshake_is_one_warning_line(tls_daemon: RunningDaem
     assert "Traceback" not in tls_daemon.log() and "ERROR" not in tls_daemon.log()
 
 
+def test_starttls_again_inside_tls_is_refused_and_the_session_goes_on(
+    tls_daemon: RunningDaemon,
+) -> None:
+    """RFC 3207 4.2: a second STARTTLS got `220 Ready to start TLS`, then the
+    server tried TLS inside TLS: the client was cut off, the log got a traceback."""
+    with tls_daemon.smtp() as client:
+        client.starttls(context=client_context())
+        client.ehlo()
+        assert not client.has_extn("starttls")  # not offered again...
+        code, reply = client.docmd("STARTTLS")  # ...and refused when asked anyway
+        assert (code, reply) == (554, b"5.5.1 Error: TLS already active")
+        client.send_message(make_mail(subject="still encrypted"))
+    assert tickets(tls_daemon) == ["still encrypted"]
+    assert "Traceback" not in tls_daemon.log()
+
+
 @pytest.fixture
 def capped_daemon(tmp_path: Path, sink: Sink) -> Iterator[RunningDaemon]:
     running = start_daemon(

@@ -204,6 +204,16 @@ class Connection(SMTP):
             return "454 4.7.0 TLS handshake failed"  # not sent: the connection is closed
         return await super().handle_exception(error)
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 4.2: no STARTTLS once TLS is active. aiosmtpd answered 220 and
+        # layered a second TLS inside the first, which asyncio cannot do: the
+        # client was cut off and the log got an ERROR traceback. Postfix and Exim
+        # answer 554 and keep the session.
+        if self._tls_protocol is not None:
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         # Before the 354: a large message waits here for its share of memory.
         options = self.envelope.mail_options if self.envelope else []
