@@ -125,6 +125,7 @@ class Daemon:
         self.fault: Fault | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.running: set[asyncio.Future[None]] = set()  # scheduled jobs running now
+        self.reloading = asyncio.Lock()
 
     def current_app(self) -> App:
         assert self.app is not None
@@ -194,16 +195,24 @@ class Daemon:
 
     async def reload(self, sender: OutboxSender) -> None:
         """SIGHUP: new settings, directory and templates, or the old ones if any is broken."""
+        async with self.reloading:  # a second SIGHUP meanwhile reloads after this one
+            await self._reload(sender)
+
+    async def _reload(self, sender: OutboxSender) -> None:
         systemd_notify.reloading()
         old = self.current_app()
         refused = "reload refused, still running the previous configuration"
         app: App | None = None
         try:
-            settings = load_settings(self.settings_file)
-            app = build_app(settings, reuse=old)
+            # In a thread: the directory sync writes to the database, which may
+            # be busy (a writer held, PostgreSQL restarting); on the event loop
+            # every SMTP session and the watchdog stood still meanwhile.
+            app = await asyncio.to_thread(_load_app, self.settings_file, old)
         except ConfigError as exc:
             for line in exc.problems:
                 log.error("%s: %s", refused, line)
+        except DBAPIError as exc:  # passing: one line, and what to do about it
+            log.error("%s: %s; send SIGHUP again once it is available", refused, unavailable(exc))
         except Exception:  # whatever it was, the old configuration keeps serving
             log.exception(refused)
         if app is None:
@@ -331,6 +340,10 @@ class Daemon:
             + (f" ({detail})" if detail else "")
             + f"; {queued} mail(s) queued"
         )
+
+
+def _load_app(settings_file: Path, reuse: App) -> App:
+    return build_app(load_settings(settings_file), reuse=reuse)
 
 
 def build_app(settings: Settings, reuse: App | None = None) -> App:

@@ -163,6 +163,54 @@ def test_sighup_keeps_an_open_session_going(tmp_path: Path, sink: Sink) -> None:
         daemon.stop()
 
 
+@pytest.mark.slow
+def test_sighup_while_the_database_is_busy_keeps_smtp_answering(tmp_path: Path, sink: Sink) -> None:
+    """A reload syncs a changed directory into the database. With its writer
+    held elsewhere (a backup, a long command), the reload waited the busy
+    timeout (10 s) on the event loop: no greeting, no reply to a session in
+    progress, no watchdog ping; then a traceback. The listener answers at
+    once, the log says in one line why the reload was refused, and a later
+    SIGHUP applies the change."""
+    daemon = start_daemon(tmp_path, sink)
+    try:
+        directory = tmp_path / "directory.yaml"
+        data = yaml.safe_load(directory.read_text())
+        data["organisations"][0]["contacts"].append(
+            {"email": "dave@acme.example", "name": "Dave", "role": "admin"}
+        )
+        directory.write_text(yaml.safe_dump(data))
+        db = sqlite3.connect(tmp_path / "var" / "mailgate.db", isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        try:
+            daemon.signal(signal.SIGHUP)
+            time.sleep(0.5)  # the reload is waiting for the database now
+            started = time.monotonic()
+            with daemon.smtp() as client:
+                assert client.noop()[0] == 250
+            assert time.monotonic() - started < 2
+            daemon.wait_for_log("reload refused")
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        log = daemon.log()
+        assert (
+            "reload refused, still running the previous configuration: database unavailable: "
+            "database is locked; send SIGHUP again once it is available"
+        ) in log
+        assert "Traceback" not in log
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("reloaded settings")
+        mail = make_mail(sender="dave@acme.example", message_id="dave@acme.example")
+        with daemon.smtp() as client:  # the new admin may open tickets now
+            client.ehlo()
+            client.mail("dave@acme.example")
+            client.rcpt("support@example.com")
+            code, reply = client.data(mail.as_bytes(policy=email.policy.SMTP))
+        assert code == 250 and b"created" in reply, reply
+    finally:
+        daemon.stop()
+
+
 def test_sigterm_during_scheduled_jobs_lets_them_finish(tmp_path: Path, sink: Sink) -> None:
     """Jobs in progress when the daemon stops (a sweep, the status line's count)
     wait for the database and then finish; the scheduler's shutdown must not cancel
