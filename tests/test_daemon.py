@@ -106,6 +106,33 @@ def test_plus_addresses_are_accepted(daemon: RunningDaemon) -> None:
         assert client.rcpt("Support@EXAMPLE.com")[0] == 250
 
 
+def test_an_idn_support_domain_is_accepted_in_unicode_too(tmp_path: Path, sink: Sink) -> None:
+    """We announce SMTPUTF8, so a client may write our IDN domain in Unicode. The
+    settings keep it as A-labels and the two were compared as strings: mail to
+    support@bücher.example got 550 "no relaying" and bounced."""
+    daemon = start_daemon(tmp_path, sink, {"support_address": "support@bücher.example"})
+    try:
+        with daemon.smtp() as client:
+            client.ehlo()
+            client.mail("alice@acme.example", ["SMTPUTF8"])
+            assert client.rcpt("support@bücher.example")[0] == 250
+            assert client.rcpt("Support+x@BÜCHER.example")[0] == 250
+            assert client.rcpt("support@xn--bcher-kva.example")[0] == 250
+            assert client.rcpt("support@bucher.example")[0] == 550  # another domain
+            assert client.rcpt("support@bücher.example.evil.example")[0] == 550
+            code, reply = client.data(make_mail(subject="IDN").as_bytes(policy=email.policy.SMTP))
+        assert code == 250 and b"created" in reply, reply
+        with daemon.inst.session() as s:
+            record = s.scalar(select(IngestRecord))
+        assert record.envelope["rcpt_to"] == [  # compared and stored as the pipeline does
+            "support@xn--bcher-kva.example",
+            "support+x@xn--bcher-kva.example",
+            "support@xn--bcher-kva.example",
+        ]
+    finally:
+        daemon.stop()
+
+
 def test_too_many_recipients_get_452(daemon: RunningDaemon) -> None:
     with daemon.smtp() as client:
         client.ehlo()

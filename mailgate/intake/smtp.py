@@ -53,6 +53,7 @@ from mailgate.intake.budget import MemoryBudget, declared_size
 from mailgate.intake.faults import Fault, in_pipeline
 from mailgate.intake.smtp_files import load_users, tls_context
 from mailgate.pipeline.message import Envelope as MailEnvelope
+from mailgate.pipeline.parse.addresses import normalise_address
 from mailgate.pipeline.process import Result, TemporaryFailure, process
 
 log = logging.getLogger("mailgate.smtp")
@@ -67,14 +68,21 @@ _ENHANCED_REPLIES = {
 TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
 
 
-def is_ours(address: str, support_address: str) -> bool:
-    """The support address or one of its plus-addresses (tokens, VERP)."""
-    local, _, domain = address.rpartition("@")
-    our_local, _, our_domain = support_address.rpartition("@")
-    if domain.lower() != our_domain.lower():
-        return False
-    local = local.lower()
-    return local == our_local.lower() or local.startswith(our_local.lower() + "+")
+def our_recipient(address: str, support_address: str) -> str | None:
+    """The support address or one of its plus-addresses (tokens, VERP), as the
+    pipeline compares it (lower case, an IDN domain as A-labels); else None.
+
+    The settings hold an IDN domain as A-labels; a client using SMTPUTF8 (which
+    we announce) may name it in Unicode, `support@bücher.example`: the same
+    mailbox, refused with 550 until the two were compared in one form."""
+    normal = normalise_address(address)
+    if normal is None:
+        return None
+    local, _, domain = normal.rpartition("@")
+    our_local, _, our_domain = support_address.lower().rpartition("@")
+    if domain != our_domain:
+        return None
+    return normal if local == our_local or local.startswith(our_local + "+") else None
 
 
 class MessageRunner:
@@ -140,11 +148,12 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         support = self.intake.app().settings.support_address
-        if not is_ours(address, support):
+        ours = our_recipient(address, support)
+        if ours is None:
             return f"550 5.1.1 <{address}>: recipient not accepted here (no relaying)"
         if len(envelope.rcpt_tos) >= self.intake.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
-        envelope.rcpt_tos.append(address)
+        envelope.rcpt_tos.append(ours)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
