@@ -234,3 +234,24 @@ def test_large_messages_take_turns_within_the_memory_budget() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["small", "second large"]
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "\u2460\u2461", "1\u00b3"])  # "²", "①②", "1³"
+def test_a_size_of_unicode_digits_is_a_syntax_error(tmp_path: Path, sink: Sink, size: str) -> None:
+    """aiosmtpd takes "²" for digits (str.isdigit) and then fails on int():
+    the client read "500 Error: (ValueError) invalid literal for int()" and our
+    log got an ERROR traceback for every such MAIL."""
+    daemon = start_daemon(tmp_path, sink)
+    try:
+        sock = connect_raw(daemon.port)  # smtplib writes ASCII only
+        assert read_reply(sock).startswith(b"220")
+        sock.sendall(b"EHLO c.example\r\n")
+        assert read_reply(sock).startswith(b"250")
+        sock.sendall(f"MAIL FROM:<alice@acme.example> SIZE={size}\r\n".encode())
+        assert read_reply(sock).startswith(b"501 5.5.4 Syntax: MAIL FROM:")
+        sock.sendall(b"MAIL FROM:<alice@acme.example> SIZE=200\r\n")
+        assert read_reply(sock) == b"250 OK\r\n"  # the session goes on
+        sock.close()
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.stop()

@@ -30,6 +30,7 @@ import errno
 import functools
 import hmac
 import logging
+import re
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -223,6 +224,12 @@ class Connection(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and not declared_size_readable(arg):
+            await self.push("501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")
+            return
+        await super().smtp_MAIL(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         # Before the 354: a large message waits here for its share of memory.
         options = self.envelope.mail_options if self.envelope else []
@@ -372,6 +379,18 @@ class SmtpListener:
                 connection.transport.write(b"421 4.3.2 Service shutting down\r\n")
                 connection.transport.close()
         self.runner.close()
+
+
+_SIZE_PARAMETER = re.compile(r"(?<!\S)SIZE=(\S+)", re.IGNORECASE)
+
+
+def declared_size_readable(arg: str) -> bool:
+    """False for a SIZE= that aiosmtpd takes for digits but cannot read as a number.
+
+    It tests `str.isdigit()`, true for "²" or "①", then calls int(): a ValueError,
+    answered "500 Error: (ValueError) ..." with a traceback in our log each time.
+    """
+    return all(not value.isdigit() or value.isdecimal() for value in _SIZE_PARAMETER.findall(arg))
 
 
 def tls_failure(error: TLSSetupException) -> str:
