@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from mailgate.store.models import IngestRecord, Ticket
 from tests.conftest import NO_LOOP_LIMITS, Clockwork, install_at, make_mail
-from tests.daemon import RunningDaemon, launch, open_data, read_reply, start_daemon
+from tests.daemon import RunningDaemon, connect_raw, launch, open_data, read_reply, start_daemon
 from tests.smtp_sink import Sink, free_port
 
 
@@ -96,6 +96,26 @@ def test_foreign_recipients_are_refused_no_open_relay(daemon: RunningDaemon, rcp
         client.mail("alice@acme.example")
         code, reply = client.rcpt(rcpt)
     assert code == 550 and reply.startswith(b"5.1.1")
+
+
+def test_a_foreign_recipient_in_bytes_that_are_not_utf8_gets_550(daemon: RunningDaemon) -> None:
+    """The 550 quotes the address; bytes that are not UTF-8 (a hostile or broken
+    client) could not be encoded into it: "500 Error: (UnicodeEncodeError)"
+    and a traceback in our log, per RCPT."""
+    sock = connect_raw(daemon.port)
+    assert read_reply(sock).startswith(b"220")
+    for command in (b"EHLO c.example\r\n", b"MAIL FROM:<alice@acme.example>\r\n"):
+        sock.sendall(command)
+        assert read_reply(sock).startswith(b"250")
+    sock.sendall(b"RCPT TO:<victim\xff@other.example>\r\n")
+    assert (
+        read_reply(sock)
+        == (
+            "550 5.1.1 <victim\ufffd@other.example>: recipient not accepted here (no relaying)\r\n"
+        ).encode()
+    )
+    sock.close()
+    assert "Traceback" not in daemon.log()
 
 
 def test_plus_addresses_are_accepted(daemon: RunningDaemon) -> None:

@@ -86,6 +86,13 @@ def our_recipient(address: str, support_address: str) -> str | None:
     return normal if local == our_local or local.startswith(our_local + "+") else None
 
 
+def echoed(address: str) -> str:
+    """A client's address fit to quote in a reply: aiosmtpd hands on bytes that
+    are not UTF-8 as surrogates, which the reply cannot encode (the client got
+    "500 Error: (UnicodeEncodeError)" instead of 550, and we a traceback)."""
+    return address.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class MessageRunner:
     """Runs the pipeline for one message off the event loop, with a deadline."""
 
@@ -151,7 +158,7 @@ class Handler:
         support = self.intake.app().settings.support_address
         ours = our_recipient(address, support)
         if ours is None:
-            return f"550 5.1.1 <{address}>: recipient not accepted here (no relaying)"
+            return f"550 5.1.1 <{echoed(address)}>: recipient not accepted here (no relaying)"
         if len(envelope.rcpt_tos) >= self.intake.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(ours)
