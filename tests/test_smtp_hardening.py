@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -75,6 +76,46 @@ def test_implicit_tls_listener_accepts_mail(tls_daemon: RunningDaemon) -> None:
         assert not client.has_extn("starttls")
         client.send_message(make_mail(subject="over implicit TLS"))
     assert tickets(tls_daemon) == ["over implicit TLS"]
+
+
+def test_connections_that_never_handshake_on_the_tls_port_count_against_the_caps(
+    tmp_path: Path, sink: Sink, certificate: tuple[Path, Path]
+) -> None:
+    """On the implicit-TLS port the caps applied only after the handshake: TCP
+    connections that never sent a ClientHello were kept 60 s each, uncounted,
+    and a thousand from one address took every file descriptor (the plain port
+    then stopped accepting). They are counted on accept and cut at the timeout."""
+    cert, key = certificate
+    tls_port = free_port()
+    daemon = start_daemon(
+        tmp_path,
+        sink,
+        {"intake": {"smtp": {
+            "tls_cert_file": str(cert), "tls_key_file": str(key), "tls_port": tls_port,
+            "max_connections_per_client": 5, "timeout_seconds": 2,
+        }}},
+    )  # fmt: skip
+    try:
+        silent = [socket.create_connection(("127.0.0.1", tls_port), timeout=5) for _ in range(20)]
+        for sock in silent[5:]:  # beyond the cap: closed at once
+            assert sock.recv(100) == b""
+        plain = connect_raw(daemon.port)  # the cap is per address, both ports together
+        assert read_reply(plain).startswith(b"421 4.7.0 too many connections from your address")
+        plain.close()
+        started = time.monotonic()
+        for sock in silent[:5]:  # admitted: cut when the handshake times out
+            assert sock.recv(100) == b""
+            sock.close()
+        assert time.monotonic() - started < 5
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", tls_port, context=client_context(), timeout=30
+        ) as client:  # and their places are free again
+            client.send_message(make_mail(subject="after the silent ones"))
+        assert tickets(daemon) == ["after the silent ones"]
+        daemon.wait_for_log("TLS handshake with 127.0.0.1 failed")
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.stop()
 
 
 def test_a_failed_starttls_handshake_is_one_warning_line(tls_daemon: RunningDaemon) -> None:

@@ -250,6 +250,9 @@ class Connection(SMTP):
     async def _handle_client(self) -> None:
         # aiosmtpd's per-session coroutine (private, but the one place that
         # runs once per connection before the greeting): admit or refuse here.
+        if self in self.intake.connections:  # implicit TLS: admitted before its handshake
+            await super()._handle_client()
+            return
         peer = self.session.peer if self.session else None
         self.client = peer[0] if isinstance(peer, tuple) else str(peer)
         refusal = self.intake.admit(self)
@@ -263,7 +266,40 @@ class Connection(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self.intake.release(self)
+        if self.session is None:  # implicit TLS whose handshake failed: no session began
+            return
         super().connection_lost(error)
+
+
+class ImplicitTlsGate(asyncio.Protocol):
+    """Accepts a connection on `tls_port` and counts it at once, before its handshake.
+
+    With `create_server(ssl=...)` a connection reached the limits only after
+    its handshake: TCP connections that never sent a ClientHello were held
+    (60 s each) uncounted, and a thousand of them from one address took every
+    file descriptor, so that the plain port stopped accepting mail too.
+    """
+
+    def __init__(self, intake: SmtpListener) -> None:
+        self.intake = intake
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello is for the TLS layer start_tls adds
+        connection = self.intake.new_connection(implicit_tls=True)
+        peer = transport.get_extra_info("peername")
+        connection.client = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.intake.admit(connection)
+        if refusal:  # no reply: the client expects TLS, not a plain 421
+            log.warning("refused connection from %s: %s", connection.client, refusal)
+            transport.abort()
+            return
+        handshake = asyncio.ensure_future(self.intake.start_tls(transport, connection))
+        self.intake.handshakes.add(handshake)
+        handshake.add_done_callback(self.intake.handshakes.discard)
+
+    def data_received(self, data: bytes) -> None:  # reading is paused until TLS is on
+        pass
 
 
 class SmtpListener:
@@ -283,6 +319,7 @@ class SmtpListener:
             app, settings.max_parallel_messages, settings.reply_timeout_seconds, fault
         )
         self.connections: set[Connection] = set()
+        self.handshakes: set[asyncio.Future[None]] = set()  # implicit TLS, being negotiated
         self.per_client: Counter[str] = Counter()
         # build_app checked these files already; read again here, a problem is still one line.
         source = app().settings.source
@@ -296,10 +333,9 @@ class SmtpListener:
         """Listen on `port`, and with implicit TLS on `tls_port` when set; the addresses."""
         s = self.settings
         try:
-            await self._listen("port", s.port, self._new_connection)
+            await self._listen("port", s.port, self.new_connection)
             if s.tls_port is not None and self.tls_context is not None:
-                implicit = functools.partial(self._new_connection, implicit_tls=True)
-                await self._listen("tls_port", s.tls_port, implicit, ssl=self.tls_context)
+                await self._listen("tls_port", s.tls_port, functools.partial(ImplicitTlsGate, self))
         except ConfigError:
             for server in self.servers:
                 server.close()
@@ -307,7 +343,7 @@ class SmtpListener:
             raise
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
 
-    async def _listen(self, key: str, port: int, factory: Callable[[], Connection],
+    async def _listen(self, key: str, port: int, factory: Callable[[], asyncio.Protocol],
                       **kwargs: Any) -> None:  # fmt: skip
         """Bind host:port, or ConfigError: one line naming the key and why (a port taken)."""
         host = self.settings.host
@@ -319,7 +355,7 @@ class SmtpListener:
             raise ConfigError([problem]) from None
         self.servers.append(server)
 
-    def _new_connection(self, implicit_tls: bool = False) -> Connection:
+    def new_connection(self, implicit_tls: bool = False) -> Connection:
         s = self.settings
         limits = {
             "MAIL": s.max_messages_per_connection,
@@ -341,6 +377,24 @@ class SmtpListener:
             authenticator=self._authenticate if self.users else None,
             command_call_limit=limits,
         )
+
+    async def start_tls(self, transport: asyncio.Transport, connection: Connection) -> None:
+        """The handshake of an admitted implicit-TLS connection, then its SMTP session."""
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport,
+                connection,
+                self.tls_context,  # type: ignore[arg-type] - tls_port needs a certificate
+                server_side=True,
+                ssl_handshake_timeout=min(self.settings.timeout_seconds, 60),
+            )
+        except OSError as exc:  # SSLError, a reset, the handshake timeout
+            self.release(connection)
+            transport.abort()
+            log.warning("TLS handshake with %s failed: %s", connection.client, ssl_reason(exc))
+            return
+        connection.connection_made(tls)
 
     def admit(self, connection: Connection) -> str | None:
         client = connection.client or "?"
@@ -379,6 +433,8 @@ class SmtpListener:
         self.closing = True
         for server in self.servers:
             server.close()
+        for handshake in list(self.handshakes):  # no session yet: nothing to finish
+            handshake.cancel()
         await self.runner.drain(grace)
         for connection in list(self.connections):
             if connection.transport is not None:
@@ -400,11 +456,17 @@ def declared_size_readable(arg: str) -> bool:
     return all(not value.isdigit() or value.isdecimal() for value in _SIZE_PARAMETER.findall(arg))
 
 
+def ssl_reason(error: BaseException | None) -> str:
+    """What went wrong in a handshake, for one log line."""
+    reason = getattr(error, "reason", None)  # an SSLError's short name, e.g. UNSUPPORTED_PROTOCOL
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return str(error or "") or "the client closed the connection"
+
+
 def tls_failure(error: TLSSetupException) -> str:
-    """What went wrong in a handshake, from the SSL error aiosmtpd wraps."""
-    cause = error.__cause__
-    reason = getattr(cause, "reason", None)  # an SSLError's short name, e.g. UNSUPPORTED_PROTOCOL
-    return str(reason or cause or "the client closed the connection").lower().replace("_", " ")
+    """What went wrong in a STARTTLS handshake, from the SSL error aiosmtpd wraps."""
+    return ssl_reason(error.__cause__)
 
 
 def _same(a: str, b: str) -> bool:
