@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("mailgate.systemd")
 
@@ -47,7 +48,11 @@ def stopping(status: str | None = None) -> bool:
 
 
 def reloading() -> bool:
-    return notify("RELOADING=1")
+    # The start of this reload, as `Type=notify-reload` (systemd 253) requires:
+    # without it systemd ignores RELOADING=1 and times the reload out.
+    return notify(
+        "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+    )
 
 
 def watchdog() -> bool:

@@ -50,6 +50,13 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
             got += notifications(sock, "STATUS=serving (leader); 0 message(s) via SMTP")
             got += notifications(sock, "WATCHDOG=1")
             got += notifications(sock, "WATCHDOG=1")  # again: pinged from the running loop
+            asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            daemon.signal(signal.SIGHUP)
+            reload = notifications(sock, "RELOADING=1")
+            # systemd (Type=notify-reload) matches the reload by when it started.
+            started = next(int(line.split("=")[1]) for line in reload if "MONOTONIC_USEC" in line)
+            assert asked <= started <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            got += reload + notifications(sock, "READY=1")  # the reload is done
         finally:
             daemon.signal(signal.SIGTERM)
             got += notifications(sock, "STOPPING=1")
