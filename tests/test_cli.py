@@ -21,7 +21,11 @@ def test_tickets_list_names_the_statuses_it_knows(inst: Installation, capsys: Ca
     inst.ingest(make_mail(subject="Export broken"))
     capsys.readouterr()
     assert inst.cli("tickets", "list", "--status", "new") == 0
-    assert "Export broken" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "Export broken" in listing
+    assert "UPDATED (UTC)" in listing  # the times are UTC's, not the reader's
+    assert inst.cli("outbox", "list") == 0
+    assert "NEXT (UTC)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
         inst.cli("tickets", "list", "--status", "opened")  # a typo for "open"
     assert refused.value.code == 2

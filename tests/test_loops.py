@@ -164,6 +164,7 @@ def test_quarantine_release_bypasses_the_breaker_and_delete_keeps_the_record(
     assert inst.cli("quarantine", "list") == 0
     listing = capsys.readouterr().out
     assert listing.count("circuit breaker") == 2 and "Problem 6" in listing
+    assert "RECEIVED (UTC)" in listing
     assert inst.cli("quarantine", "show", str(held[0])) == 0
     shown = capsys.readouterr().out
     assert "reason:" in shown and "Message-ID: <q-5@acme.example>" in shown

@@ -23,10 +23,10 @@ def cmd_outbox_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
     elif rows:
+        headers = ["ID", "STATUS", "KIND", "TICKET", "TO", "TRIES", "NEXT (UTC)", "ERROR"]
         print_table([[str(r["id"]), r["status"], r["kind"], r["ticket"] or "-", r["to"],
                       str(r["attempts"]), r["next_attempt_at"][:16], (r["last_error"] or "")[:40]]
-                     for r in rows],
-                    ["ID", "STATUS", "KIND", "TICKET", "TO", "TRIES", "NEXT", "ERROR"])  # fmt: skip
+                     for r in rows], headers)  # fmt: skip
     else:
         print("outbox empty")
     return EX_OK

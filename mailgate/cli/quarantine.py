@@ -26,7 +26,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
     elif rows:
         print_table([[str(r.id), r.received_at.isoformat()[:16], r.source, r.sender or "-",
                       r.subject[:40], r.reason[:60]] for r in rows],
-                    ["ID", "RECEIVED", "SOURCE", "FROM", "SUBJECT", "REASON"])  # fmt: skip
+                    ["ID", "RECEIVED (UTC)", "SOURCE", "FROM", "SUBJECT", "REASON"])  # fmt: skip
     else:
         print("quarantine empty")
     return EX_OK

@@ -40,7 +40,7 @@ def cmd_tickets_list(args: argparse.Namespace) -> int:
         print_table(
             [[r["number"], r["status"], r["priority"], r["organisation"], r["requester"] or "-",
               r["subject"][:50], r["updated_at"][:16]] for r in rows],
-            ["NUMBER", "STATUS", "PRIO", "ORG", "REQUESTER", "SUBJECT", "UPDATED"],
+            ["NUMBER", "STATUS", "PRIO", "ORG", "REQUESTER", "SUBJECT", "UPDATED (UTC)"],
         )  # fmt: skip
     else:
         print("no tickets")
