@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from mailgate.intake.faults import FAULT_ENV
+from mailgate.outbound.outbox import send_due
 from mailgate.store.db import HEAD_REVISION, current_revision, make_engine
 from mailgate.store.leadership import AdvisoryLock, FileLock
 from mailgate.store.models import IngestRecord, OutboxMail, SlaClock, Ticket
@@ -479,3 +480,37 @@ def test_only_the_leader_polls_imap_and_a_standby_takes_over(
         assert set(per_message.values()) == {1}
     finally:
         server.stop()
+
+
+# --- the outbox lease: a slow relay, two senders ------------------------------------
+
+
+def test_a_batch_slower_than_the_lease_is_not_sent_again_by_the_other_instance(
+    tmp_path: Path, postgres: Cluster, sink: Sink
+) -> None:
+    """A relay that takes minutes per mail (content scanning, a stalled end of data)
+    made one sender's batch outlast its lease: the other instance took the rows
+    still `sending`, the ones already delivered included, and customers got their
+    acknowledgements twice. The clock is passed in: each send takes 6 minutes, and
+    the other instance looks for due mail after each one."""
+    relay = {"transport": "smtp", "smtp": {"host": "127.0.0.1", "port": sink.port,
+                                           "tls": "none"}}  # fmt: skip
+    settings = instance_settings(postgres.fresh_database(), tmp_path, outbound=relay)
+    clock = Clockwork(datetime(2026, 11, 23, 9, 0, tzinfo=UTC))
+    a, b = (install_at(tmp_path / name, clock, settings) for name in ("a", "b"))
+    for n in range(3):
+        a.ingest(make_mail(message_id=f"slow-{n}@acme.example", subject=f"slow relay {n}"))
+    with a.session() as s:
+        queued = s.scalar(select(func.count()).select_from(OutboxMail)) or 0
+    assert queued >= 6  # an acknowledgement and a staff notice each
+
+    def slow_relay_then_the_other_instance_looks(_data: bytes) -> None:
+        clock.now += timedelta(minutes=6)
+        send_due(b.app.sessions, b.app.transport(), clock)
+
+    send_due(a.app.sessions, a.app.transport(), clock,
+             after_send=slow_relay_then_the_other_instance_looks)  # fmt: skip
+    delivered = Counter(str(m["Message-ID"]) for m in sink.messages())
+    assert len(delivered) == queued and set(delivered.values()) == {1}, delivered
+    with a.session() as s:
+        assert set(s.scalars(select(OutboxMail.status))) == {"sent"}

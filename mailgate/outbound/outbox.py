@@ -6,6 +6,13 @@ after sending but before marking leaves the row `sending`; once its lease has
 expired it is retried with the same bytes and Message-ID, so a receiver can
 recognise the repeat.
 
+A live worker must never see its lease expire: another instance (or `mailgate
+ingest` sending what it queued) would take the mail and send it a second
+time. So the lease outlasts the slowest single send the SMTP transport allows
+(its 10-minute wait for the end-of-data reply plus command timeouts), and a
+worker whose batch runs long renews the lease of the rows it still holds
+before each send, dropping any that another worker took meanwhile.
+
 Each attempt ends in one result, logged as one line on ``mailgate.outbox``
 with its fields in ``extra["mailgate"]`` (outbox_id, message_id, kind,
 recipients, attempt, result, error, next_attempt_at):
@@ -49,7 +56,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailgate.outbound.transports import (
@@ -67,7 +74,10 @@ log = logging.getLogger("mailgate.outbox")
 # retry, or failed (refused) / dead (given up); `retry` queues those two again.
 STATUSES = ("queued", "sending", "sent", "failed", "dead")
 
-SENDING_LEASE = timedelta(minutes=10)
+# Longer than one send can take (transports.SmtpTransport: 600 s for the reply to
+# the end of data, plus connecting and each command); a batch renews it.
+SENDING_LEASE = timedelta(minutes=30)
+RENEW_AFTER = SENDING_LEASE / 6
 MAX_ERROR_CHARS = 2000
 # Marks `last_error` while the relay may already hold one copy of the mail.
 MAYBE_DELIVERED = "[maybe delivered] "
@@ -144,6 +154,7 @@ class _Claimed:
     envelope_from: str
     recipients: list[str]
     data: bytes
+    attempt: int  # the row's `attempts` after our claim: another claim changes it
 
 
 @dataclass(frozen=True)
@@ -179,17 +190,25 @@ def send_due(
     `after_send` sees each mail the relay accepted, before its row is
     marked (the tests' crash point, see intake/faults.py).
     """
+    leased_at = clock()
     with sessions.begin() as session:
         claimed = [
-            _Claimed(r.id, r.envelope_from, list(r.recipients), r.data or b"")
-            for r in _claim(session, clock(), limit, later)
+            _Claimed(r.id, r.envelope_from, list(r.recipients), r.data or b"", r.attempts)
+            for r in _claim(session, leased_at, limit, later)
         ]
     # One transaction records the whole batch: under load each write waits its
     # turn behind the intake, and one wait per mail made the sender fall
     # behind. A crash before it commits leaves the batch `sending`, to be sent
     # once more after the lease: still within "at most two copies".
-    attempts = []
+    attempts: list[tuple[_Claimed, _Attempt]] = []
+    held = claimed
     for mail in claimed:
+        if lease_to_renew(leased_at, clock()):
+            leased_at = clock()
+            held = _renew(sessions, held, leased_at)
+        if mail.id not in {other.id for other in held}:
+            log.warning("outbox #%s: lease lost to another sender; not sent here", mail.id)
+            continue
         attempt = _attempt(transport, mail)
         if attempt.error is None and after_send is not None:
             after_send(mail.data)
@@ -199,6 +218,35 @@ def send_due(
             for mail, attempt in attempts:
                 _record_result(session, mail, attempt, clock(), policy, notify)
     return len(claimed)
+
+
+def lease_to_renew(leased_at: datetime, now: datetime) -> bool:
+    """Renew well before the lease ends: a batch of slow sends (a relay that
+    takes minutes per mail) outlasted it, and another sender took the rest."""
+    return now - leased_at >= RENEW_AFTER
+
+
+def _renew(sessions: sessionmaker[Session], held: list[_Claimed], now: datetime) -> list[_Claimed]:
+    """Extend the lease of the rows still ours; those that are. A row another
+    sender claimed after our lease expired counts one more attempt (or is no
+    longer `sending`): it is theirs to send now."""
+    if not held:
+        return held
+    with sessions.begin() as session:
+        ours = set(
+            session.scalars(
+                update(OutboxMail)
+                .where(
+                    tuple_(OutboxMail.id, OutboxMail.attempts).in_(
+                        [(mail.id, mail.attempt) for mail in held]
+                    ),
+                    OutboxMail.status == "sending",
+                )
+                .values(next_attempt_at=now)
+                .returning(OutboxMail.id)
+            )
+        )
+    return [mail for mail in held if mail.id in ours]
 
 
 def _attempt(transport: Transport, mail: _Claimed) -> _Attempt:
