@@ -23,7 +23,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from mailgate.config import (
@@ -292,6 +292,23 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
 DIRECTORY_READING = b"3\n"
 
 
+# pg_advisory_xact_lock's key while syncing the directory (store/leadership.py and
+# store/db.py hold the others).
+DIRECTORY_LOCK_KEY = 0x6D67_6469  # "mgdi"
+
+
+def _one_sync_at_a_time(session: Session) -> None:
+    """On PostgreSQL, instances syncing a changed directory at once (a reload of
+    every machine after configuration management pushed directory.yaml, or their
+    first start) all read the old checksum, inserted the same new contacts, and
+    all but one failed on a duplicate key: their reload refused, or their start
+    or command ended in "database unavailable". Waiting here until the first one
+    commits, the others then find the checksum up to date. Released at the end
+    of the transaction. SQLite needs none: BEGIN IMMEDIATE makes writers queue."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": DIRECTORY_LOCK_KEY})
+
+
 def sync_directory_if_changed(app: App) -> str | None:
     """Sync the settings' directory file when its content changed since the last sync
     (on every start and reload of the daemon, and before most commands)."""
@@ -304,6 +321,7 @@ def sync_directory_if_changed(app: App) -> str | None:
         raise ConfigError([f"{app.settings.source}: directory: {path} not found"])
     digest = hashlib.sha256(DIRECTORY_READING + path.read_bytes()).hexdigest()
     with app.sessions.begin() as session:
+        _one_sync_at_a_time(session)
         if get_state(session, "directory.sha256") == digest:
             return None
         report = sync_directory(session, load_directory(path))

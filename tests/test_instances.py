@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import create_engine, func, select, text
 
+from mailgate.directory import sync_directory_if_changed
 from mailgate.intake.faults import FAULT_ENV
 from mailgate.outbound.outbox import send_due
 from mailgate.store.db import HEAD_REVISION, current_revision, make_engine
 from mailgate.store.leadership import AdvisoryLock, FileLock
-from mailgate.store.models import IngestRecord, OutboxMail, SlaClock, Ticket
+from mailgate.store.models import Contact, IngestRecord, OutboxMail, SlaClock, Ticket
 from tests.conftest import NO_LOOP_LIMITS, ROOT, Clockwork, deep_update, install_at, make_mail
 from tests.daemon import launch, start_daemon
 from tests.postgres import Cluster, start_postgres
@@ -514,3 +516,61 @@ def test_a_batch_slower_than_the_lease_is_not_sent_again_by_the_other_instance(
     assert len(delivered) == queued and set(delivered.values()) == {1}, delivered
     with a.session() as s:
         assert set(s.scalars(select(OutboxMail.status))) == {"sent"}
+
+
+# --- the directory, synced by several instances at once -----------------------------
+
+
+def test_instances_syncing_a_changed_directory_at_once_all_succeed(
+    tmp_path: Path, postgres: Cluster
+) -> None:
+    """Configuration management pushes directory.yaml and reloads every machine at
+    once: each instance syncs it. They all read the old checksum and inserted the
+    same new contact; all but one failed on the duplicate key ("reload refused …
+    database unavailable: duplicate key value"). A third session holds the
+    checksum's row while both sync, so both are certain to overlap."""
+    url = postgres.fresh_database()
+    clock = Clockwork()
+    a, b = (install_at(tmp_path / name, clock, instance_settings(url, tmp_path))
+            for name in ("a", "b"))  # fmt: skip
+    listing = yaml.safe_load((tmp_path / "a" / "directory.yaml").read_text())
+    acme = next(org for org in listing["organisations"] if org["id"] == "acme")
+    acme["contacts"].append({"email": "dave@acme.example", "name": "Dave", "role": "admin"})
+    for inst in (a, b):
+        (inst.root / "directory.yaml").write_text(yaml.safe_dump(listing))
+
+    engine = create_engine(url)
+    results: dict[str, object] = {}
+    try:
+        with engine.connect() as holder:
+            holder.execute(
+                text("SELECT value FROM state WHERE key = 'directory.sha256' FOR UPDATE")
+            )
+
+            def sync(name: str, inst: Any) -> None:
+                try:
+                    results[name] = sync_directory_if_changed(inst.app)
+                except Exception as exc:  # noqa: BLE001 - the test reports it
+                    results[name] = exc
+
+            threads = [threading.Thread(target=sync, args=item) for item in (("a", a), ("b", b))]
+            for thread in threads:
+                thread.start()
+
+            def both_waiting() -> bool:
+                with engine.connect() as conn:
+                    return conn.scalar(text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )) == 2  # fmt: skip
+
+            eventually(both_waiting, timeout=10, what="both instances inside their sync")
+            holder.rollback()
+            for thread in threads:
+                thread.join(10)
+    finally:
+        engine.dispose()
+    assert not [r for r in results.values() if isinstance(r, Exception)], results
+    assert sorted(r is None for r in results.values()) == [False, True]  # one synced it
+    with a.session() as s:
+        assert s.scalar(select(func.count()).where(Contact.email == "dave@acme.example")) == 1
