@@ -33,6 +33,8 @@ from mailgate.outbound.outbox import send_due
 from mailgate.store.db import HEAD_REVISION, current_revision, make_engine
 from mailgate.store.leadership import AdvisoryLock, FileLock
 from mailgate.store.models import Contact, IngestRecord, OutboxMail, SlaClock, Ticket
+from mailgate.tickets.changes import set_status
+from mailgate.tickets.sweep import sweep as lifecycle_sweep
 from tests.conftest import NO_LOOP_LIMITS, ROOT, Clockwork, deep_update, install_at, make_mail
 from tests.daemon import launch, start_daemon
 from tests.postgres import Cluster, start_postgres
@@ -574,3 +576,63 @@ def test_instances_syncing_a_changed_directory_at_once_all_succeed(
     assert sorted(r is None for r in results.values()) == [False, True]  # one synced it
     with a.session() as s:
         assert s.scalar(select(func.count()).where(Contact.email == "dave@acme.example")) == 1
+
+
+# --- the lifecycle sweep, overlapping at a change of leader --------------------------
+
+
+def test_overlapping_lifecycle_sweeps_remind_the_customer_once(
+    tmp_path: Path, postgres: Cluster
+) -> None:
+    """A leader that lost its lock's connection finishes the sweep in hand while
+    the new leader starts its own (store/leadership.py): both read the same ticket
+    waiting on the customer and both queued the reminder, so the customer got it
+    twice. A third session holds the ticket's row while both sweep, so they are
+    certain to overlap; the next scheduled sweep then runs alone."""
+    url = postgres.fresh_database()
+    clock = Clockwork()
+    old, new = (install_at(tmp_path / name, clock, instance_settings(url, tmp_path))
+                for name in ("old", "new"))  # fmt: skip
+    number = old.ingest(make_mail(message_id="wait@acme.example", subject="Question")).ticket
+    with old.session() as s, s.begin():
+        ticket = s.scalar(select(Ticket).where(Ticket.number == number))
+        set_status(s, ticket, "waiting_customer", now=clock(), actor_kind="staff",
+                   actor="bob@support.example", reason="asked for logs")  # fmt: skip
+    due = clock() + timedelta(days=7)  # past 3 business days
+
+    engine = create_engine(url)
+    errors: list[BaseException] = []
+
+    def lifecycle(inst: Any) -> None:
+        try:
+            lifecycle_sweep(inst.app, due)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("SELECT id FROM tickets WHERE number = :n FOR UPDATE"),
+                           {"n": number})  # fmt: skip
+            threads = [threading.Thread(target=lifecycle, args=(i,)) for i in (old, new)]
+            for thread in threads:
+                thread.start()
+
+            def both_waiting_or_done() -> bool:
+                with engine.connect() as conn:
+                    waiting = conn.scalar(text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    ))  # fmt: skip
+                return waiting == 2 or not any(t.is_alive() for t in threads)
+
+            eventually(both_waiting_or_done, timeout=10, what="both sweeps under way")
+            holder.rollback()
+            for thread in threads:
+                thread.join(10)
+    finally:
+        engine.dispose()
+    lifecycle_sweep(new.app, due + timedelta(minutes=5))  # the next scheduled run
+    assert errors == []
+    with new.session() as s:
+        reminders = s.scalar(select(func.count()).where(OutboxMail.kind == "waiting_reminder"))
+    assert reminders == 1

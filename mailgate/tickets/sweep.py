@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
@@ -47,11 +47,21 @@ def sweep(app: App, now: datetime) -> SweepReport:
     return report
 
 
+def claimed(query: Select[tuple[Ticket]]) -> Select[tuple[Ticket]]:
+    """The due tickets, locked until the sweep commits; those another sweep holds
+    are skipped. Two sweeps overlap when a leader that lost its lock finishes
+    the one in hand while the new leader starts (store/leadership.py): both read
+    the same due ticket and queued its reminder or resolution notice twice. A
+    ticket the other sweep already handled no longer matches once its lock is
+    free. (SQLite renders no FOR UPDATE: its writers take turns.)"""
+    return query.with_for_update(skip_locked=True, of=Ticket)
+
+
 def _close_resolved(app: App, session: Session, now: datetime) -> int:
     days = app.settings.tickets.reopen_days
     cutoff = now - timedelta(days=days)
     due = select(Ticket).where(Ticket.status == "resolved", Ticket.resolved_at <= cutoff)
-    tickets = list(session.scalars(due.order_by(Ticket.id).limit(BATCH)))
+    tickets = list(session.scalars(claimed(due.order_by(Ticket.id).limit(BATCH))))
     for ticket in tickets:
         set_status(session, ticket, "closed", now=now, actor_kind="system", actor=None,
                    reason=f"no reply within {days} days of resolution")  # fmt: skip
@@ -74,7 +84,7 @@ def _waiting(app: App, session: Session, now: datetime) -> tuple[int, int]:
     reminded = resolved = 0
     if remind:
         due = waiting.where(Ticket.reminded_at.is_(None), since <= now - timedelta(days=remind))
-        for ticket in session.scalars(due.order_by(since, Ticket.id).limit(BATCH)):
+        for ticket in session.scalars(claimed(due.order_by(since, Ticket.id).limit(BATCH))):
             zone = ticket.organisation.timezone
             if add_business_days(ticket.waiting_since or ticket.updated_at, remind, zone) <= now:
                 queue_waiting_reminder(app, session, ticket, now)
@@ -86,7 +96,7 @@ def _waiting(app: App, session: Session, now: datetime) -> tuple[int, int]:
         due = waiting.where(start <= now - timedelta(days=resolve))
         if remind:
             due = due.where(Ticket.reminded_at.is_not(None))
-        for ticket in session.scalars(due.order_by(start, Ticket.id).limit(BATCH)):
+        for ticket in session.scalars(claimed(due.order_by(start, Ticket.id).limit(BATCH))):
             began = ticket.reminded_at or ticket.waiting_since or ticket.updated_at
             if add_business_days(began, resolve, ticket.organisation.timezone) <= now:
                 why = f"no answer from the customer for {remind + resolve} business days"
