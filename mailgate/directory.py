@@ -23,7 +23,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailgate.config import (
@@ -34,6 +34,7 @@ from mailgate.config import (
     load_yaml,
     valid_timezone,
 )
+from mailgate.store.db import DIRECTORY_LOCK_KEY, transaction_lock
 from mailgate.store.models import Contact, Organisation, Staff
 from mailgate.store.state import get_state, set_state
 
@@ -256,7 +257,6 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
         for c in entry.contacts:
             contact = contacts.get(c.email) or Contact(email=c.email)
             contact.name, contact.role, contact.active = c.name, c.role, c.active
-            contact.listed = True
             contact.referent = c.email in entry.referents
             contact.organisation = org
             session.add(contact)
@@ -276,9 +276,8 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
             if key not in listed and row.active:
                 row.active = False
                 deactivated += 1
-    for email, contact in contacts.items():
-        if email not in listed_contacts:
-            contact.listed = False
+    for email, contact in contacts.items():  # listed with `active: false` too
+        contact.listed = email in listed_contacts
     session.flush()
     return SyncReport(
         len(listed_orgs), len(listed_contacts), len(listed_staff), deactivated, tuple(replanned)
@@ -290,23 +289,6 @@ def sync_directory(session: Session, directory: DirectoryFile) -> SyncReport:
 # internationalised domains in IDNA (A-labels), as intake compares senders;
 # "3", contacts the file lists as inactive told apart from those gone from it.
 DIRECTORY_READING = b"3\n"
-
-
-# pg_advisory_xact_lock's key while syncing the directory (store/leadership.py and
-# store/db.py hold the others).
-DIRECTORY_LOCK_KEY = 0x6D67_6469  # "mgdi"
-
-
-def _one_sync_at_a_time(session: Session) -> None:
-    """On PostgreSQL, instances syncing a changed directory at once (a reload of
-    every machine after configuration management pushed directory.yaml, or their
-    first start) all read the old checksum, inserted the same new contacts, and
-    all but one failed on a duplicate key: their reload refused, or their start
-    or command ended in "database unavailable". Waiting here until the first one
-    commits, the others then find the checksum up to date. Released at the end
-    of the transaction. SQLite needs none: BEGIN IMMEDIATE makes writers queue."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": DIRECTORY_LOCK_KEY})
 
 
 def sync_directory_if_changed(app: App) -> str | None:
@@ -321,7 +303,12 @@ def sync_directory_if_changed(app: App) -> str | None:
         raise ConfigError([f"{app.settings.source}: directory: {path} not found"])
     digest = hashlib.sha256(DIRECTORY_READING + path.read_bytes()).hexdigest()
     with app.sessions.begin() as session:
-        _one_sync_at_a_time(session)
+        # One sync at a time on PostgreSQL: instances syncing a changed directory at
+        # once (every machine reloaded after configuration management pushed it, or
+        # their first start) all read the old checksum, inserted the same new
+        # contacts, and all but one failed on a duplicate key. Waiting here, the
+        # others find the checksum up to date.
+        transaction_lock(session, DIRECTORY_LOCK_KEY)
         if get_state(session, "directory.sha256") == digest:
             return None
         report = sync_directory(session, load_directory(path))

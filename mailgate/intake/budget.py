@@ -26,7 +26,7 @@ UNDECLARED_BYTES = 1_000_000  # what a message without SIZE= is assumed to weigh
 def declared_size(mail_options: list[str]) -> int | None:
     for option in mail_options:
         key, _, value = option.partition("=")
-        if key.upper() == "SIZE" and value.isdigit():
+        if key.upper() == "SIZE" and value.isdecimal():  # not "²": see declared_size_readable
             return int(value)
     return None
 

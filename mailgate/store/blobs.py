@@ -21,10 +21,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from mailgate.store.db import BLOB_LOCK_SPACE, transaction_lock
 from mailgate.store.durable import make_dirs_durably, write_durably
 from mailgate.store.models import Article, AttachmentRow, Blob, IngestRecord
 
@@ -44,19 +45,11 @@ def referenced(session: Session, sha: str) -> bool:
     return False
 
 
-# pg_advisory_xact_lock's first key for "this blob": the second is the digest's
-# first 28 bits. A collision only makes two unrelated blobs wait for each other.
-BLOB_LOCK_SPACE = 0x6D67_626C  # "mgbl"
-
-
 def _lock(session: Session, sha: str, *, shared: bool) -> None:
     """Serialise deleting a blob with storing a new reference to it, until the
-    session's transaction ends. SQLite needs none: its writers take turns."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-    key = {"space": BLOB_LOCK_SPACE, "key": int(_checked(sha)[:7], 16)}
-    session.execute(text(f"SELECT {function}(:space, :key)"), key)
+    session's transaction ends. Keyed by the digest's first 28 bits: a collision
+    only makes two unrelated blobs wait for each other."""
+    transaction_lock(session, BLOB_LOCK_SPACE, int(_checked(sha)[:7], 16), shared=shared)
 
 
 def drop_unreferenced(

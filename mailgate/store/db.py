@@ -215,8 +215,22 @@ def current_revision(engine: Engine) -> str | None:
             return None
 
 
-# pg_advisory_lock's key while migrating: not the leader's (store/leadership.py).
+# PostgreSQL advisory lock keys, one per purpose; any numbers the database's other
+# users do not take. The leader's is in store/leadership.py.
 MIGRATION_LOCK_KEY = 0x6D67_6D69  # "mgmi"
+DIRECTORY_LOCK_KEY = 0x6D67_6469  # "mgdi": syncing the directory
+BLOB_LOCK_SPACE = 0x6D67_626C  # "mgbl": one blob, with its digest as the second key
+
+
+def transaction_lock(session: Session, *keys: int, shared: bool = False) -> None:
+    """Hold a PostgreSQL advisory lock on `keys` until the session's transaction
+    ends (committed or rolled back). SQLite needs none: BEGIN IMMEDIATE already
+    makes its writers take turns."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    names = ", ".join(f":k{i}" for i in range(len(keys)))
+    session.execute(text(f"SELECT {function}({names})"), {f"k{i}": k for i, k in enumerate(keys)})
 
 
 @contextlib.contextmanager
