@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from mailgate.directory import sync_directory_if_changed
 from mailgate.intake.faults import FAULT_ENV
@@ -523,6 +523,15 @@ def test_a_batch_slower_than_the_lease_is_not_sent_again_by_the_other_instance(
 # --- the directory, synced by several instances at once -----------------------------
 
 
+def waiting_on_locks(engine: Engine) -> int:
+    """Sessions of the test database waiting for a lock now."""
+    with engine.connect() as conn:
+        return conn.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ))  # fmt: skip
+
+
 def test_instances_syncing_a_changed_directory_at_once_all_succeed(
     tmp_path: Path, postgres: Cluster
 ) -> None:
@@ -560,11 +569,7 @@ def test_instances_syncing_a_changed_directory_at_once_all_succeed(
                 thread.start()
 
             def both_waiting() -> bool:
-                with engine.connect() as conn:
-                    return conn.scalar(text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )) == 2  # fmt: skip
+                return waiting_on_locks(engine) == 2
 
             eventually(both_waiting, timeout=10, what="both instances inside their sync")
             holder.rollback()
@@ -618,12 +623,7 @@ def test_overlapping_lifecycle_sweeps_remind_the_customer_once(
                 thread.start()
 
             def both_waiting_or_done() -> bool:
-                with engine.connect() as conn:
-                    waiting = conn.scalar(text(
-                        "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    ))  # fmt: skip
-                return waiting == 2 or not any(t.is_alive() for t in threads)
+                return waiting_on_locks(engine) == 2 or not any(t.is_alive() for t in threads)
 
             eventually(both_waiting_or_done, timeout=10, what="both sweeps under way")
             holder.rollback()
