@@ -681,6 +681,43 @@ def load_yaml(path: Path) -> Any:
         where = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path}{where}: invalid YAML: {problem}"]) from None
+    except ValueError as exc:
+        raise ConfigError([f"{path}{unconstructible_value(text, exc)}"]) from None
+
+
+def unconstructible_value(text: str, exc: ValueError) -> str:
+    """`:line: key: problem` for a well-formed YAML value that cannot be built.
+
+    PyYAML reads `2026-02-30` as a date and lets `datetime.date` raise a bare
+    ValueError with no position; walking the composed nodes finds the scalar,
+    so that the operator is told the line and key instead of shown a traceback.
+    """
+    try:
+        root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+    builder = yaml.SafeLoader("")
+    pending: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while pending:
+        node, key = pending.pop()
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                builder.construct_object(node)
+            except ValueError:
+                return (
+                    f":{node.start_mark.line + 1}: {key or '(top level)'}: {_bad_scalar(node, exc)}"
+                )
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{key}.{i}".lstrip(".")) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            pending.extend((value, f"{key}.{name.value}".lstrip(".")) for name, value in node.value)
+    return f": a value cannot be read ({exc})"
+
+
+def _bad_scalar(node: yaml.ScalarNode, exc: ValueError) -> str:
+    if node.tag.endswith(":timestamp"):
+        return f"{node.value!r} is not a date ({exc}): write a real one as YYYY-MM-DD"
+    return f"{node.value!r} cannot be read ({exc}): quote it if it is text"
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:

@@ -166,6 +166,41 @@ def test_check_command_passes_on_shipped_files(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_an_impossible_date_is_a_line_with_file_and_key_not_a_traceback(tmp_path: Path) -> None:
+    # YAML reads 2027-02-30 as a date and Python refuses to build it: `check`,
+    # `run` (systemd must not restart a bad setting every 5 s) and `ingest`
+    # used to die with a ValueError traceback and exit 1.
+    shipped = (ROOT / "settings.yaml").read_text()
+    dates = "      dates: [2026-12-24, 2027-02-30]"
+    settings = shipped.replace("      holidays: true ", f"{dates}\n      holidays: true ", 1)
+    (tmp_path / "settings.yaml").write_text(settings)
+    (tmp_path / "directory.yaml").write_text((ROOT / "directory.yaml").read_text())
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    line = settings.splitlines().index(dates) + 1
+    expected = (
+        f"error: settings.yaml:{line}: sla.calendars.business.dates.1: '2027-02-30' is not a"
+        " date (day is out of range for month): write a real one as YYYY-MM-DD"
+    )
+    check = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert (check.returncode, check.stdout.strip(), check.stderr) == (1, expected, "")
+    run = mailgate("--config", "settings.yaml", "run", cwd=tmp_path)
+    assert (run.returncode, run.stderr.strip()) == (EX_CONFIG, expected)
+    ingest = mailgate("--config", "settings.yaml", "ingest", "-", cwd=tmp_path, input="x")
+    assert (ingest.returncode, ingest.stderr.strip()) == (75, expected)
+
+    (tmp_path / "settings.yaml").write_text(shipped)
+    directory = (ROOT / "directory.yaml").read_text().replace("2099-12-31", "2099-13-31")
+    (tmp_path / "directory.yaml").write_text(directory)
+    line = directory.splitlines().index("    contract_until: 2099-13-31") + 1
+    check = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert check.returncode == 1 and "Traceback" not in check.stderr
+    assert check.stdout.strip() == (
+        f"error: {tmp_path}/directory.yaml:{line}: organisations.0.contract_until: '2099-13-31'"
+        " is not a date (month must be in 1..12): write a real one as YYYY-MM-DD"
+    )
+
+
 def test_check_names_a_per_organisation_key_the_directory_lacks(tmp_path: Path) -> None:
     settings = yaml.safe_load((ROOT / "settings.yaml").read_text())
     settings["hygiene"]["authentication"]["organisations"] = {"acme": "require", "acne": "off"}

@@ -450,6 +450,12 @@ UNKNOWN = "unknown key (see the list of conditions and values in the rules docs)
             "1: the file must be a mapping with a `rules:` list",
             id="not-a-mapping",
         ),
+        pytest.param(  # YAML reads it as a date that Python cannot build: was a traceback
+            RULE + "    when:\n      subject: [2026-02-30]\n    then: {priority: P1}\n",
+            "4: rules.0.when.subject.0: '2026-02-30' is not a date (day is out of range for"
+            " month): write a real one as YYYY-MM-DD",
+            id="impossible-date",
+        ),
     ],
 )
 def test_invalid_file_is_reported_at_its_line(tmp_path: Path, text: str, where: str) -> None:

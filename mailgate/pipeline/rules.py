@@ -42,7 +42,7 @@ import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mailgate.config import ConfigError, GroupName, folder_missing
+from mailgate.config import ConfigError, GroupName, folder_missing, unconstructible_value
 from mailgate.pipeline.patterns import compile_pattern, found
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -273,6 +273,8 @@ def _load_file(path: Path) -> list[Rule]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RulesError([f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except ValueError as exc:  # a well-formed value that cannot be built: `2026-02-30`
+        raise RulesError([f"{path}{unconstructible_value(text, exc)}"]) from None
     if data is None:
         return []
     if not isinstance(data, dict):
