@@ -122,6 +122,22 @@ def test_every_kind_renders_in_every_language(
             assert name.replace("&", "&amp;") in rendered.html
 
 
+GREETING = {"en": "Hello {},", "fr": "Bonjour {},", "es": "Hola, {}:"}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith(("staff_", "sla_", "op"))])
+def test_every_customer_mail_greets_the_person_alike(
+    shipped: TemplateSet, kind: str, language: str
+) -> None:
+    # The Spanish spoofing notice read "Hola José:" where every other mail says
+    # "Hola, José:" (the vocative comma).
+    name = "José Müller"
+    rendered = shipped.render(kind, language, context(kind, requester_name=name, person_name=name))
+    assert rendered.text.split("\n")[0] == GREETING[language].format(name), kind
+    assert f"<p>{GREETING[language].format(name)}</p>" in rendered.html, kind
+
+
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_ack_content(shipped: TemplateSet, language: str) -> None:
     rendered = shipped.render("ack", language, context("ack"))
