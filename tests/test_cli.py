@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -151,3 +152,27 @@ def test_a_schema_newer_than_this_version_is_named_so(inst: Installation, capsys
         assert "Traceback" not in err
         assert err.startswith(f"error: {newer}"), err
         assert "db upgrade" not in err
+
+
+def test_tickets_show_and_rules_test_print_values_not_python_reprs(
+    inst: Installation, capsys: Capsys, tmp_path: Path
+) -> None:
+    # `tickets show` printed "urgent False", "assignee None", "tags ['login']" and
+    # "45 min in 1 entries"; `rules test` printed "urgent False" and "tags ['login']".
+    number = inst.ingest(make_mail(subject="Cannot log in", body="Nobody can log in.")).ticket
+    assert inst.cli("credits", "spend", number, "45m") == 0
+    capsys.readouterr()
+    assert inst.cli("tickets", "show", number) == 0
+    shown = dict(line.split(None, 1) for line in capsys.readouterr().out.split("\n\n")[0]
+                 .splitlines() if not line.startswith((" ", "time spent")))  # fmt: skip
+    assert (shown["urgent"], shown["assignee"], shown["group"]) == ("no", "-", "-")
+    assert shown["tags"] == "outage, login"
+    assert shown["cc"] == "-"
+    capsys.readouterr()
+    assert inst.cli("tickets", "show", number) == 0
+    assert "time spent    45 min in 1 entry\n" in capsys.readouterr().out
+    eml = tmp_path / "mail.eml"
+    eml.write_bytes(make_mail(subject="Cannot log in", body="Nobody can log in.").as_bytes())
+    assert inst.cli("rules", "test", str(eml)) == 0
+    tested = capsys.readouterr().out
+    assert "\nurgent    no\n" in tested and "\ntags      outage, login\n" in tested

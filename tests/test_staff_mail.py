@@ -569,7 +569,7 @@ def test_tickets_show_lists_history_and_time_and_sweep_runs_by_hand(
     assert [t["minutes"] for t in shown["time_spent"]] == [60]
     text = cli("tickets", "show", number)
     assert "status: new -> resolved  by bob@support.example" in text
-    assert "60 min in 1 entries" in text
+    assert "60 min in 1 entry\n" in text
     # By hand, as the daemon's sweep does it (in-process: on the installation's clock).
     desk.inst.clock.now += timedelta(days=15)
     capsys.readouterr()

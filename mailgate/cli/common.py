@@ -37,6 +37,15 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=False, default=str))
 
 
+def human(value: object, sep: str = ", ") -> str:
+    """A value as text for people: `-` for nothing, yes/no, a list joined (not Python's repr)."""
+    if isinstance(value, list | tuple):
+        return sep.join(str(v) for v in value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
+
+
 def print_table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:

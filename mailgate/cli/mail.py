@@ -8,7 +8,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from mailgate.cli.common import EX_OK, EX_TEMPFAIL, CommandError, load_app, print_json, send_queued
+from mailgate.cli.common import (
+    EX_OK,
+    EX_TEMPFAIL,
+    CommandError,
+    human,
+    load_app,
+    print_json,
+    send_queued,
+)
 from mailgate.config import ConfigError
 
 
@@ -77,17 +85,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if key == "sla" and value:
             value = ", ".join(f"{kind} due {due}" for kind, due in value.items())
         if key == "rules" and value:
-            value = ", ".join(f"{name} {_listed(v)}" for name, v in value.items())
+            value = ", ".join(f"{name} {human(v, '; ')}" for name, v in value.items())
         print(f"{key:11} {value if value is not None else '-'}")
     return EX_OK
-
-
-def _listed(value: object) -> str:
-    if isinstance(value, list):
-        return "; ".join(value) or "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "-" if value is None else str(value)
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
@@ -121,5 +121,5 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     if not data["matched"]:
         print("no rule matched")
     for key in ("priority", "urgent", "level", "assignee", "group", "tags", "why"):
-        print(f"{key:9} {data[key] if data[key] not in (None, []) else '-'}")
+        print(f"{key:9} {human(data[key])}")
     return EX_OK

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from mailgate.cli.common import (
     EX_OK,
     CommandError,
+    human,
     load_app,
     parse_day,
     parse_now,
@@ -83,10 +84,11 @@ def cmd_tickets_show(args: argparse.Namespace) -> int:
         return EX_OK
     for key in ("number", "subject", "status", "priority", "urgent", "level", "assignee",
                 "group", "tags", "organisation", "requester", "cc", "created_at"):  # fmt: skip
-        print(f"{key:13} {data[key]}")
+        print(f"{key:13} {human(data[key])}")
     if data["time_spent"]:
         total = sum(t["minutes"] for t in data["time_spent"])
-        print(f"{'time spent':13} {total} min in {len(data['time_spent'])} entries")
+        entries = len(data["time_spent"])
+        print(f"{'time spent':13} {total} min in {entries} entr{'y' if entries == 1 else 'ies'}")
     for event in data["history"]:
         who = event["actor"] or event["actor_kind"]
         print(f"  {event['at'][:16]} {event['field']}: {event['old'] or '-'} -> {event['new']}"
