@@ -63,6 +63,10 @@ from mailgate.store.db import SchemaError, unavailable
 from mailgate.tickets.lifecycle import STATUSES as TICKET_STATUSES
 
 ACT_AT = "act as at this time, with a zone: now or earlier (a catch-up), never later"
+JSON = "print JSON instead of text"
+LIMIT = "at most this many, newest first (default: 100)"
+ORG = "the organisation's id in the directory"
+HELD = "the ID that `quarantine list` shows"
 
 
 def main(argv: Sequence[str] | None = None, *, clock: Clock = system_clock) -> int:
@@ -122,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="settings file (default: $MAILGATE_CONFIG or ./settings.yaml)",
     )
     common.add_argument(
-        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging, with addresses in clear (not as addr: hashes)",
     )
     parser = argparse.ArgumentParser(
         prog="mailgate",
@@ -143,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run,
                   "run the daemon: SMTP and/or IMAP intake, outbox sender, scheduler")  # fmt: skip
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object per line (the systemd unit uses it)",
+    )
     command("check", cmd_check, "validate settings, directory, rules, templates and database, "
             "and reach the relay and IMAP servers")  # fmt: skip
 
@@ -163,22 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     rules = group("rules", "priority rules").add_subparsers(metavar="ACTION")
     rules_test = command("test", cmd_rules_test, "which rules match a mail, and what they set",
                          rules)  # fmt: skip
-    rules_test.add_argument("file", metavar="FILE.eml")
-    rules_test.add_argument("--json", action="store_true")
+    rules_test.add_argument("file", metavar="FILE.eml", help="one message, as received")
+    rules_test.add_argument("--json", action="store_true", help=JSON)
 
     explain = command("explain", cmd_explain, "dry run: what would happen to this mail")
-    explain.add_argument("file", metavar="FILE.eml")
-    explain.add_argument("--json", action="store_true")
+    explain.add_argument("file", metavar="FILE.eml", help="one message, as received")
+    explain.add_argument("--json", action="store_true", help=JSON)
 
     tickets = group("tickets", "read tickets").add_subparsers(metavar="ACTION")
     tl = command("list", cmd_tickets_list, "list tickets", tickets)
-    tl.add_argument("--status", choices=TICKET_STATUSES)
-    tl.add_argument("--org", metavar="ORG")
-    tl.add_argument("--limit", type=int, default=100)
-    tl.add_argument("--json", action="store_true")
+    tl.add_argument("--status", choices=TICKET_STATUSES, help="only tickets in this status")
+    tl.add_argument("--org", metavar="ORG", help="one organisation's tickets (its id)")
+    tl.add_argument("--limit", type=int, default=100, help=LIMIT)
+    tl.add_argument("--json", action="store_true", help=JSON)
     ts = command("show", cmd_tickets_show, "one ticket and its articles", tickets)
-    ts.add_argument("number")
-    ts.add_argument("--json", action="store_true")
+    ts.add_argument("number", metavar="NUMBER", help="tracking number, e.g. SUP-2026-000042")
+    ts.add_argument("--json", action="store_true", help=JSON)
     sweep = command(
         "sweep", cmd_tickets_sweep,
         "send due waiting reminders, resolve and close tickets (the daemon does it every 5 min)",
@@ -197,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--from", dest="start", metavar="DATE", help="tickets created from (ISO)")
     report.add_argument("--to", dest="end", metavar="DATE", help="...until before (ISO)")
     report.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help=JSON)
 
     directory = group("directory", "organisations, contacts, staff")
     dsub = directory.add_subparsers(metavar="ACTION")
@@ -209,41 +222,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     outbox = group("outbox", "outbound queue").add_subparsers(metavar="ACTION")
     ol = command("list", cmd_outbox_list, "list outbound mail", outbox)
-    ol.add_argument("--status", choices=OUTBOX_STATUSES)
-    ol.add_argument("--limit", type=int, default=100)
-    ol.add_argument("--json", action="store_true")
+    ol.add_argument("--status", choices=OUTBOX_STATUSES, help="only mail in this status")
+    ol.add_argument("--limit", type=int, default=100, help=LIMIT)
+    ol.add_argument("--json", action="store_true", help=JSON)
     orr = command("retry", cmd_outbox_retry, "requeue failed or dead mail", outbox)
     orr.add_argument("ids", nargs="*", type=int, metavar="ID", help="default: all of them")
     command("send", cmd_outbox_send, "send what is due now", outbox)
 
     credits = group("credits", "prepaid support credit").add_subparsers(metavar="ACTION")
     ca = command("add", cmd_credits_add, "record a pack an organisation bought", credits)
-    ca.add_argument("org", metavar="ORG")
+    ca.add_argument("org", metavar="ORG", help=ORG)
     ca.add_argument("pack", metavar="PACK", help="a name from settings credits.packs")
     ca.add_argument("--activated", metavar="DATE", help="default: now (ISO date or time)")
     ca.add_argument("--reference", default="", help="order or invoice number")
     cb = command("balance", cmd_credits_balance, "credit left, per pack", credits)
-    cb.add_argument("org", metavar="ORG")
+    cb.add_argument("org", metavar="ORG", help=ORG)
     cb.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
-    cb.add_argument("--json", action="store_true")
+    cb.add_argument("--json", action="store_true", help=JSON)
     cst = command("statement", cmd_credits_statement, "the ledger, with a running balance",
                   credits)  # fmt: skip
-    cst.add_argument("org", metavar="ORG")
-    cst.add_argument("--from", dest="start", metavar="DATE")
-    cst.add_argument("--to", dest="end", metavar="DATE")
+    cst.add_argument("org", metavar="ORG", help=ORG)
+    cst.add_argument(
+        "--from",
+        dest="start",
+        metavar="DATE",
+        help="entries from this day (the organisation's time zone)",
+    )
+    cst.add_argument("--to", dest="end", metavar="DATE", help="...until before this day")
     cst.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
     form = cst.add_mutually_exclusive_group()
-    form.add_argument("--json", action="store_true")
-    form.add_argument("--csv", action="store_true")
+    form.add_argument("--json", action="store_true", help=JSON + " (times in UTC)")
+    form.add_argument("--csv", action="store_true", help="CSV (times in UTC)")
     csp = command("spend", cmd_credits_spend, "record time on a ticket and charge it", credits)
-    csp.add_argument("ticket", metavar="TICKET")
+    csp.add_argument("ticket", metavar="TICKET", help="tracking number")
     csp.add_argument("duration", metavar="DURATION", help="45m, 1h30, 1.5h, …")
     csp.add_argument("--by", default="operator", help="who did the work (default: operator)")
     csp.add_argument("--now", metavar="ISO", help=argparse.SUPPRESS)
     crv = command("reverse", cmd_credits_reverse,
                   "correct a spend: a reversing entry gives its credits back", credits)  # fmt: skip
     crv.add_argument("entry", type=int, metavar="ENTRY", help="the spend's id in the statement")
-    crv.add_argument("--note", default="corrected by an operator")
+    crv.add_argument("--note", default="corrected by an operator", help="why, kept in the ledger")
     csw = command("sweep", cmd_credits_sweep,
                   "book expiries and send expiry notices (the daemon does it hourly)",
                   credits)  # fmt: skip
@@ -252,17 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine = group("quarantine", "mail held for an operator")
     qsub = quarantine.add_subparsers(metavar="ACTION")
     ql = command("list", cmd_quarantine_list, "held mail, newest first", qsub)
-    ql.add_argument("--limit", type=int, default=100)
-    ql.add_argument("--json", action="store_true")
+    ql.add_argument("--limit", type=int, default=100, help=LIMIT)
+    ql.add_argument("--json", action="store_true", help=JSON)
     qs = command("show", cmd_quarantine_show, "one held mail: why, and its headers", qsub)
-    qs.add_argument("id", type=int)
+    qs.add_argument("id", type=int, metavar="ID", help=HELD)
     qs.add_argument("--raw", action="store_true", help="print the whole raw mail")
     qr = command("release", cmd_quarantine_release,
                  "run held mail through the pipeline again (after a fix)", qsub)  # fmt: skip
-    qr.add_argument("ids", nargs="+", type=int, metavar="ID")
+    qr.add_argument("ids", nargs="+", type=int, metavar="ID", help=HELD)
     qr.add_argument("--no-send", action="store_true", help="leave queued mail to the daemon")
     qd = command("delete", cmd_quarantine_delete, "drop held mail (the record stays)", qsub)
-    qd.add_argument("ids", nargs="+", type=int, metavar="ID")
+    qd.add_argument("ids", nargs="+", type=int, metavar="ID", help=HELD)
 
     retention = group("retention", "personal data kept only as long as needed")
     rsub = retention.add_subparsers(metavar="ACTION")
@@ -276,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = gdpr.add_subparsers(metavar="ACTION")
     ge = command("export", cmd_gdpr_export, "everything stored about a person", gsub)
     ge.add_argument("email", metavar="EMAIL")
-    ge.add_argument("--format", choices=("json", "zip"), default="json")
+    ge.add_argument(
+        "--format",
+        choices=("json", "zip"),
+        default="json",
+        help="zip: export.json and the attachments' files (default: json on stdout)",
+    )
     ge.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     gr = command("erase", cmd_gdpr_erase, "remove a person from everything stored", gsub)
     gr.add_argument("email", metavar="EMAIL")
