@@ -635,6 +635,17 @@ class Settings(Strict):
     base_dir: Path = Field(Path("."), exclude=True)
     source: str = Field("settings.yaml", exclude=True)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_reachable_by_a_driver(cls, value: str) -> str:
+        # Here, not at the first connection: a PostgreSQL URL without its driver
+        # installed was a traceback, and `run` exited 1 for systemd to restart.
+        from mailgate.store.db import database_url_problem
+
+        if problem := database_url_problem(value):
+            raise ValueError(problem)
+        return value
+
     @property
     def support_domain(self) -> str:
         return self.support_address.rsplit("@", 1)[1]

@@ -201,6 +201,49 @@ def test_an_impossible_date_is_a_line_with_file_and_key_not_a_traceback(tmp_path
     )
 
 
+def without_psycopg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`mailgate ARGS` on an installation made without the [postgresql] extra:
+    a None in sys.modules is how Python spells "this module cannot be imported"."""
+    code = (
+        "import sys; sys.modules['psycopg'] = None; from mailgate.cli import main; sys.exit(main())"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "postgresql://mailgate@db.internal/mailgate",
+            "PostgreSQL's driver psycopg is not installed (import of psycopg halted; None in"
+            " sys.modules): pip install 'mailgate[postgresql]' and write postgresql://USER@HOST/DB",
+        ),
+        (
+            "mysql://mailgate@db.internal/mailgate",
+            "mailgate runs on SQLite or PostgreSQL, not mysql",
+        ),
+        (
+            "postgres://mailgate@db.internal/mailgate",
+            "'postgres://mailgate@db.internal/mailgate' is not a database URL:"
+            " write sqlite:///PATH or postgresql://USER@HOST/DB",
+        ),
+    ],
+)
+def test_a_database_url_mailgate_cannot_use_is_a_setting_error(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    # Was a ModuleNotFoundError or ArgumentError traceback from `check`, and an
+    # exit 1 from `run`, which systemd restarts every 5 s instead of leaving the
+    # unit failed (78) with the reason in the journal.
+    write(tmp_path / "settings.yaml", {"database_url": url})
+    expected = f"error: settings.yaml: database_url: {problem}"
+    check = without_psycopg("--config", "settings.yaml", "check", cwd=tmp_path)
+    assert (check.returncode, check.stdout.strip(), check.stderr) == (1, expected, "")
+    run = without_psycopg("--config", "settings.yaml", "run", cwd=tmp_path)
+    assert (run.returncode, run.stderr.strip()) == (EX_CONFIG, expected)
+
+
 def test_check_names_a_per_organisation_key_the_directory_lacks(tmp_path: Path) -> None:
     settings = yaml.safe_load((ROOT / "settings.yaml").read_text())
     settings["hygiene"]["authentication"]["organisations"] = {"acme": "require", "acne": "off"}

@@ -60,10 +60,43 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, **kwargs: Any) -> En
         engine = create_engine(url, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine, busy_timeout_ms, gate)
         return engine
+    return create_engine(
+        with_driver(url), pool_pre_ping=True, connect_args=POSTGRES_CONNECT, **kwargs
+    )
+
+
+def with_driver(url: str) -> str:
+    """The URL SQLAlchemy is given: SQLAlchemy's default PostgreSQL driver is
+    psycopg2, and we ship psycopg 3."""
     if url.startswith("postgresql://"):
-        # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg 3.
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT, **kwargs)
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why `url` cannot be mailgate's database, or None: a typo, a database it
+    does not run on, or a driver that is not installed (PostgreSQL's is an extra)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(with_driver(url))
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        return f"{url!r} is not a database URL: write sqlite:///PATH or postgresql://USER@HOST/DB"
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        return f"mailgate runs on SQLite or PostgreSQL, not {parsed.get_backend_name()}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        if parsed.get_backend_name() == "postgresql":
+            return (
+                f"PostgreSQL's driver {driver} is not installed ({exc}): pip install"
+                " 'mailgate[postgresql]' and write postgresql://USER@HOST/DB"
+            )
+        return f"the driver {driver} is not installed ({exc})"
+    return None
 
 
 def sqlite_file(url: str) -> Path | None:
