@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import string
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -249,6 +250,34 @@ class Outbound(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def number_format_problem(number_format: str) -> str | None:
+    """Why tracking numbers cannot be made from `number_format`, or None.
+
+    Sequences restart at 1 every year, so without {year} next January's numbers
+    would collide with this year's; and the `[NUMBER]` subject tag is found by a
+    regex of digits, so {seq} must print digits only (`{seq:6d}` pads with spaces).
+    """
+    example = "e.g. SUP-{year}-{seq:06d}"
+    try:
+        fields = list(string.Formatter().parse(number_format))
+    except ValueError as exc:
+        return f"{number_format!r} is not a format ({exc}): {example}"
+    names = [name for _, name, _, _ in fields if name is not None]
+    for literal, name, spec, conversion in fields:
+        if re.search(r"[\[\]\s]", literal):
+            return f"{number_format!r}: no brackets or spaces (the number goes in [ ] in subjects)"
+        if name is None:
+            continue
+        if name not in ("year", "seq") or conversion:
+            return f"{number_format!r}: only {{year}} and {{seq}} may be used, {example}"
+        if not re.fullmatch(r"d?|0[1-9][0-9]?d?", spec or ""):
+            return f"{number_format!r}: {{{name}:{spec}}} must print digits only, {example}"
+    if sorted(set(names)) != ["seq", "year"] or len(names) != 2:
+        return (f"{number_format!r} must contain {{year}} and {{seq}} once each (the sequence"
+                f" starts again at 1 every year), {example}")  # fmt: skip
+    return None
+
+
 class Tickets(Strict):
     number_format: str = "SUP-{year}-{seq:06d}"
     secret_file: Path = Path("var/secret.key")
@@ -269,6 +298,13 @@ class Tickets(Strict):
     # resolved automatically after M more (0 turns either off).
     waiting_reminder_days: int = Field(3, ge=0)
     waiting_resolve_days: int = Field(4, ge=0)
+
+    @field_validator("number_format")
+    @classmethod
+    def _numbers_unique_and_findable(cls, value: str) -> str:
+        if problem := number_format_problem(value):
+            raise ValueError(problem)
+        return value
 
     @field_validator("reply_markers")
     @classmethod

@@ -96,6 +96,27 @@ def test_a_bare_off_means_off_as_the_readme_writes_it(tmp_path: Path) -> None:
             {"retention": {"closed_days": 0}},
             "retention.closed_days: Input should be greater than 0",
         ),
+        (  # every new ticket was a KeyError traceback and a tempfail, for ever
+            {"tickets": {"number_format": "{org}-{seq}"}},
+            "tickets.number_format: '{org}-{seq}': only {year} and {seq} may be used,"
+            " e.g. SUP-{year}-{seq:06d}",
+        ),
+        (  # the sequence starts at 1 again each January: SUP-000001 a second time
+            {"tickets": {"number_format": "SUP-{seq:06d}"}},
+            "tickets.number_format: 'SUP-{seq:06d}' must contain {year} and {seq} once each",
+        ),
+        (  # the second ticket of the year collided with the first: tempfail for ever
+            {"tickets": {"number_format": "SUP-{year}"}},
+            "tickets.number_format: 'SUP-{year}' must contain {year} and {seq} once each",
+        ),
+        (  # "2026-     7": the [NUMBER] tag in replies never matched
+            {"tickets": {"number_format": "{year}-{seq:6d}"}},
+            "tickets.number_format: '{year}-{seq:6d}': {seq:6d} must print digits only",
+        ),
+        (
+            {"tickets": {"number_format": "[{year}-{seq}]"}},
+            "tickets.number_format: '[{year}-{seq}]': no brackets or spaces",
+        ),
         (
             {"outbound": {"max_attempts": 0}},
             "outbound.max_attempts: Input should be greater than 0",
@@ -242,6 +263,26 @@ def test_a_database_url_mailgate_cannot_use_is_a_setting_error(
     assert (check.returncode, check.stdout.strip(), check.stderr) == (1, expected, "")
     run = without_psycopg("--config", "settings.yaml", "run", cwd=tmp_path)
     assert (run.returncode, run.stderr.strip()) == (EX_CONFIG, expected)
+
+
+def test_ingest_with_a_number_format_without_seq_keeps_the_mail_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # Was: the first mail of the year a ticket, every later one "tempfail -
+    # conflicting concurrent delivery" (the same number twice), with no hint.
+    shipped = (ROOT / "settings.yaml").read_text()
+    settings = shipped.replace(
+        'number_format: "SUP-{year}-{seq:06d}"', 'number_format: "SUP-{year}"'
+    )
+    assert settings != shipped
+    (tmp_path / "settings.yaml").write_text(settings)
+    (tmp_path / "directory.yaml").write_text((ROOT / "directory.yaml").read_text())
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    mail = (ROOT / "samples" / "first-request.eml").read_text()
+    ingest = mailgate("--config", "settings.yaml", "ingest", "-", cwd=tmp_path, input=mail)
+    assert ingest.returncode == 75 and "Traceback" not in ingest.stderr
+    assert "tickets.number_format: 'SUP-{year}' must contain {year} and {seq}" in ingest.stderr
 
 
 def test_check_names_a_per_organisation_key_the_directory_lacks(tmp_path: Path) -> None:
