@@ -148,10 +148,13 @@ def check_templates(settings: Settings) -> list[str]:
 def check_database(settings: Settings) -> list[str]:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from mailgate.store.db import current_revision, head_revision, make_engine
+    from mailgate.store.db import current_revision, head_revision, make_engine, sqlite_file
 
     if problems := sqlite_file_problems(settings):
         return problems  # connecting would fail, or work read-only and say nothing
+    sqlite = sqlite_file(settings.database_url)
+    if sqlite is not None and not sqlite.exists():
+        return []  # the first start creates and migrates it; `check` creates nothing
     try:
         engine = make_engine(settings.database_url)
         current = current_revision(engine)
@@ -225,30 +228,37 @@ def folder_problem(path: Path) -> str | None:
 
 def check_paths(settings: Settings) -> list[str]:
     """Where the daemon writes files: data_dir (and its blob folders), the outbound Maildir."""
-    problems = []
-    source = settings.source
-    data_dir = settings.path(settings.data_dir)
+    return _data_dir_problems(settings) + _maildir_problems(settings)
+
+
+def _data_dir_problems(settings: Settings) -> list[str]:
+    source, data_dir = settings.source, settings.path(settings.data_dir)
+    fix = "raw mail and attachments are stored there, give it to the user that runs mailgate"
+    if not data_dir.exists():
+        # The first start makes it. `check` creates nothing: run as root before
+        # that start, it would leave folders the service's user cannot write.
+        problem = folder_problem(data_dir)
+        return [f"{source}: data_dir: {problem} ({fix})"] if problem else []
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
         probe = data_dir / ".mailgate-check"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        problems.append(f"{source}: data_dir: {data_dir} is not writable by user "
-                        f"{running_user()} ({exc.strerror}; raw mail and attachments are "
-                        "stored there, give it to the user that runs mailgate)")  # fmt: skip
-    else:  # the folders under it, when it is there to hold them
-        if _blobs_in_files(settings):
-            problems += _blob_folder_problems(source, data_dir / "blobs")
+        return [f"{source}: data_dir: {data_dir} is not writable by user {running_user()} "
+                f"({exc.strerror}; {fix})"]  # fmt: skip
+    return _blob_folder_problems(source, data_dir / "blobs") if _blobs_in_files(settings) else []
+
+
+def _maildir_problems(settings: Settings) -> list[str]:
     out = settings.outbound
-    if out.transport == "maildir":
-        maildir = settings.path(out.maildir)
-        for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
-            if (problem := folder_problem(folder)) is not None:
-                fix = "the mail we send goes there; give it to the user that runs mailgate"
-                problems.append(f"{source}: outbound.maildir: {problem} ({fix})")
-                break  # the first folder in the way is enough
-    return problems
+    if out.transport != "maildir":
+        return []
+    maildir = settings.path(out.maildir)
+    for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        if (problem := folder_problem(folder)) is not None:
+            fix = "the mail we send goes there; give it to the user that runs mailgate"
+            return [f"{settings.source}: outbound.maildir: {problem} ({fix})"]
+    return []  # the first folder in the way is enough
 
 
 def _blobs_in_files(settings: Settings) -> bool:

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import string
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -696,16 +697,26 @@ _FIX_HINTS = {
 }
 
 
-def format_validation_errors(source: str, exc: ValidationError) -> list[str]:
+Location = tuple[int | str, ...]
+
+
+def format_validation_errors(
+    source: str,
+    exc: ValidationError,
+    locate: Callable[[Location], tuple[str, Location]] | None = None,
+) -> list[str]:
+    """One line per error: `source: key: problem (hint)`. `locate` may name a
+    better place for an error than the file and its key path (a CSV row)."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"] if p not in (ONE_MAILBOX, MAILBOXES))
-        key = key or "(top level)"
+        loc = tuple(p for p in err["loc"] if p not in (ONE_MAILBOX, MAILBOXES))
+        where, loc = locate(loc) if locate else (source, loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
         hint = _FIX_HINTS.get(err["type"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{source}: {key}: {message}" + (f" ({hint})" if hint else ""))
+        lines.append(f"{where}: {key}: {message}" + (f" ({hint})" if hint else ""))
     return lines
 
 

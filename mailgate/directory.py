@@ -30,6 +30,7 @@ from mailgate.config import (
     Address,
     ConfigError,
     GroupName,
+    Location,
     format_validation_errors,
     load_yaml,
     valid_timezone,
@@ -73,6 +74,14 @@ class OrganisationEntry(_Strict):
         if unknown:
             raise ValueError(f"referents {sorted(unknown)} are not contacts of {self.id}: "
                              "list them under contacts too")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _contract_ends_after_it_starts(self) -> OrganisationEntry:
+        # Never active, so every admin's mail would be refused: a typo, not a contract.
+        start, end = self.contract_from, self.contract_until
+        if start is not None and end is not None and end < start:
+            raise ValueError(f"contract_until {end} is before contract_from {start}")
         return self
 
 
@@ -126,11 +135,10 @@ def refuse_mass_deactivation(path: Path, report: SyncReport, limit: int) -> None
 
 def load_directory(path: Path) -> DirectoryFile:
     if path.suffix.lower() == ".csv":
-        data = _csv_to_mapping(path)
-    else:
-        data = load_yaml(path) or {}
-        if not isinstance(data, dict):
-            raise ConfigError([f"{path}: expected 'organisations:' and 'staff:' at the top level"])
+        return _load_csv(path)
+    data = load_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected 'organisations:' and 'staff:' at the top level"])
     try:
         directory = DirectoryFile.model_validate(data)
     except ValidationError as exc:
@@ -175,8 +183,51 @@ CSV_COLUMNS = (
 )
 
 
-def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
-    """One row per person: kind=contact rows carry their organisation's columns."""
+# A CSV's place for a value: its line, by the value's key path in the mapping.
+CsvLines = dict[Location, int]
+# What a row's own error (no column) is about, by the list the row went to.
+_ROW_KIND: dict[int | str, str] = {
+    "organisations": "organisation",
+    "contacts": "contact",
+    "staff": "staff",
+}
+
+
+def _load_csv(path: Path) -> DirectoryFile:
+    """A spreadsheet's export: every bad row named by its line, all at once."""
+    data, lines, problems = _csv_to_mapping(path)
+
+    def locate(loc: Location) -> tuple[str, Location]:
+        for end in range(len(loc), 0, -1):  # the most precise place known
+            if (line := lines.get(loc[:end])) is not None:
+                here = loc[end - 1]  # a column (str), or a row (its index in its list)
+                key = loc[end:] or (
+                    (here,) if isinstance(here, str) else (_ROW_KIND[loc[end - 2]],)
+                )
+                return f"{path}:{line}", key
+        return str(path), loc
+
+    try:
+        directory = DirectoryFile.model_validate(data)
+    except ValidationError as exc:
+        problems += format_validation_errors(str(path), exc, locate)
+    if problems:
+        raise ConfigError(sorted(problems, key=_line_order))
+    _check_unique_addresses(path, directory)
+    return directory
+
+
+def _line_order(problem: str) -> int:
+    """Problems in the order of the file's lines."""
+    where = problem.split(": ", 1)[0]
+    line = where.rpartition(":")[2]
+    return int(line) if line.isdecimal() else 0
+
+
+def _csv_to_mapping(path: Path) -> tuple[dict[str, list[dict[str, object]]], CsvLines, list[str]]:
+    """One row per person: kind=contact rows carry their organisation's columns.
+    Gives the mapping DirectoryFile validates, each value's line, and the rows
+    that could not be read (left out of the mapping)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -189,6 +240,8 @@ def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
         raise ConfigError([f"{path}: unknown columns {sorted(unknown)}; allowed: {CSV_COLUMNS}"])
     orgs: dict[str, dict[str, object]] = {}
     staff: list[dict[str, object]] = []
+    lines: CsvLines = {}
+    problems: list[str] = []
     for line, row in enumerate(reader, start=2):
         row = {k: v.strip() for k, v in row.items() if v and v.strip()}
         kind = row.pop("kind", "contact")
@@ -196,37 +249,51 @@ def _csv_to_mapping(path: Path) -> dict[str, list[dict[str, object]]]:
             member: dict[str, object] = {k: row[k] for k in ("email", "name", "level") if k in row}
             if "groups" in row:
                 member["groups"] = row["groups"].replace(",", " ").split()
+            lines[("staff", len(staff))] = line
             staff.append(member)
         elif kind == "contact":
             org_id = row.get("organisation")
+            referent = _yes(row.get("referent", ""))
             if not org_id:
-                raise ConfigError([f"{path}:{line}: organisation: missing for a contact row"])
-            org = orgs.setdefault(org_id, {"id": org_id, "name": org_id, "contacts": []})
-            for column in (
-                "plan",
-                "contract_from",
-                "contract_until",
-                "language",
-                "timezone",
-                "country",
-            ):
-                if column in row:
-                    org[column] = row[column]
-            if "organisation_name" in row:
-                org["name"] = row["organisation_name"]
-            contact = {k: row[k] for k in ("email", "name", "role") if k in row}
-            org["contacts"].append(contact)  # type: ignore[union-attr]
-            if _yes(path, line, row.get("referent", "")):
+                problems.append(f"{path}:{line}: organisation: missing for a contact row")
+                continue
+            if referent is None:
+                problems.append(f"{path}:{line}: referent: {row['referent']!r} is not yes or no")
+                continue
+            if org_id not in orgs:
+                lines[("organisations", len(orgs))] = line
+                orgs[org_id] = {"id": org_id, "name": org_id, "contacts": []}
+            org, where = orgs[org_id], ("organisations", list(orgs).index(org_id))
+            for column in ORGANISATION_COLUMNS:
+                if column in row:  # a later row's value wins: its line is the one to name
+                    org["name" if column == "organisation_name" else column] = row[column]
+                    lines[(*where, "name" if column == "organisation_name" else column)] = line
+            contacts: list[dict[str, object]] = org["contacts"]  # type: ignore[assignment]
+            lines[(*where, "contacts", len(contacts))] = line
+            contacts.append({k: row[k] for k in ("email", "name", "role") if k in row})
+            if referent:
                 org.setdefault("referents", []).append(row.get("email"))  # type: ignore[union-attr]
         else:
-            raise ConfigError([f"{path}:{line}: kind: {kind!r} is not 'contact' or 'staff'"])
-    return {"organisations": list(orgs.values()), "staff": staff}
+            problems.append(f"{path}:{line}: kind: {kind!r} is not 'contact' or 'staff'")
+    return {"organisations": list(orgs.values()), "staff": staff}, lines, problems
 
 
-def _yes(path: Path, line: int, value: str) -> bool:
+ORGANISATION_COLUMNS = (
+    "organisation_name",
+    "plan",
+    "contract_from",
+    "contract_until",
+    "language",
+    "timezone",
+    "country",
+)
+
+
+def _yes(value: str) -> bool | None:
+    """A referent cell: yes or no (empty is no); None when it is neither."""
     word = value.lower()
     if word not in ("", "yes", "no", "true", "false", "1", "0"):
-        raise ConfigError([f"{path}:{line}: referent: {value!r} is not yes or no"])
+        return None
     return word in ("yes", "true", "1")
 
 

@@ -185,6 +185,10 @@ def test_check_command_passes_on_shipped_files(tmp_path: Path) -> None:
     (tmp_path / "rules").symlink_to(ROOT / "rules")
     proc = mailgate("--config", "settings.yaml", "check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # `check` writes nothing: run as root before the first start, a database it
+    # created would be root's, and the service's user could not write it.
+    assert not (tmp_path / "var").exists(), list((tmp_path / "var").iterdir())
+    assert "created a new, empty database" not in proc.stderr
 
 
 def test_an_impossible_date_is_a_line_with_file_and_key_not_a_traceback(tmp_path: Path) -> None:
@@ -434,6 +438,39 @@ def test_directory_from_csv(inst: Installation, tmp_path: Path) -> None:
     with inst.session() as s:
         dan = s.scalar(select(Contact).where(Contact.email == "dan@initech.example"))
         assert dan.organisation.language == "es" and dan.role == "admin"
+
+
+def test_every_bad_row_of_a_directory_csv_is_named_by_its_line(
+    inst: Installation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator fixes a spreadsheet export row by row: all of them at once, by line
+    (they were named one per run, or as `organisations.1.contacts.0.role`)."""
+    path = tmp_path / "dir.csv"
+    path.write_text(
+        "kind,email,name,role,organisation,plan,contract_from,contract_until,language,referent\n"
+        "contact,alice@acme.example,Alice,admin,acme,pro,,,fr,maybe\n"
+        "contact,bob@acme.example,Bob,admin,acme,gold,,,,\n"
+        "boss,x@acme.example,,,,,,,,\n"
+        "contact,carol@beta.example,Carol,chief,beta,pro,,,de,\n"
+        "staff,eve@example,Eve,,,,,,,\n"
+        "contact,dan@beta.example,Dan,admin,,,,,,\n"
+        "contact,fay@gamma.example,Fay,admin,gamma,pro,2027-01-01,2026-12-31,en,\n"
+    )
+    assert inst.cli("directory", "sync", str(path)) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}:2: referent: 'maybe' is not yes or no",
+        f"error: {path}:3: plan: Input should be 'basic', 'pro' or 'enterprise'",
+        f"error: {path}:4: kind: 'boss' is not 'contact' or 'staff'",
+        f"error: {path}:5: language: Input should be 'fr', 'en' or 'es'",
+        f"error: {path}:5: role: Input should be 'admin' or 'member'",
+        f"error: {path}:6: email: 'eve@example' is not a valid email address (The part after "
+        "the @-sign is not valid. It should have a period.)",
+        f"error: {path}:7: organisation: missing for a contact row",
+        f"error: {path}:8: organisation: contract_until 2026-12-31 is before contract_from "
+        "2027-01-01",
+    ]
+    with inst.session() as s:  # nothing was synced
+        assert s.scalar(select(Contact).where(Contact.email == "bob@acme.example")) is None
 
 
 def test_duplicate_address_in_directory_is_an_error(tmp_path: Path) -> None:
