@@ -160,14 +160,12 @@ def check_database(settings: Settings) -> list[str]:
         current = current_revision(engine)
     except SQLAlchemyError as exc:
         first = str(exc).splitlines()[0]
-        return [f"database_url: cannot connect ({first})"]
-    except OSError as exc:  # make_engine creating a SQLite file the checks above let through
-        return [f"{settings.source}: database_url: cannot create the database ({exc})"]
+        return [f"{settings.source}: database_url: cannot connect ({first})"]
     if current is None:
         return []  # an empty database is migrated on first use
     if current != head_revision():
-        return [f"database_url: schema at {current}, expected {head_revision()}: "
-                "run 'mailgate db upgrade' after a backup"]  # fmt: skip
+        return [f"{settings.source}: database_url: schema at {current}, expected "
+                f"{head_revision()}: run 'mailgate db upgrade' after a backup"]  # fmt: skip
     return []
 
 
@@ -302,16 +300,16 @@ def check_relay(settings: Settings) -> list[str]:
     relay = out.smtp
     password = read_secret(file=relay.password_file, env=relay.password_env,
                            settings=settings, key="outbound.smtp.password")  # fmt: skip
-    where = f"{relay.host}:{relay.port}"
+    key, where = f"{settings.source}: outbound.smtp", f"{relay.host}:{relay.port}"
     try:
         _relay_session(relay.host, relay.port, relay.tls, relay.username, password,
                        min(float(relay.timeout_seconds), RELAY_CHECK_TIMEOUT))  # fmt: skip
     except smtplib.SMTPResponseException as exc:
         reply = " ".join(exc.smtp_error.decode("utf-8", "replace").split())
-        return [f"outbound.smtp: relay {where} refused the session: {exc.smtp_code} {reply}"]
+        return [f"{key}: relay {where} refused the session: {exc.smtp_code} {reply}"]
     except (smtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
         hint = " (check host, port and tls)" if relay.tls != "none" else " (check host and port)"
-        return [f"outbound.smtp: cannot talk to relay {where}: {exc or type(exc).__name__}"
+        return [f"{key}: cannot talk to relay {where}: {exc or type(exc).__name__}"
                 + hint]  # fmt: skip
     return []
 
@@ -347,7 +345,9 @@ def check_imap(settings: Settings) -> list[str]:
     app = App(settings, migrate=False)
     problems = []
     for box in settings.intake.mailboxes:
-        where = f"intake.imap {box.name}: {box.username} at {box.host}:{box.port}"
+        where = (
+            f"{settings.source}: intake.imap {box.name}: {box.username} at {box.host}:{box.port}"
+        )
         try:
             client = Mailbox(lambda: app, box).connect()
         except LoginError as exc:

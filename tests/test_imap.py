@@ -550,9 +550,10 @@ def test_check_names_a_missing_or_read_only_folder(tmp_path: Path) -> None:
         problems = check_imap(load_settings(inst.settings_file))
         assert len(problems) == 2, problems  # both passed: the login was all it tried
         typo, shared = problems
-        assert typo.startswith("intake.imap typo: support@example.com at 127.0.0.1:")
+        where = f"{inst.settings_file}: intake.imap"
+        assert typo.startswith(f"{where} typo: support@example.com at 127.0.0.1:")
         assert ": cannot open Suport (select failed: Mailbox doesn't exist: Suport" in typo
-        assert shared.startswith("intake.imap shared: ")
+        assert shared.startswith(f"{where} shared: ")
         assert ": INBOX is read-only for support@example.com: " in shared
     finally:
         server.stop()

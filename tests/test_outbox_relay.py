@@ -420,7 +420,9 @@ def test_check_names_an_unreachable_relay(install: Callable[..., Installation]) 
     inst = install(settings=relay(port))
     problems = run_checks(inst.settings_file)
     assert len(problems) == 1
-    assert problems[0].startswith(f"outbound.smtp: cannot talk to relay 127.0.0.1:{port}")
+    assert problems[0].startswith(
+        f"{inst.settings_file}: outbound.smtp: cannot talk to relay 127.0.0.1:{port}"
+    )
     assert "refused" in problems[0]
     done = subprocess.run(
         [sys.executable, "-m", "mailgate", "--config", str(inst.settings_file), "check"],
@@ -435,8 +437,9 @@ def test_check_without_starttls_at_the_relay(
 ) -> None:
     settings = relay(sink.port)
     settings["outbound"]["smtp"]["tls"] = "starttls"
-    (problem,) = run_checks(install(settings=settings).settings_file)
-    assert problem.startswith("outbound.smtp:") and "STARTTLS" in problem
+    settings_file = install(settings=settings).settings_file
+    (problem,) = run_checks(settings_file)
+    assert problem.startswith(f"{settings_file}: outbound.smtp:") and "STARTTLS" in problem
 
 
 @pytest.fixture
@@ -459,7 +462,7 @@ def test_check_starttls(
     settings["outbound"]["smtp"]["tls"] = "starttls"
     inst = install(settings=settings)
     (problem,) = run_checks(inst.settings_file)  # a certificate nobody vouches for
-    assert problem.startswith("outbound.smtp:") and "certificate" in problem
+    assert problem.startswith(f"{inst.settings_file}: outbound.smtp:") and "certificate" in problem
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # now the system trusts it
     assert run_checks(inst.settings_file) == []
 
