@@ -349,7 +349,7 @@ def _load_app(settings_file: Path, reuse: App) -> App:
 def build_app(settings: Settings, reuse: App | None = None) -> App:
     """An App whose templates render and whose directory is synced, or ConfigError."""
     app = App(settings)
-    set_log_key(app.log_key)
+    log_key = app.log_key  # read now: an unreadable secret is the first thing to say
     if reuse is not None and reuse.settings.database_url == settings.database_url:
         app.engine = reuse.engine  # type: ignore[misc] - keep the pool across reloads
     # A database it cannot write would have every mail answered 451, in silence.
@@ -365,6 +365,7 @@ def build_app(settings: Settings, reuse: App | None = None) -> App:
     # one line naming the key, and a reload that would not survive a restart is refused.
     if problems := smtp_file_problems(settings):
         raise ConfigError(problems)
+    set_log_key(log_key)  # only now: a refused reload keeps the running key's hashes
     return app
 
 

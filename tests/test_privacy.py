@@ -807,6 +807,32 @@ def test_log_lines_carry_a_keyed_hash_unless_debugging(tmp_path: Path) -> None:
     assert out.stdout.strip() == address_hasher(inst.app.log_key)("alice@acme.example")
 
 
+def test_a_refused_reload_keeps_hashing_log_addresses_with_the_running_key(
+    inst: Installation,
+) -> None:
+    """A reload refused for a broken template, with a new secret in the same edit,
+    changed the log hashes anyway: the lines after it no longer matched
+    `gdpr log-hash` for the secret still in use."""
+    import logging
+
+    from mailgate.config import ConfigError, load_settings
+    from mailgate.daemon import build_app
+
+    running = build_app(load_settings(inst.settings_file))
+    (inst.root / "new.key").write_text("ab" * 32)
+    (inst.root / "templates-broken").mkdir()
+    data = yaml.safe_load(inst.settings_file.read_text())
+    data["tickets"]["secret_file"] = "new.key"
+    data["templates_dir"] = "templates-broken"
+    inst.settings_file.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError):
+        build_app(load_settings(inst.settings_file), reuse=running)
+    record = logging.LogRecord("mailgate.x", logging.INFO, __file__, 1,
+                               "rejected %s", ("alice@acme.example",), None)  # fmt: skip
+    setup_logging("text", verbose=False)
+    assert address_hasher(running.log_key)("alice@acme.example") in TextFormatter().format(record)
+
+
 def test_erasing_someone_unknown_or_staff_is_refused(
     inst: Installation, capsys: pytest.CaptureFixture[str]
 ) -> None:
