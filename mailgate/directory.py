@@ -164,13 +164,8 @@ def _check_unique_addresses(path: Path, directory: DirectoryFile) -> None:
         raise ConfigError(problems)
 
 
-CSV_COLUMNS = (
-    "kind",
-    "email",
-    "name",
-    "role",
-    "level",
-    "organisation",
+# A contact row's columns about its organisation (a later row's value wins).
+ORGANISATION_COLUMNS = (
     "organisation_name",
     "plan",
     "contract_from",
@@ -178,6 +173,17 @@ CSV_COLUMNS = (
     "language",
     "timezone",
     "country",
+)
+
+
+CSV_COLUMNS = (
+    "kind",
+    "email",
+    "name",
+    "role",
+    "level",
+    "organisation",
+    *ORGANISATION_COLUMNS,
     "referent",  # contact rows: yes, no (the default)
     "groups",  # staff rows: group names, separated by spaces or commas
 )
@@ -276,17 +282,6 @@ def _csv_to_mapping(path: Path) -> tuple[dict[str, list[dict[str, object]]], Csv
         else:
             problems.append(f"{path}:{line}: kind: {kind!r} is not 'contact' or 'staff'")
     return {"organisations": list(orgs.values()), "staff": staff}, lines, problems
-
-
-ORGANISATION_COLUMNS = (
-    "organisation_name",
-    "plan",
-    "contract_from",
-    "contract_until",
-    "language",
-    "timezone",
-    "country",
-)
 
 
 def _yes(value: str) -> bool | None:
