@@ -1,4 +1,5 @@
-"""One message, one unit of work: parse → screen → identify → thread → decide → store.
+"""One message, one unit of work: parse → screen → identify → thread → decide → store
+(the mail it causes: answers.py).
 
 Everything a message causes (ingest record, ticket, article, attachment rows,
 outbound mail) is committed in one transaction or not at all. Bytes on disk
@@ -13,7 +14,6 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,10 +24,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from mailgate.app import App
-from mailgate.credits.billing import balance_now, credit_context, exhausted
+from mailgate.credits.billing import balance_now, exhausted
 from mailgate.credits.ledger import Balance
-from mailgate.outbound.dates import format_when
-from mailgate.outbound.mailer import ticket_context
+from mailgate.pipeline import answers
 from mailgate.pipeline.authenticity import (
     checks_anyone,
     policy_for,
@@ -37,7 +36,7 @@ from mailgate.pipeline.authenticity import (
 from mailgate.pipeline.breaker import subject_key, tripped
 from mailgate.pipeline.decide import Decision, decide
 from mailgate.pipeline.delivery_failures import apply_bounce
-from mailgate.pipeline.identify import Identity, Person, describe, identify
+from mailgate.pipeline.identify import Identity, describe, identify
 from mailgate.pipeline.message import Envelope, ParsedMessage, ParseError
 from mailgate.pipeline.parse import parse_message
 from mailgate.pipeline.rules import Classification, Facts, classify, customer_importance, evaluate
@@ -52,8 +51,6 @@ from mailgate.store.models import (
     Contact,
     IngestRecord,
     Organisation,
-    OutboxMail,
-    SlaClock,
     Ticket,
     TicketEvent,
 )
@@ -336,7 +333,7 @@ def _decide_and_apply(
         if (
             envelope.held_notice
             and msg
-            and _tell_held_sender(app, session, msg, envelope.held_notice, now)
+            and answers.tell_held_sender(app, session, msg, envelope.held_notice, now)
         ):
             decision = replace(decision, reason=f"{decision.reason}; the sender was told")
         return _record(session, record, decision, None)
@@ -390,7 +387,7 @@ def _apply_for_sender(
         authentication_policy=policy,
     )
     if decision.send_spoof_notice:
-        _queue_spoof_notice(app, session, identity, now)
+        answers.queue_spoof_notice(app, session, identity, now)
     if decision.outcome == "created" and envelope.source not in OPERATOR_CHOSEN:
         decision = _circuit_breaker(app, session, identity, msg, decision, now)
 
@@ -409,7 +406,7 @@ def _apply_for_sender(
                                 authentication=screening.authentication)  # fmt: skip
         record.ticket_id, record.article_id = ticket.id, article.id
         clocks = track(app.sla, session, ticket, now)
-        _queue_created_mail(app, session, ticket, msg, decision, clocks, credit, now)
+        answers.queue_created_mail(app, session, ticket, msg, decision, clocks, credit, now)
         deadlines = {c.kind: c.due_at.isoformat() for c in clocks}
         result = _record(session, record, decision, ticket.number)
         return replace(result, sla=deadlines, rules=found.as_dict())
@@ -434,33 +431,8 @@ def _apply_for_sender(
         return _record(session, record, decision, ticket.number, decision.matched_by)
     if decision.outcome == "rejected" and decision.send_rejection:
         reason = decision.refusal_code or _public_reason(identity.refusal)
-        _queue_rejection(app, session, msg, identity.person, reason, now)
+        answers.queue_rejection(app, session, msg, identity.person, reason, now)
     return _record(session, record, decision, None)
-
-
-def _queue_rejection(
-    app: App, session: Session, msg: ParsedMessage, person: Person | None, reason: str,
-    now: datetime,
-) -> OutboxMail | None:  # fmt: skip
-    """The rejection template to the sender, `reason` one of its codes."""
-    assert msg.sender is not None
-    return app.mailer.queue(
-        session,
-        kind="rejection",
-        to=[msg.sender],
-        language=person.language if person else "en",
-        context={
-            "reason": reason,
-            "ticket": None,
-            # The directory's name or none: the display name is the sender's
-            # to choose, and the address may be forged, so it would carry a
-            # stranger's words (a phishing line) to a victim.
-            "requester_name": person.name if person else None,
-        },
-        now=now,
-        answers=msg.message_id,
-        references=msg.references,
-    )
 
 
 def _circuit_breaker(
@@ -502,42 +474,6 @@ def _flag(ticket: Ticket, decision: Decision) -> None:
                          (NO_CREDIT_TAG, decision.no_credit)):  # fmt: skip
         if applies and tag not in ticket.tags:
             ticket.tags = [*ticket.tags, tag]
-
-
-def _tell_held_sender(
-    app: App, session: Session, msg: ParsedMessage, code: str, now: datetime
-) -> bool:
-    """Tell a person of the directory that their mail was held (`code`: a rejection
-    reason), at most once per reject_notice_hours, as a rejection is. Strangers are
-    not told: the address may be forged, and the mail is often spam."""
-    sender = msg.sender
-    person = repo.find_person(session, sender) if sender else None
-    if sender is None or person is None or not person.active:
-        return False
-    since = now - timedelta(hours=app.settings.tickets.reject_notice_hours)
-    if repo.recent_mail_to(session, sender, "rejection", since):
-        return False
-    return _queue_rejection(app, session, msg, person, code, now) is not None
-
-
-def _queue_spoof_notice(app: App, session: Session, identity: Identity, now: datetime) -> None:
-    """Tell the real owner of the address, at most once per period, that mail
-    claiming to be from them was held. Nothing from the held mail is repeated:
-    its text is the forger's."""
-    auth = app.settings.hygiene.authentication
-    since = now - timedelta(hours=auth.notice_hours)
-    if repo.recent_mail_to(session, identity.address, "spoof_notice", since):
-        return
-    person = identity.person
-    app.mailer.queue(
-        session,
-        kind="spoof_notice",
-        to=[identity.address],
-        language=person.language if person else "en",
-        context={"person_name": person.name if person else ""},
-        now=now,
-        auto_submitted="auto-generated",
-    )
 
 
 def _record(
@@ -689,62 +625,6 @@ def _facts(msg: ParsedMessage, org: Organisation | None, role: str | None, now: 
     )
 
 
-def _queue_created_mail(
-    app: App,
-    session: Session,
-    ticket: Ticket,
-    msg: ParsedMessage,
-    decision: Decision,
-    clocks: Sequence[SlaClock],
-    credit: Balance | None,
-    now: datetime,
-) -> None:
-    # The directory's name for the person: the display name is whatever the
-    # sender wrote (unsigned mail under `prefer` too), and greeting Alice with a
-    # forger's "reset your password at http://…" puts it in mail from us.
-    known = ticket.requester.name if ticket.requester else ""
-    context = {
-        "ticket": ticket_context(ticket),
-        "requester_name": known or msg.from_name,  # staff see what was written
-        "text": msg.text[:2000],
-        "attachments": [{"name": a.filename, "size": len(a.payload)} for a in msg.attachments],
-    }
-    if decision.send_ack and ticket.requester is not None:
-        zone = ticket.organisation.timezone or "UTC"
-        deadlines = [
-            {"kind": c.kind, "due": format_when(c.due_at, zone, ticket.language)} for c in clocks
-        ]
-        app.mailer.queue(
-            session,
-            kind="ack",
-            to=[ticket.requester.email],
-            language=ticket.language,
-            context={
-                **context,
-                "requester_name": known or None,
-                "targets": deadlines,
-                "credit": credit_context(credit, ticket.organisation, flagged=decision.no_credit),
-            },
-            now=now,
-            ticket=ticket,
-            answers=msg.message_id,
-            references=msg.references,
-        )
-    staff = repo.ticket_staff(session, ticket)
-    if staff:
-        app.mailer.queue(
-            session,
-            kind="staff_new_ticket",
-            to=staff,
-            language="en",
-            context=context,
-            now=now,
-            ticket=ticket,
-            answers=msg.message_id,
-            auto_submitted="auto-generated",
-        )
-
-
 def _after_customer_reply(
     app: App,
     session: Session,
@@ -764,20 +644,4 @@ def _after_customer_reply(
     requester = ticket.requester.email if ticket.requester else None
     if msg.sender and msg.sender != requester and msg.sender not in ticket.cc:
         ticket.cc = [*ticket.cc, msg.sender]  # a colleague joined the conversation
-    staff = repo.ticket_staff(session, ticket)
-    if staff:
-        app.mailer.queue(
-            session,
-            kind="staff_customer_reply",
-            to=staff,
-            language="en",
-            context={
-                "ticket": ticket_context(ticket),
-                "requester_name": msg.from_name,
-                "text": msg.text[:20000],
-            },
-            now=now,
-            ticket=ticket,
-            answers=msg.message_id,
-            auto_submitted="auto-generated",
-        )
+    answers.queue_reply_notice(app, session, ticket, msg, now)
