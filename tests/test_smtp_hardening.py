@@ -254,13 +254,17 @@ def test_a_line_longer_than_rfc_5321_allows_is_still_taken(tmp_path: Path, sink:
 
 def test_large_messages_take_turns_within_the_memory_budget() -> None:
     """The second 25 MB message waits for the first one's share; small ones do not."""
-    from mailgate.intake.budget import MemoryBudget, declared_size
+    from mailgate.intake.budget import MemoryBudget, allowed_bytes, declared_size
+
+    most = 25 * 1024 * 1024
 
     async def scenario() -> list[str]:
         budget = MemoryBudget(256 * 1024 * 1024)
-        big = budget.cost(declared_size(["SIZE=25000000", "BODY=8BITMIME"]))
-        small = budget.cost(declared_size(["BODY=8BITMIME"]))  # undeclared: 1 MB assumed
-        assert (big, small) == (250_000_000, 10_000_000)
+        big = budget.cost(allowed_bytes(declared_size(["SIZE=25000000", "BODY=8BITMIME"]), most))
+        small = budget.cost(allowed_bytes(declared_size(["SIZE=100000"]), most))
+        assert (big, small) == (262_144_000, 1_905_360)  # with slack for an estimate
+        # Declaring nothing, a client may send up to the limit: it reserves that.
+        assert budget.cost(allowed_bytes(declared_size(["BODY=8BITMIME"]), most)) == big
         order: list[str] = []
         await budget.reserve(big)
         waiting = asyncio.create_task(budget.reserve(big))
@@ -275,6 +279,34 @@ def test_large_messages_take_turns_within_the_memory_budget() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["small", "second large"]
+
+
+def test_a_message_far_larger_than_its_declared_size_is_refused(tmp_path: Path, sink: Sink) -> None:
+    """`SIZE=100` reserved a kilobyte of the memory budget, then 25 MB could follow:
+    the budget bounded nothing. A declaration is held to, with slack for an estimate."""
+    daemon = start_daemon(tmp_path, sink)
+    big = make_mail(subject="Export", body=("x" * 76 + "\n") * 4000)  # 300 KB
+    # (sent as str: smtplib turns its line ends into CRLF, not those of bytes)
+    try:
+        with daemon.smtp() as client:
+            client.ehlo()
+            client.mail("alice@acme.example", options=["SIZE=100"])
+            client.rcpt("support@example.com")
+            assert client.data(big.as_string()) == (
+                552,
+                b"5.3.4 Message larger than the SIZE its client declared",
+            )
+            # The session goes on, and an estimate a little short is no lie.
+            raw = make_mail(subject="Export, again", message_id="again@acme.example").as_bytes()
+            client.mail("alice@acme.example", options=[f"SIZE={len(raw) * 9 // 10}"])
+            client.rcpt("support@example.com")
+            assert client.data(raw)[0] == 250
+            # No SIZE at all: up to the limit, as before.
+            assert client.sendmail("alice@acme.example", ["support@example.com"],
+                                   big.as_string()) == {}  # fmt: skip
+        assert tickets(daemon) == ["Export, again", "Export"]
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.parametrize("size", ["\u00b2", "\u2460\u2461", "1\u00b3"])  # "²", "①②", "1³"

@@ -3,8 +3,9 @@
 - RCPT is accepted only for the support address and its plus-addresses: this
   listener delivers to us and relays nothing (550 5.1.1 otherwise).
 - SIZE is announced; a message over the limit gets 552 5.3.4, at MAIL when
-  the client declares it and after DATA otherwise. aiosmtpd stops keeping
-  the bytes once the limit is passed, so the excess is never held in memory.
+  the client declares it and after DATA otherwise; so does one that runs well
+  past the SIZE it declared (budget.py). aiosmtpd stops keeping the bytes once
+  the limit is passed, so the excess is never held in memory.
 - 250 is written only after `process` returned, that is after the message's
   unit of work has committed; a temporary failure (database, disk, a slow
   pipeline) is 451 4.3.0 so the sender retries, and a retry of a stored
@@ -50,7 +51,7 @@ from aiosmtpd.smtp import (
 from mailgate.app import App
 from mailgate.config import ConfigError
 from mailgate.config import SmtpIntake as SmtpSettings
-from mailgate.intake.budget import MemoryBudget, declared_size
+from mailgate.intake.budget import MemoryBudget, allowed_bytes, declared_size
 from mailgate.intake.faults import Fault, in_pipeline
 from mailgate.intake.smtp_files import load_users, tls_context
 from mailgate.pipeline.message import Envelope as MailEnvelope
@@ -60,8 +61,9 @@ from mailgate.pipeline.process import Result, TemporaryFailure, process
 log = logging.getLogger("mailgate.smtp")
 
 # aiosmtpd's fixed replies, given the enhanced status codes of RFC 3463.
+TOO_MUCH_DATA = "552 Error: Too much mail data"
 _ENHANCED_REPLIES = {
-    "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
+    TOO_MUCH_DATA: "552 5.3.4 Message too big for this system",
     "552 Error: message size exceeds fixed maximum message size": (
         "552 5.3.4 Message size exceeds the fixed maximum message size"
     ),
@@ -206,9 +208,12 @@ class Connection(SMTP):
         super().__init__(intake.handler, **kwargs)
         self.intake = intake
         self.client: str | None = None
+        self.past_declared_size = False  # the DATA now read may not exceed a declared SIZE
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str):
+        if status == TOO_MUCH_DATA and self.past_declared_size:
+            status = "552 5.3.4 Message larger than the SIZE its client declared"
+        elif isinstance(status, str):
             status = _ENHANCED_REPLIES.get(status, status)
         await super().push(status)
 
@@ -238,13 +243,19 @@ class Connection(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        # Before the 354: a large message waits here for its share of memory.
+        # Before the 354: a large message waits here for its share of memory,
+        # and may then send no more than it reserved (aiosmtpd stops keeping
+        # the bytes past data_size_limit and answers 552 after the dot).
         options = self.envelope.mail_options if self.envelope else []
-        cost = self.intake.budget.cost(declared_size(options))
+        most = self.data_size_limit or 0
+        allowed = allowed_bytes(declared_size(options), most)
+        cost = self.intake.budget.cost(allowed)
         await self.intake.budget.reserve(cost)
+        self.data_size_limit, self.past_declared_size = allowed, allowed < most
         try:
             await super().smtp_DATA(arg)
         finally:
+            self.data_size_limit, self.past_declared_size = most, False
             await self.intake.budget.release(cost)
 
     async def _handle_client(self) -> None:
