@@ -255,8 +255,9 @@ def _maildir_problems(settings: Settings) -> list[str]:
     for folder in (maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
         if (problem := folder_problem(folder)) is not None:
             fix = "the mail we send goes there; give it to the user that runs mailgate"
+            # The first folder in the way is enough to name.
             return [f"{settings.source}: outbound.maildir: {problem} ({fix})"]
-    return []  # the first folder in the way is enough
+    return []
 
 
 def _blobs_in_files(settings: Settings) -> bool:

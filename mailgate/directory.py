@@ -218,15 +218,14 @@ def _load_csv(path: Path) -> DirectoryFile:
     except ValidationError as exc:
         problems += format_validation_errors(str(path), exc, locate)
     if problems:
-        raise ConfigError(sorted(problems, key=_line_order))
+        raise ConfigError(sorted(problems, key=lambda problem: _line_of(path, problem)))
     _check_unique_addresses(path, directory)
     return directory
 
 
-def _line_order(problem: str) -> int:
-    """Problems in the order of the file's lines."""
-    where = problem.split(": ", 1)[0]
-    line = where.rpartition(":")[2]
+def _line_of(path: Path, problem: str) -> int:
+    """The line a problem names (`FILE:LINE: …`), 0 for the file as a whole."""
+    line = problem.removeprefix(f"{path}:").split(":", 1)[0]
     return int(line) if line.isdecimal() else 0
 
 
@@ -247,6 +246,7 @@ def _csv_to_mapping(path: Path) -> tuple[dict[str, list[dict[str, object]]], Csv
     orgs: dict[str, dict[str, object]] = {}
     staff: list[dict[str, object]] = []
     lines: CsvLines = {}
+    places: dict[str, Location] = {}  # organisation id: its place in the mapping
     problems: list[str] = []
     for line, row in enumerate(reader, start=2):
         row = {k: v.strip() for k, v in row.items() if v and v.strip()}
@@ -267,13 +267,14 @@ def _csv_to_mapping(path: Path) -> tuple[dict[str, list[dict[str, object]]], Csv
                 problems.append(f"{path}:{line}: referent: {row['referent']!r} is not yes or no")
                 continue
             if org_id not in orgs:
-                lines[("organisations", len(orgs))] = line
+                where = ("organisations", len(orgs))  # its place in the mapping
                 orgs[org_id] = {"id": org_id, "name": org_id, "contacts": []}
-            org, where = orgs[org_id], ("organisations", list(orgs).index(org_id))
+                places[org_id], lines[where] = where, line
+            org, where = orgs[org_id], places[org_id]
             for column in ORGANISATION_COLUMNS:
                 if column in row:  # a later row's value wins: its line is the one to name
-                    org["name" if column == "organisation_name" else column] = row[column]
-                    lines[(*where, "name" if column == "organisation_name" else column)] = line
+                    key = "name" if column == "organisation_name" else column
+                    org[key], lines[(*where, key)] = row[column], line
             contacts: list[dict[str, object]] = org["contacts"]  # type: ignore[assignment]
             lines[(*where, "contacts", len(contacts))] = line
             contacts.append({k: row[k] for k in ("email", "name", "role") if k in row})

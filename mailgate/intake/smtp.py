@@ -208,10 +208,10 @@ class Connection(SMTP):
         super().__init__(intake.handler, **kwargs)
         self.intake = intake
         self.client: str | None = None
-        self.past_declared_size = False  # the DATA now read may not exceed a declared SIZE
+        self.held_to_declared_size = False  # the DATA being read is limited by a declared SIZE
 
     async def push(self, status: Any) -> None:
-        if status == TOO_MUCH_DATA and self.past_declared_size:
+        if status == TOO_MUCH_DATA and self.held_to_declared_size:
             status = "552 5.3.4 Message larger than the SIZE its client declared"
         elif isinstance(status, str):
             status = _ENHANCED_REPLIES.get(status, status)
@@ -251,11 +251,11 @@ class Connection(SMTP):
         allowed = allowed_bytes(declared_size(options), most)
         cost = self.intake.budget.cost(allowed)
         await self.intake.budget.reserve(cost)
-        self.data_size_limit, self.past_declared_size = allowed, allowed < most
+        self.data_size_limit, self.held_to_declared_size = allowed, allowed < most
         try:
             await super().smtp_DATA(arg)
         finally:
-            self.data_size_limit, self.past_declared_size = most, False
+            self.data_size_limit, self.held_to_declared_size = most, False
             await self.intake.budget.release(cost)
 
     async def _handle_client(self) -> None:
