@@ -81,6 +81,20 @@ def test_months_are_calendar_months() -> None:
     assert add_months(datetime(2026, 11, 23, tzinfo=UTC), 12) == datetime(2027, 11, 23, tzinfo=UTC)
 
 
+def test_a_pack_bought_late_in_a_month_keeps_its_whole_months(
+    inst: Installation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a day the later month lacks is cut to its last: a pack from 31 March is
+    valid through 30 March a year on, one from 31 January 2028 for a month (a
+    leap year) through 28 February. (Clamping every day to the 28th passed the
+    tests and took up to three days of credit from such customers.)"""
+    added = printed(inst, capsys, "credits", "add", ORG, "light", "--activated", "2026-03-31")
+    assert "valid from 2026-03-31 until 2027-03-30 (pack #1)" in added
+    leap = add_months(datetime(2028, 1, 31, tzinfo=UTC), 1)
+    assert (leap, add_months(datetime(2026, 3, 30, tzinfo=UTC), 1)) == (
+        datetime(2028, 2, 29, tzinfo=UTC), datetime(2026, 4, 30, tzinfo=UTC))  # fmt: skip
+
+
 # -- spending ---------------------------------------------------------------------------
 
 
@@ -705,6 +719,21 @@ def test_the_expiry_notice_comes_the_configured_days_before(
         queued = session.scalars(select(OutboxMail.created_at).where(
             OutboxMail.kind == "credit_expiry")).all()  # fmt: skip
     assert queued == [datetime(2026, 11, 21, tzinfo=UTC)]  # ten days before, not thirty
+
+
+def test_the_expiry_notice_comes_the_moment_the_configured_days_remain(
+    install: Callable[..., Installation],
+) -> None:
+    inst = install(settings={"credits": {"expiry_notice_days": 10}})
+    inst.cli("credits", "add", ORG, "light", "--activated", "2025-12-01")
+    # The pack ends at midnight on 1 December in Brussels, 23:00 UTC the day before:
+    # ten days before that instant, not an hour (a sweep) later.
+    assert inst.cli("credits", "sweep", "--now", "2026-11-20T22:59+00:00") == 0
+    assert inst.cli("credits", "sweep", "--now", "2026-11-20T23:00+00:00") == 0
+    with inst.session() as session:
+        queued = session.scalars(select(OutboxMail.created_at).where(
+            OutboxMail.kind == "credit_expiry")).all()  # fmt: skip
+    assert queued == [datetime(2026, 11, 20, 23, tzinfo=UTC)]
 
 
 def test_the_ack_tells_the_balance(inst: Installation) -> None:
