@@ -406,6 +406,54 @@ def test_deferred_recipient_alone_is_retried(
                             ("carol@acme.example",)]  # fmt: skip
 
 
+class DeferAliceOnceCarolAlways(DeferOnce):
+    """Once armed: 450 to Alice once, to Carol every time."""
+
+    def __init__(self) -> None:
+        super().__init__("alice@acme.example")
+        self.armed = False
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:  # fmt: skip
+        if self.armed and address == "carol@acme.example":
+            return "450 4.2.1 Mailbox busy, try later"
+        if not self.armed:
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_a_recipient_still_deferred_at_the_last_attempt_is_given_up_and_staff_are_told(
+    install: Callable[..., Installation],
+) -> None:
+    """The last of max_attempts tries reaches Alice but Carol's server still says
+    450: the mail is done (no further try), and staff learn Carol never got it."""
+    handler = DeferAliceOnceCarolAlways()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        inst = install(settings=relay(controller.port, max_attempts=2))
+        number = inst.ingest(make_mail(headers={"Cc": "carol@acme.example"})).ticket
+        send(inst)  # the ack and the staff notice, before the relay's trouble
+        handler.armed = True
+        staff = make_mail(sender="Bob Durand <bob@support.example>", message_id="bob-1@support",
+                          subject=f"Re: [{number}] Cannot log in")  # fmt: skip
+        assert inst.ingest(staff).outcome == "threaded"
+        for _ in range(3):  # more rounds than attempts: the count is the outbox's
+            send(inst)
+            wait_until_due(inst)
+        reply = row(inst, "staff_reply")
+        assert (reply.status, reply.attempts) == ("sent", 2)
+        assert reply.last_error and "deferred, gave up after 2 attempts: carol" in reply.last_error
+        assert article_of(inst, reply).delivery == "failed"
+        (notice,) = rows(inst, NOTICE)
+        assert b"carol@acme.example" in (notice.data or b"")
+        replies = [r for r in handler.received if STAFF not in r]
+        assert replies == [("alice@acme.example",), ("alice@acme.example",)]  # ack, reply
+    finally:
+        controller.stop()
+
+
 # --- mailgate check: the relay is reachable ------------------------------------------------
 
 
