@@ -152,6 +152,23 @@ def test_a_reply_to_a_mail_we_never_saw_threads_by_its_references(inst: Installa
     )  # fmt: skip
 
 
+def test_our_message_id_upper_cased_by_the_customer_s_system_still_threads(
+    inst: Installation,
+) -> None:
+    """Some gateways rewrite the Message-IDs a mail answers in capitals. The
+    signature check read the nonce as written, so such an answer opened a second
+    ticket (found when a mutation audit showed no test covered the case)."""
+    created = inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    ours = ack["Message-ID"].upper()
+    answer = make_mail(subject="new words", message_id="up@acme.example",
+                       headers={"In-Reply-To": ours, "References": ours})  # fmt: skip
+    result = inst.ingest(answer)
+    assert (result.outcome, result.ticket, result.matched_by) == (
+        "threaded", created.ticket, "signed-message-id"
+    )  # fmt: skip
+
+
 def test_reply_to_token_alone_threads(inst: Installation) -> None:
     created = inst.ingest(make_mail())
     ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")

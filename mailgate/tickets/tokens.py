@@ -52,7 +52,9 @@ class Signer:
         if not match:
             return None
         ticket, nonce, sig = match.groups()
-        if not self.verify("mid", f"{ticket}.{nonce}", sig):
+        # Ours are lower case; a gateway that upper-cases the ids a mail answers
+        # must not make our own Message-ID a stranger's.
+        if not self.verify("mid", f"{ticket}.{nonce.lower()}", sig):
             return None
         return int(ticket)
 
