@@ -264,6 +264,22 @@ def test_forged_key_of_a_ticket_in_ones_own_organisation_does_not_thread(
     assert len(ticket(inst, acme.ticket).articles) == 3  # Alice's mail, the ack, the notice
 
 
+def test_a_reply_token_cut_short_does_not_thread(inst: Installation) -> None:
+    """Only the whole signature counts: a prefix of it (one hex digit is a 1-in-16
+    guess) does not let Carol, no party of Alice's ticket, onto it."""
+    acme = inst.ingest(make_mail())
+    ack = next(m for m in inst.sent() if m["To"] == "alice@acme.example")
+    token = str(ack["Reply-To"])
+    assert re.fullmatch(r"support\+t\d+-[0-9a-f]{16}@example\.com", token)
+    local, _, domain = token.partition("@")
+    for cut in (1, 8, 15):
+        short = f"{local[: len(local) - 16 + cut]}@{domain}"
+        guess = make_mail(sender="carol@acme.example", to=short, message_id=f"c{cut}@acme.example")
+        result = inst.ingest(guess)
+        assert (result.outcome, result.ticket, result.matched_by) == ("rejected", None, None)
+    assert len([a for a in ticket(inst, acme.ticket).articles if a.direction == "in"]) == 1
+
+
 def test_duplicate_delivery_gives_one_article_and_one_ack(inst: Installation) -> None:
     mail = make_mail()
     first = inst.ingest(mail)
@@ -493,7 +509,9 @@ def test_our_own_ack_fed_back_is_ignored(inst: Installation) -> None:
     assert "own-message-id" in result.reason
 
 
-@pytest.mark.parametrize("signature", ["0123456789abcdef", "é"], ids=["hex", "non-ascii"])
+@pytest.mark.parametrize(
+    "signature", ["0123456789abcdef", "é", ""], ids=["hex", "non-ascii", "empty"]
+)
 def test_forged_loop_marker_still_creates_a_ticket(inst: Installation, signature: str) -> None:
     # A non-ASCII signature once made the HMAC comparison raise: 451 forever.
     forged = make_mail(headers={"X-Mailgate-Loop": f"mailgate; {signature}"})
