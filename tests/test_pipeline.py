@@ -280,6 +280,25 @@ def test_a_reply_token_cut_short_does_not_thread(inst: Installation) -> None:
     assert len([a for a in ticket(inst, acme.ticket).articles if a.direction == "in"]) == 1
 
 
+def test_a_signed_message_id_edited_to_name_another_ticket_does_not_thread(
+    inst: Installation,
+) -> None:
+    """The signature covers the ticket number: Carol, refused once, edits the
+    Message-ID of the refusal she received (ticket 0) to name Alice's ticket."""
+    acme = inst.ingest(make_mail())
+    t = ticket(inst, acme.ticket)
+    inst.ingest(make_mail(sender="carol@acme.example", message_id="c0@acme.example"))
+    refusal = next(m for m in inst.sent() if m["To"] == "carol@acme.example")
+    mid = str(refusal["Message-ID"]).strip("<>")
+    assert re.fullmatch(r"mg\.0\.[0-9a-f]+\.[0-9a-f]{16}@example\.com", mid)
+    edited = mid.replace("mg.0.", f"mg.{t.id}.", 1)
+    guess = make_mail(sender="carol@acme.example", message_id="c1@acme.example",
+                      subject="Re: news", headers={"In-Reply-To": f"<{edited}>"})  # fmt: skip
+    result = inst.ingest(guess)
+    assert (result.outcome, result.ticket, result.matched_by) == ("rejected", None, None)
+    assert len([a for a in ticket(inst, acme.ticket).articles if a.direction == "in"]) == 1
+
+
 def test_duplicate_delivery_gives_one_article_and_one_ack(inst: Installation) -> None:
     mail = make_mail()
     first = inst.ingest(mail)
